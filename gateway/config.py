@@ -1,0 +1,171 @@
+"""One typed settings object: ``config.toml`` plus ``GATEWAY_<SECTION>_<KEY>`` overrides.
+
+Every setting, its default and its meaning is documented in ``config.toml``;
+the structs below only carry the types and bounds, so a bad value stops
+start-up with a message that names the setting (and the variable it came
+from, when it came from the environment).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
+ENV_PREFIX = "GATEWAY_"
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+PositiveSeconds = Annotated[float, Meta(gt=0)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A config section: unknown keys are typos, and typos stop start-up."""
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    retry_ms: NonNegativeInt = 3000
+    ping_interval_s: PositiveSeconds = 15.0
+    send_timeout_s: PositiveSeconds = 30.0
+    max_streams_per_user: NonNegativeInt = 8
+    stream_slot_ttl_s: Annotated[int, Meta(ge=5)] = 60
+    shutdown_grace_s: Annotated[float, Meta(ge=0)] = 5.0
+    access_log: bool = True
+
+
+class RedisSettings(_Section):
+    url: str = ""
+    max_connections: PositiveInt = 64
+    pool_timeout_s: PositiveSeconds = 5.0
+    socket_timeout_s: PositiveSeconds = 5.0
+    connect_timeout_s: PositiveSeconds = 2.0
+    retries: NonNegativeInt = 2
+
+
+class AuthSettings(_Section):
+    firebase_project_id: str = "demo-candles"
+    certs_url: str = (
+        "https://www.googleapis.com/robot/v1/metadata/x509/"
+        "securetoken@system.gserviceaccount.com"
+    )
+    admin_claim: str = "admin"
+    clock_skew_s: Annotated[int, Meta(ge=0, le=600)] = 30
+    unknown_kid_refresh_interval_s: PositiveSeconds = 30.0
+    fetch_timeout_s: PositiveSeconds = 5.0
+    default_max_age_s: PositiveSeconds = 300.0
+
+
+class BigQuerySettings(_Section):
+    project: str = ""
+    dataset: str = "backtests"
+    backtests_table: str = "backtests"
+    candles_table: str = "candles"
+    api_endpoint: str = ""
+    location: str = ""
+    query_timeout_s: PositiveSeconds = 30.0
+    max_workers: PositiveInt = 8
+    page_rows: Annotated[int, Meta(ge=100, le=100_000)] = 10_000
+
+
+class CacheSettings(_Section):
+    ttl_s: PositiveInt = 7 * 24 * 3600
+
+
+class FollowSettings(_Section):
+    recheck_interval_s: PositiveSeconds = 1.0
+    status_min_interval_s: PositiveSeconds = 0.25
+
+
+class DevSettings(_Section):
+    state_dir: str = ".dev"
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Every setting of the gateway, grouped as in ``config.toml``."""
+
+    server: ServerSettings = ServerSettings()
+    redis: RedisSettings = RedisSettings()
+    auth: AuthSettings = AuthSettings()
+    bigquery: BigQuerySettings = BigQuerySettings()
+    cache: CacheSettings = CacheSettings()
+    follow: FollowSettings = FollowSettings()
+    dev: DevSettings = DevSettings()
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    name: field.type
+    for name, field in zip(
+        Settings.__struct_fields__,
+        msgspec.structs.fields(Settings),
+        strict=True,
+    )
+}
+_ERROR_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def load_settings(
+    path: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read ``config.toml`` (or ``path``), apply ``GATEWAY_*`` overrides, validate."""
+    config_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        with config_path.open("rb") as file:
+            raw: dict[str, Any] = tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(config_path), "file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(config_path), f"not valid TOML: {exc}") from exc
+
+    from_env: dict[str, str] = {}
+    for name, value in (os.environ if environ is None else environ).items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, key = _split_env_name(name)
+        raw.setdefault(section, {})[key] = value
+        from_env[f"{section}.{key}"] = name
+    return _convert(raw, from_env)
+
+
+def with_overrides(settings: Settings, **sections: Mapping[str, Any]) -> Settings:
+    """A copy of ``settings`` with some keys replaced, validated like the file."""
+    raw = msgspec.to_builtins(settings)
+    for section, values in sections.items():
+        raw[section].update(values)
+    return _convert(raw, {})
+
+
+def _split_env_name(name: str) -> tuple[str, str]:
+    rest = name[len(ENV_PREFIX) :].lower()
+    for section, struct in _SECTIONS.items():
+        if rest.startswith(section + "_"):
+            key = rest[len(section) + 1 :]
+            if key in struct.__struct_fields__:
+                return section, key
+    raise ConfigError(name, "no such setting (expected GATEWAY_<SECTION>_<KEY>)")
+
+
+def _convert(raw: dict[str, Any], from_env: Mapping[str, str]) -> Settings:
+    try:
+        # strict=False lets environment strings become ints, floats and bools.
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _ERROR_PATH.search(text)
+        setting = match.group(1) if match else "config"
+        reason = _ERROR_PATH.sub("", text)
+        if setting in from_env:
+            setting = f"{setting} ({from_env[setting]})"
+        raise ConfigError(setting, reason) from exc

@@ -1,0 +1,1 @@
+"""Development and test helpers: nothing here runs in production."""

@@ -1,0 +1,1 @@
+"""Where candles come from: running jobs in Redis, backtests in BigQuery, the cache."""

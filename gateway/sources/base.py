@@ -1,0 +1,96 @@
+"""The small typed interface where sources and the stream meet.
+
+A source knows nothing about SSE; the stream knows nothing about Redis
+commands or SQL. Sources raise only ``gateway.errors`` exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Final, Protocol
+
+import msgspec
+
+ACTIVE_STATUSES: Final = frozenset({"queued", "running", "paused"})
+FAILED_STATUSES: Final = frozenset({"failed", "cancelled"})
+COMPLETED: Final = "completed"
+JOB_STATUSES: Final = ACTIVE_STATUSES | FAILED_STATUSES | {COMPLETED}
+
+
+class JobState(msgspec.Struct, frozen=True):
+    """What changes while a job runs: its status, current bar and error text."""
+
+    status: str
+    current_bar: int | None = None
+    error: str | None = None
+
+    @property
+    def is_active(self) -> bool:
+        """More points may still arrive (the SPEC's ``is_partial``)."""
+        return self.status in ACTIVE_STATUSES
+
+    @property
+    def has_failed(self) -> bool:
+        return self.status in FAILED_STATUSES
+
+
+class JobInfo(msgspec.Struct, frozen=True):
+    """What a stream needs to know of a job or backtest before its first event."""
+
+    job_id: str | None
+    backtest_id: str | None
+    user_id: str
+    symbol: str
+    exchange: str
+    intervals: tuple[str, ...]
+    state: JobState
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """The job and the points stored per requested interval, read at one moment."""
+
+    job: JobInfo
+    # Points stored now, for each requested interval the job is configured with.
+    lengths: Mapping[str, int]
+
+
+class Chunk(msgspec.Struct, frozen=True):
+    """``count`` validated candles as one canonical JSON array."""
+
+    points: bytes
+    count: int
+    # The job's state read together with the chunk; None if the source has
+    # nothing fresher than what it said before.
+    state: JobState | None = None
+
+
+class ChunkReader(Protocol):
+    """Consecutive chunks of one interval, from a start position to a stop position."""
+
+    async def next_chunk(self) -> Chunk:
+        """The next chunk; raises ``DataError`` or ``SourceUnavailable``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop any read in flight and release what the reader holds."""
+        ...
+
+
+class Source(Protocol):
+    """A job in Redis, a backtest in the warehouse, or one served from the cache."""
+
+    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
+        """Describe the job and count stored points; raises ``JobNotFound`` and friends."""
+        ...
+
+    async def length(self, interval: str) -> int:
+        """Points stored now for one configured interval."""
+        ...
+
+    def reader(self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool) -> ChunkReader:
+        """Chunks of positions ``start`` to ``stop`` (exclusive), ``chunk_size`` each but the last."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the source holds for this stream."""
+        ...

@@ -1,0 +1,43 @@
+"""Every Redis key the gateway reads or writes, one function each.
+
+All keys of one job (or backtest) share the hash tag ``{<id>}`` so that they
+live in one slot of a Redis Cluster and can be read in one pipeline. Callers
+pass ids and interval names that ``gateway.params`` already validated.
+"""
+
+from __future__ import annotations
+
+
+def job_key(job_id: str) -> str:
+    """The job hash written by workers (SPEC 6)."""
+    return f"job:{{{job_id}}}"
+
+
+def candles_key(job_id: str, interval: str) -> str:
+    """One list of JSON candles per interval, appended with RPUSH (SPEC 6)."""
+    return f"job:{{{job_id}}}:candles:{interval}"
+
+
+def events_channel(job_id: str) -> str:
+    """The pub/sub channel on which workers note appends and status changes."""
+    return f"job:{{{job_id}}}:events"
+
+
+def backtest_meta_key(backtest_id: str) -> str:
+    """Cached warehouse metadata of a completed backtest (a msgspec JSON blob)."""
+    return f"bt:{{{backtest_id}}}:meta"
+
+
+def backtest_candles_key(backtest_id: str, interval: str) -> str:
+    """Cached candles of one completed backtest interval (a list, like a job's)."""
+    return f"bt:{{{backtest_id}}}:candles:{interval}"
+
+
+def backtest_staging_key(backtest_id: str, interval: str, writer: str) -> str:
+    """Where one cache writer fills an interval before renaming it into place."""
+    return f"bt:{{{backtest_id}}}:staging:{interval}:{writer}"
+
+
+def user_streams_key(user_id: str) -> str:
+    """Sorted set of one user's open streams across replicas (score: expiry)."""
+    return f"gateway:streams:{{{user_id}}}"

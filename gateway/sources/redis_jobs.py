@@ -1,0 +1,195 @@
+"""Running jobs, read from Redis exactly as the worker contract (SPEC 6) writes them.
+
+One pipeline answers a stream's first question (the job hash and the length
+of every requested list); after that each chunk is one ``LRANGE`` of exactly
+that chunk, pipelined with an ``HMGET`` of the job's status so that every
+event reports the status of the moment it was built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from gateway.errors import DataError, JobNotFound, RedisUnreachable
+from gateway.sources import keys
+from gateway.sources.base import JOB_STATUSES, Chunk, JobInfo, JobState, Snapshot
+from gateway.sources.candles import CandleValidator
+
+_STATE_FIELDS: Final = ("status", "current_bar", "error")
+T = TypeVar("T")
+
+
+def not_found(job_id: str) -> JobNotFound:
+    """The one answer for a job that does not exist and one the user may not read."""
+    return JobNotFound(f"Job '{job_id}' not found")
+
+
+async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run one Redis call, turning "the store is unreachable" into ``RedisUnreachable``."""
+    try:
+        return await operation()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise RedisUnreachable(f"Redis unreachable while {what}") from exc
+
+
+class RedisJobSource:
+    """A job that workers are writing (or have written) to Redis."""
+
+    def __init__(self, client: aioredis.Redis, job_id: str) -> None:
+        self._redis = client
+        self.job_id = job_id
+        self._job_key = keys.job_key(job_id)
+
+    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
+        async def read() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hgetall(self._job_key)
+            for interval in intervals:
+                pipe.llen(keys.candles_key(self.job_id, interval))
+            return await pipe.execute()
+
+        replies = await call_redis(read, "reading the job")
+        fields: dict[bytes, bytes] = replies[0]
+        if not fields:
+            raise not_found(self.job_id)
+        job = parse_job_hash(self.job_id, fields)
+        lengths = {
+            interval: length
+            for interval, length in zip(intervals, replies[1:], strict=True)
+            if interval in job.intervals
+        }
+        return Snapshot(job=job, lengths=lengths)
+
+    async def length(self, interval: str) -> int:
+        key = keys.candles_key(self.job_id, interval)
+        length: int = await call_redis(lambda: self._redis.llen(key), "counting candles")
+        return length
+
+    async def has_candles(self, intervals: Sequence[str]) -> bool:
+        """Whether any of these intervals still has a list (a completed job's may expire)."""
+        names = [keys.candles_key(self.job_id, interval) for interval in intervals]
+        if not names:
+            return False
+        count: int = await call_redis(lambda: self._redis.exists(*names), "checking candles")
+        return count > 0
+
+    def reader(
+        self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool
+    ) -> RedisChunkReader:
+        return RedisChunkReader(self, interval, start, stop, chunk_size, prefetch=prefetch)
+
+    async def read_range(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState]:
+        """``count`` stored candles from ``start``, and the job's state read with them."""
+
+        async def read() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.lrange(keys.candles_key(self.job_id, interval), start, start + count - 1)
+            pipe.hmget(self._job_key, _STATE_FIELDS)
+            return await pipe.execute(raise_on_error=False)
+
+        stored, state_values = await call_redis(read, f"reading interval '{interval}'")
+        if isinstance(stored, redis.exceptions.ResponseError):
+            raise DataError(f"interval '{interval}' is not stored as a list: {stored}")
+        if len(stored) != count:
+            raise DataError(
+                f"interval '{interval}' holds {start + len(stored)} points,"
+                f" fewer than the {start + count} it held when the stream started"
+            )
+        if isinstance(state_values, redis.exceptions.ResponseError):
+            raise DataError(f"job record of '{self.job_id}' is not a hash: {state_values}")
+        return stored, parse_job_state(dict(zip(_STATE_FIELDS, state_values, strict=True)))
+
+    async def aclose(self) -> None:
+        """Nothing to release: connections go back to the shared pool per command."""
+
+
+class RedisChunkReader:
+    """Reads one interval chunk by chunk, the next chunk already in flight if asked."""
+
+    def __init__(
+        self,
+        source: RedisJobSource,
+        interval: str,
+        start: int,
+        stop: int,
+        chunk_size: int,
+        *,
+        prefetch: bool,
+    ) -> None:
+        self._source = source
+        self._interval = interval
+        self._position = start
+        self._stop = stop
+        self._chunk_size = chunk_size
+        self._prefetch = prefetch
+        self._validator = CandleValidator(interval, position=start)
+        self._pending: asyncio.Task[tuple[list[bytes], JobState]] | None = None
+
+    async def next_chunk(self) -> Chunk:
+        task = self._pending or self._start_read()
+        self._pending = None
+        stored, state = await task
+        self._position += len(stored)
+        if self._prefetch and self._position < self._stop:
+            # Overlap the next round trip with validating and writing this chunk.
+            self._pending = self._start_read()
+        points = self._validator.to_json_array(stored)
+        return Chunk(points=points, count=len(stored), state=state)
+
+    def _start_read(self) -> asyncio.Task[tuple[list[bytes], JobState]]:
+        count = min(self._chunk_size, self._stop - self._position)
+        return asyncio.ensure_future(self._source.read_range(self._interval, self._position, count))
+
+    async def aclose(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            try:
+                await self._pending
+            except (asyncio.CancelledError, Exception):  # noqa: S110 - its result is unwanted
+                pass
+            self._pending = None
+
+
+def parse_job_hash(job_id: str, fields: Mapping[bytes, bytes]) -> JobInfo:
+    """The job hash as a ``JobInfo``; a malformed record becomes a failed job, never a crash."""
+    text = {name.decode(errors="replace"): value.decode(errors="replace") for name, value in fields.items()}
+    intervals = tuple(name.strip() for name in text.get("intervals", "").split(",") if name.strip())
+    missing = [name for name in ("user_id", "symbol", "exchange", "intervals", "status") if not text.get(name)]
+    state = parse_job_state(text)
+    if missing:
+        # Only the owner (or an admin) gets as far as this message.
+        state = JobState(status="failed", error=f"job record lacks {', '.join(missing)}")
+    return JobInfo(
+        job_id=job_id,
+        backtest_id=text.get("backtest_id") or None,
+        user_id=text.get("user_id", ""),
+        symbol=text.get("symbol", ""),
+        exchange=text.get("exchange", ""),
+        intervals=intervals,
+        state=state,
+    )
+
+
+def parse_job_state(fields: Mapping[str, str | bytes | None]) -> JobState:
+    """Status, current bar and error text from the job hash (bytes or str values)."""
+    status, current_bar, error = (_text(fields.get(name)) for name in _STATE_FIELDS)
+    if status not in JOB_STATUSES:
+        return JobState(status="failed", error=f"job record has an unknown status {status!r}")
+    bar: int | None = None
+    if current_bar:
+        try:
+            bar = int(current_bar)
+        except ValueError:
+            return JobState(status="failed", error=f"job record has a non-integer current_bar {current_bar!r}")
+    return JobState(status=status, current_bar=bar, error=error or None)
+
+
+def _text(value: str | bytes | None) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value

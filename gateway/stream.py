@@ -1,0 +1,419 @@
+"""One request's walk through its intervals: events, chunks, progress, resume.
+
+The next event is always derived from the stream's position (``position.py``)
+and nothing else, so a fresh stream and a stream resumed from an event id run
+the very same code: resuming cannot drift from the uninterrupted stream. The
+walk knows nothing of Redis or SQL (it asks a ``Source``) and nothing of
+HTTP (it hands finished frames to ``send``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
+
+import msgspec
+
+from gateway import protocol
+from gateway.errors import DataError, JobFailed, StreamError
+from gateway.params import Order, StreamRequest
+from gateway.position import IntervalPosition, Phase, StreamPosition
+from gateway.protocol import (
+    AllComplete,
+    DataChunk,
+    ErrorEvent,
+    IntervalComplete,
+    IntervalProgress,
+    IntervalStart,
+    JobStatusEvent,
+    Payload,
+    Progress,
+)
+from gateway.sources.base import ChunkReader, JobInfo, JobState, Source
+
+Send = Callable[[bytes], Awaitable[None]]
+
+
+class LiveFeed(Protocol):
+    """What follow mode needs: wait for the job to change, then look again."""
+
+    async def wait_for_change(self) -> None:
+        """Return when a worker note arrives or the re-check timer fires."""
+        ...
+
+
+class CandleStream:
+    """Emits the events of one stream, from ``position`` on, through ``send``."""
+
+    def __init__(
+        self,
+        request: StreamRequest,
+        job: JobInfo,
+        lengths: Mapping[str, int],
+        source: Source,
+        position: StreamPosition,
+        send: Send,
+        *,
+        retry_ms: int | None,
+        live: LiveFeed | None = None,
+        status_min_interval_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._request = request
+        self._job = job
+        self._state = job.state
+        self._source = source
+        self._position = position
+        self._send = send
+        self._retry_ms = retry_ms
+        self._live = live
+        self._status_min_interval_s = status_min_interval_s
+        self._chunk_size = request.chunk_size
+        self._names = request.intervals
+        self._exists = [name in job.intervals for name in request.intervals]
+        # Stored lengths read with the job; an interval that starts before any
+        # chunk has been sent may use them, later ones count again.
+        self._lengths = dict(lengths)
+        self._lengths_fresh = True
+        self._readers: dict[int, ChunkReader] = {}
+        self._clock = clock
+
+    @property
+    def position(self) -> StreamPosition:
+        return self._position
+
+    async def run(self) -> None:
+        """Send every event this stream still owes; a fatal error ends it with an ``error`` event."""
+        try:
+            self._observe(self._state)
+            while (step := self._next_step()) is not None:
+                await step
+            if self._live is not None and self._position.is_partial:
+                await self._follow()
+            await self._finish()
+        except StreamError as exc:
+            if exc.fatal:
+                await self._error(exc, interval=None)
+            else:
+                raise
+        finally:
+            for reader in self._readers.values():
+                await reader.aclose()
+            self._readers.clear()
+
+    # -- choosing the next event ------------------------------------------
+
+    def _next_step(self) -> Awaitable[None] | None:
+        """The coroutine that sends the next snapshot event, or None when the snapshot is done."""
+        if self._request.order is Order.SEQUENTIAL:
+            return self._next_sequential()
+        return self._next_interleaved()
+
+    def _next_sequential(self) -> Awaitable[None] | None:
+        for index, interval in enumerate(self._position.intervals):
+            if interval.phase is Phase.PENDING:
+                return self._start(index)
+            if interval.phase is Phase.STARTED:
+                if interval.points_sent < interval.total_points:
+                    return self._chunk(index, prefetch=True)
+                return self._complete(index)
+        return None
+
+    def _next_interleaved(self) -> Awaitable[None] | None:
+        intervals = self._position.intervals
+        # First every interval_start (or interval_not_found), in request order.
+        for index, interval in enumerate(intervals):
+            if interval.phase is Phase.PENDING:
+                return self._start(index)
+        started = [i for i, interval in enumerate(intervals) if interval.phase is Phase.STARTED]
+        if not started:
+            return None
+        # An interval whose last chunk just went out completes before anything else.
+        for index in started:
+            interval = intervals[index]
+            if interval.chunks_sent and interval.points_sent >= interval.total_points:
+                return self._complete(index)
+        # Round robin: unfinished intervals have sent r or r + 1 chunks; the
+        # first (in request order) still at r is next.
+        fewest = min(intervals[index].chunks_sent for index in started)
+        index = next(i for i in started if intervals[i].chunks_sent == fewest)
+        if intervals[index].points_sent < intervals[index].total_points:
+            # No read-ahead: the next chunk of this interval is a whole round away.
+            return self._chunk(index, prefetch=False)
+        return self._complete(index)
+
+    # -- the snapshot events ----------------------------------------------
+
+    async def _start(self, index: int) -> None:
+        name = self._names[index]
+        interval = self._position.intervals[index]
+        if not self._exists[index]:
+            interval.phase = Phase.FAILED
+            kind = "backtest" if self._job.job_id is None else "job"
+            await self._error(
+                StreamError(f"Interval '{name}' not found in {kind} configuration"),
+                interval=name,
+                code="interval_not_found",
+            )
+            return
+        if self._lengths_fresh and name in self._lengths:
+            stored = self._lengths[name]
+        else:
+            stored = await self._source.length(name)
+            self._lengths[name] = stored
+        total = min(stored, self._request.limit)
+        interval.phase = Phase.STARTED
+        interval.total_points = total
+        job = self._job
+        await self._emit(
+            protocol.INTERVAL_START,
+            IntervalStart(
+                interval=name,
+                interval_index=index,
+                total_intervals=len(self._names),
+                total_points=total,
+                total_chunks=math.ceil(total / self._chunk_size),
+                chunk_size=self._chunk_size,
+                backtest_id=job.backtest_id,
+                job_id=job.job_id,
+                symbol=job.symbol,
+                exchange=job.exchange,
+                is_partial=self._position.is_partial,
+                current_bar=self._state.current_bar,
+                job_status=self._state.status,
+            ),
+        )
+
+    async def _chunk(self, index: int, *, prefetch: bool) -> None:
+        name = self._names[index]
+        interval = self._position.intervals[index]
+        reader = self._readers.get(index)
+        if reader is None:
+            reader = self._source.reader(
+                name, interval.points_sent, interval.total_points, self._chunk_size, prefetch=prefetch
+            )
+            self._readers[index] = reader
+        try:
+            chunk = await reader.next_chunk()
+        except DataError as exc:
+            await self._close_reader(index)
+            interval.phase = Phase.FAILED
+            await self._error(exc, interval=name, points_sent=interval.points_sent)
+            return
+        if chunk.state is not None:
+            self._observe(chunk.state)
+        interval.points_sent += chunk.count
+        interval.chunks_sent += 1
+        is_last = interval.points_sent >= interval.total_points
+        if is_last:
+            await self._close_reader(index)
+        self._lengths_fresh = False
+        await self._emit_chunk(index, chunk.points, is_last=is_last)
+
+    async def _emit_chunk(self, index: int, points: bytes, *, is_last: bool) -> None:
+        interval = self._position.intervals[index]
+        await self._emit(
+            protocol.DATA_CHUNK,
+            DataChunk(
+                interval=self._names[index],
+                data_points=msgspec.Raw(points),
+                points_sent=interval.points_sent,
+                total_points=interval.total_points,
+                chunk_index=interval.chunks_sent - 1,
+                is_last_chunk=is_last,
+                is_partial=self._position.is_partial,
+                current_bar=self._state.current_bar,
+                job_status=self._state.status,
+                progress=self._progress(self._names[index]),
+            ),
+        )
+
+    async def _complete(self, index: int) -> None:
+        interval = self._position.intervals[index]
+        interval.phase = Phase.COMPLETE
+        await self._emit(
+            protocol.INTERVAL_COMPLETE,
+            IntervalComplete(
+                interval=self._names[index],
+                total_points=interval.total_points,
+                points_sent=interval.points_sent,
+                backtest_id=self._job.backtest_id,
+                job_id=self._job.job_id,
+                is_partial=self._position.is_partial,
+                job_status=self._state.status,
+            ),
+        )
+
+    async def _finish(self) -> None:
+        self._position.finished = True
+        await self._emit(
+            protocol.ALL_COMPLETE,
+            AllComplete(
+                intervals=list(self._names),
+                completed_intervals=self._completed(),
+                total_points={
+                    name: interval.total_points
+                    for name, interval, exists in self._each_interval()
+                    if exists
+                },
+                backtest_id=self._job.backtest_id,
+                job_id=self._job.job_id,
+                job_status=self._state.status,
+            ),
+        )
+
+    # -- follow mode (SPEC 6) ----------------------------------------------
+
+    async def _follow(self) -> None:
+        """After the snapshot: send what workers append until the job completes or fails."""
+        assert self._live is not None
+        last_status_at = -math.inf
+        if self._position.job_status is None:
+            # The snapshot's events already told the client this state.
+            self._position.job_status = self._state.status
+            self._position.current_bar = self._state.current_bar
+        while True:
+            snapshot = await self._source.snapshot(self._names)
+            self._observe(snapshot.job.state)
+            for index, name in enumerate(self._names):
+                await self._send_live_points(index, snapshot.lengths.get(name, 0))
+            if not self._state.is_active:
+                return  # completed: everything stored has been sent
+            now = self._clock()
+            if self._status_changed() and now - last_status_at >= self._status_min_interval_s:
+                last_status_at = now
+                await self._job_status()
+            await self._live.wait_for_change()
+
+    async def _send_live_points(self, index: int, stored: int) -> None:
+        interval = self._position.intervals[index]
+        if interval.phase is not Phase.COMPLETE:
+            return  # missing or failed intervals stay so
+        stop = min(stored, self._request.limit)
+        while interval.points_sent < stop:
+            reader = self._source.reader(
+                self._names[index], interval.points_sent, stop, self._chunk_size, prefetch=True
+            )
+            self._readers[index] = reader
+            try:
+                while interval.points_sent < stop:
+                    chunk = await reader.next_chunk()
+                    if chunk.state is not None:
+                        self._observe(chunk.state)
+                    interval.points_sent += chunk.count
+                    interval.chunks_sent += 1
+                    interval.total_points = interval.points_sent
+                    await self._emit_chunk(index, chunk.points, is_last=False)
+            finally:
+                await self._close_reader(index)
+
+    def _status_changed(self) -> bool:
+        return (self._position.job_status, self._position.current_bar) != (
+            self._state.status,
+            self._state.current_bar,
+        )
+
+    async def _job_status(self) -> None:
+        self._position.job_status = self._state.status
+        self._position.current_bar = self._state.current_bar
+        await self._emit(
+            protocol.JOB_STATUS,
+            JobStatusEvent(
+                job_id=self._job.job_id,
+                backtest_id=self._job.backtest_id,
+                job_status=self._state.status,
+                current_bar=self._state.current_bar,
+                is_partial=self._state.is_active,
+            ),
+        )
+
+    # -- helpers -------------------------------------------------------------
+
+    def _observe(self, state: JobState) -> None:
+        """Adopt the job's latest state; a failed or cancelled job ends the stream."""
+        self._state = state
+        if state.has_failed:
+            detail = f": {state.error}" if state.error else ""
+            raise JobFailed(f"Job '{self._job.job_id or self._job.backtest_id}' {state.status}{detail}")
+
+    def _progress(self, current: str) -> Progress:
+        overall: dict[str, IntervalProgress] = {}
+        for name, interval, exists in self._each_interval():
+            if not exists:
+                continue
+            if interval.phase is Phase.PENDING:
+                total = min(self._lengths.get(name, 0), self._request.limit)
+                overall[name] = IntervalProgress(total, math.ceil(total / self._chunk_size), 0, 0)
+            else:
+                total_chunks = (
+                    interval.chunks_sent
+                    if interval.phase is Phase.COMPLETE
+                    else math.ceil(interval.total_points / self._chunk_size)
+                )
+                overall[name] = IntervalProgress(
+                    interval.total_points, total_chunks, interval.chunks_sent, interval.points_sent
+                )
+        return Progress(
+            total_intervals=len(self._names),
+            completed_intervals=self._completed(),
+            current_interval=current,
+            overall_progress=overall,
+        )
+
+    def _completed(self) -> list[str]:
+        return [name for name, interval, _ in self._each_interval() if interval.phase is Phase.COMPLETE]
+
+    def _each_interval(self) -> list[tuple[str, IntervalPosition, bool]]:
+        return list(zip(self._names, self._position.intervals, self._exists, strict=True))
+
+    async def _close_reader(self, index: int) -> None:
+        reader = self._readers.pop(index, None)
+        if reader is not None:
+            await reader.aclose()
+
+    async def _error(
+        self,
+        exc: StreamError,
+        *,
+        interval: str | None,
+        code: str | None = None,
+        points_sent: int | None = None,
+    ) -> None:
+        await self._emit(
+            protocol.ERROR,
+            ErrorEvent(
+                error=code or exc.code,
+                message=exc.message,
+                interval=interval,
+                job_id=self._job.job_id,
+                backtest_id=self._job.backtest_id,
+                points_sent=points_sent,
+            ),
+        )
+
+    async def _emit(self, event: bytes, payload: Payload) -> None:
+        frame = protocol.frame(event, payload, self._position.encode(), self._retry_ms)
+        self._retry_ms = None  # only the first event of a connection carries retry
+        await self._send(frame)
+
+
+async def send_fatal(
+    exc: StreamError,
+    request: StreamRequest,
+    position: StreamPosition,
+    send: Send,
+    *,
+    retry_ms: int | None,
+) -> None:
+    """An ``error`` event for a stream that could not even start (job not found, ...)."""
+    is_backtest = request.is_backtest
+    payload = ErrorEvent(
+        error=exc.code,
+        message=exc.message,
+        interval=None,
+        job_id=None if is_backtest else request.id,
+        backtest_id=request.id if is_backtest else None,
+    )
+    await send(protocol.frame(protocol.ERROR, payload, position.encode(), retry_ms))

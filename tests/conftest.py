@@ -1,0 +1,88 @@
+"""Fixtures: a real Valkey, a real certificate endpoint, real tokens, the real app on a real port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.config import Settings, load_settings, with_overrides
+from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
+from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.workers import JobWriter
+
+PROJECT = "test-candles"
+
+MakeGateway = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("valkey"))
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> DevSigningKey:
+    return DevSigningKey.generate()
+
+
+@pytest.fixture
+async def cert_endpoint(aiohttp_server: Any, signing_key: DevSigningKey) -> CertificateEndpoint:
+    endpoint = CertificateEndpoint([signing_key], max_age_s=3600)
+    server = await aiohttp_server(endpoint.app())
+    endpoint.url = str(server.make_url("/certs"))  # type: ignore[attr-defined]
+    return endpoint
+
+
+@pytest.fixture
+def settings(redis_url: str, cert_endpoint: CertificateEndpoint, tmp_path: Path) -> Settings:
+    return with_overrides(
+        load_settings(environ={}),
+        redis={"url": redis_url},
+        auth={"certs_url": cert_endpoint.url, "firebase_project_id": PROJECT},  # type: ignore[attr-defined]
+        dev={"state_dir": str(tmp_path / "dev")},
+    )
+
+
+@pytest.fixture
+def make_gateway(aiohttp_client: Any, settings: Settings, redis_client: aioredis.Redis) -> MakeGateway:
+    """Start the real app (through its factory) on a free port; returns a real HTTP client."""
+
+    async def make(**sections: dict[str, Any]) -> TestClient:
+        return await aiohttp_client(create_app(with_overrides(settings, **sections)))  # type: ignore[no-any-return]
+
+    return make
+
+
+@pytest.fixture
+async def client(make_gateway: MakeGateway) -> TestClient:
+    return await make_gateway()
+
+
+@pytest.fixture
+def token(signing_key: DevSigningKey) -> Callable[..., str]:
+    def mint(uid: str = "alice", **options: Any) -> str:
+        return mint_token(signing_key, PROJECT, uid, **options)
+
+    return mint
+
+
+@pytest.fixture
+def writer(redis_client: aioredis.Redis) -> Callable[[str], JobWriter]:
+    return lambda job_id: JobWriter(redis_client, job_id)

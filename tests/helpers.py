@@ -1,0 +1,86 @@
+"""Building jobs and reading streams in tests."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from gateway.sources.candles import Candle
+from gateway.workers import JobWriter, candle
+from tests.sse_client import Transcript, read_stream
+
+START = datetime(2025, 4, 1, tzinfo=UTC)
+STEPS = {"day": timedelta(days=1), "minute": timedelta(minutes=1), "3minute": timedelta(minutes=3)}
+
+
+def make_candles(count: int, *, step: timedelta = timedelta(minutes=1), start: datetime = START, first: int = 0) -> list[Candle]:
+    """``count`` distinct candles, ``first`` positions into an ascending series."""
+    out = []
+    for i in range(first, first + count):
+        price = 1000 + (i % 97) * 0.25
+        out.append(candle(start + i * step, price, price + 1.5, price - 1.25, price + 0.5, 1000 + i))
+    return out
+
+
+def expected_points(candles: Sequence[Candle]) -> list[dict[str, Any]]:
+    """The data points a client should receive for these candles."""
+    return [
+        {
+            "time": c.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "open": c.open,
+            "high": c.high,
+            "low": c.low,
+            "close": c.close,
+            "volume": c.volume,
+        }
+        for c in candles
+    ]
+
+
+async def seed_job(
+    writer: JobWriter,
+    *,
+    user_id: str = "alice",
+    counts: dict[str, int],
+    status: str = "running",
+    current_bar: int | None = 50,
+    configured: Sequence[str] | None = None,
+    symbol: str = "LTF",
+    exchange: str = "NSE",
+) -> dict[str, list[Candle]]:
+    """A job whose intervals hold ``counts`` candles each; returns the candles."""
+    intervals = list(configured if configured is not None else counts)
+    await writer.create(user_id=user_id, symbol=symbol, exchange=exchange, intervals=intervals, status=status, current_bar=current_bar)
+    stored = {}
+    for name, count in counts.items():
+        stored[name] = make_candles(count, step=STEPS.get(name, timedelta(minutes=1)))
+        for start in range(0, count, 5000):
+            await writer.append(name, stored[name][start : start + 5000])
+    return stored
+
+
+def stream_path(job_id: str) -> str:
+    return f"/api/sse/backtest/{job_id}/data/multi"
+
+
+async def open_stream(client: TestClient, job_id: str, *, token: str | None = None, headers: dict[str, str] | None = None, **params: Any):
+    query = {key: str(value) for key, value in params.items()}
+    if token is not None:
+        query["token"] = token
+    return await client.get(stream_path(job_id), params=query, headers=headers or {})
+
+
+async def stream(client: TestClient, job_id: str, **kwargs: Any) -> Transcript:
+    """Open a stream, check it is SSE, read it to the end."""
+    response = await open_stream(client, job_id, **kwargs)
+    assert response.status == 200, await response.text()
+    assert response.headers["Content-Type"] == "text/event-stream"
+    return await read_stream(response)
+
+
+def chunk_count(total: int, chunk_size: int) -> int:
+    return math.ceil(total / chunk_size)

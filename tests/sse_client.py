@@ -1,0 +1,89 @@
+"""A small SSE reader for tests: real bytes off a real HTTP response, parsed per the HTML standard."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+
+@dataclass
+class Event:
+    event: str
+    data: str
+    id: str | None
+    retry: int | None = None
+
+    @property
+    def payload(self) -> Any:
+        return json.loads(self.data)
+
+
+@dataclass
+class Transcript:
+    """Everything a stream sent: its events, comment lines, and the raw bytes."""
+
+    events: list[Event] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    raw: bytes = b""
+
+    def named(self, name: str) -> list[Event]:
+        return [event for event in self.events if event.event == name]
+
+    @property
+    def names(self) -> list[str]:
+        return [event.event for event in self.events]
+
+
+class SSEParser:
+    """Feeds bytes, yields events; keeps partial lines between feeds."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._fields: dict[str, str] = {}
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes, transcript: Transcript) -> list[Event]:
+        self._buffer += chunk
+        done: list[Event] = []
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            text = line.rstrip(b"\r").decode()
+            if text == "":
+                if self._data or self._fields:
+                    retry = self._fields.get("retry")
+                    event = Event(
+                        event=self._fields.get("event", "message"),
+                        data="\n".join(self._data),
+                        id=self._fields.get("id"),
+                        retry=int(retry) if retry is not None else None,
+                    )
+                    transcript.events.append(event)
+                    done.append(event)
+                self._fields, self._data = {}, []
+            elif text.startswith(":"):
+                transcript.comments.append(text[1:].strip())
+            else:
+                name, _, value = text.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "data":
+                    self._data.append(value)
+                else:
+                    self._fields[name] = value
+        return done
+
+
+async def read_stream(
+    response: aiohttp.ClientResponse, *, stop_after: int | None = None
+) -> Transcript:
+    """Read until the server closes the stream (or ``stop_after`` events have arrived)."""
+    transcript = Transcript()
+    parser = SSEParser()
+    async for chunk in response.content.iter_any():
+        transcript.raw += chunk
+        parser.feed(chunk, transcript)
+        if stop_after is not None and len(transcript.events) >= stop_after:
+            break
+    return transcript
