@@ -20,6 +20,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -33,14 +34,17 @@ from gateway.errors import (
     Unauthenticated,
     Unavailable,
 )
+from gateway.live import JobNotes
 from gateway.limits import StreamSlots, retry_after_seconds
 from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
 from gateway.sources.base import JobInfo, Snapshot, Source
 from gateway.sources.redis_jobs import not_found
+from gateway.sources.cache import BacktestCache
 from gateway.sources.resolve import Sources
+from gateway.sources.warehouse import Warehouse
 from gateway.sse import CandleEventResponse
-from gateway.stream import CandleStream, send_fatal
+from gateway.stream import CandleStream, read_plan, send_fatal
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ class Gateway:
     verifier: auth.TokenVerifier | None = None
     slots: StreamSlots | None = None
     sources: Sources | None = None
+    notes: JobNotes | None = None
     draining: bool = False
     streams: weakref.WeakSet[CandleEventResponse] = field(default_factory=weakref.WeakSet)
 
@@ -70,6 +75,7 @@ def create_app(settings: Settings) -> web.Application:
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(_redis_context)
     app.cleanup_ctx.append(_auth_context)
+    app.cleanup_ctx.append(_warehouse_context)
     app.on_shutdown.append(_drain)
     app.router.add_get(STREAM_ROUTE, stream_candles)
     app.router.add_get("/healthz", healthz)
@@ -98,9 +104,11 @@ async def _redis_context(app: web.Application) -> AsyncIterator[None]:
         retry_after_seconds(gateway.settings.server.retry_ms),
     )
     gateway.sources = Sources(gateway.redis)
+    gateway.notes = JobNotes(gateway.redis, gateway.settings.follow.recheck_interval_s)
     try:
         yield
     finally:
+        await gateway.notes.aclose()
         await gateway.redis.aclose()
         if embedded is not None:
             await asyncio.get_running_loop().run_in_executor(None, embedded.stop)
@@ -129,6 +137,25 @@ async def _auth_context(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _warehouse_context(app: web.Application) -> AsyncIterator[None]:
+    """BigQuery and its Redis cache, when ``bigquery.project`` is set (SPEC 8, 9)."""
+    gateway = app[GATEWAY]
+    settings = gateway.settings.bigquery
+    if not settings.project:
+        log.warning("bigquery.project is empty: bt_ streams end with connection_error")
+        yield
+        return
+    assert gateway.redis is not None
+    warehouse = Warehouse(settings)
+    cache = BacktestCache(gateway.redis, warehouse, gateway.settings.cache.ttl_s, settings.page_rows)
+    gateway.sources = Sources(gateway.redis, warehouse, cache, settings.page_rows)
+    try:
+        yield
+    finally:
+        await cache.aclose()
+        warehouse.close()
+
+
 async def _drain(app: web.Application) -> None:
     """From shutdown on, new streams get 503; open ones get the grace period, then close."""
     app[GATEWAY].draining = True
@@ -138,7 +165,7 @@ async def _drain(app: web.Application) -> None:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RequestError as exc:
@@ -176,7 +203,7 @@ async def stream_candles(request: web.Request) -> web.StreamResponse:
             snapshot: Snapshot | None = None
             failure: StreamError | None = None
             try:
-                snapshot = await source.snapshot(params.intervals)
+                snapshot = await source.snapshot(params.intervals, read_plan(params, position))
             except RedisUnreachable as exc:
                 raise Unavailable(exc.message) from exc
             except StreamError as exc:
@@ -209,17 +236,22 @@ async def _respond(
             assert failure is not None
             await send_fatal(failure, params, position, response.send_frame, retry_ms=server.retry_ms)
         else:
-            stream = CandleStream(
-                params,
-                snapshot.job,
-                snapshot.lengths,
-                source,
-                position,
-                response.send_frame,
-                retry_ms=server.retry_ms,
-                status_min_interval_s=gateway.settings.follow.status_min_interval_s,
-            )
-            await stream.run()
+            async with contextlib.AsyncExitStack() as stack:
+                live = None
+                if params.follow and position.is_partial and snapshot.job.job_id is not None:
+                    assert gateway.notes is not None
+                    live = await stack.enter_async_context(gateway.notes.follow(snapshot.job.job_id))
+                stream = CandleStream(
+                    params,
+                    snapshot,
+                    source,
+                    position,
+                    response.send_frame,
+                    retry_ms=server.retry_ms,
+                    live=live,
+                    status_min_interval_s=gateway.settings.follow.status_min_interval_s,
+                )
+                await stream.run()
         await response.write_eof()
     except (ConnectionResetError, TimeoutError):
         # The client went away or stopped reading; it may reconnect and resume.
@@ -271,4 +303,3 @@ class RedactingAccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
-

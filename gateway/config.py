@@ -33,7 +33,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     """A config section: unknown keys are typos, and typos stop start-up."""
 
 
-class ServerSettings(_Section):
+class ServerSettings(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 8080
     retry_ms: NonNegativeInt = 3000
@@ -45,7 +45,7 @@ class ServerSettings(_Section):
     access_log: bool = True
 
 
-class RedisSettings(_Section):
+class RedisSettings(_Section, frozen=True):
     url: str = ""
     max_connections: PositiveInt = 64
     pool_timeout_s: PositiveSeconds = 5.0
@@ -54,11 +54,10 @@ class RedisSettings(_Section):
     retries: NonNegativeInt = 2
 
 
-class AuthSettings(_Section):
+class AuthSettings(_Section, frozen=True):
     firebase_project_id: str = "demo-candles"
     certs_url: str = (
-        "https://www.googleapis.com/robot/v1/metadata/x509/"
-        "securetoken@system.gserviceaccount.com"
+        "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
     )
     admin_claim: str = "admin"
     clock_skew_s: Annotated[int, Meta(ge=0, le=600)] = 30
@@ -67,7 +66,7 @@ class AuthSettings(_Section):
     default_max_age_s: PositiveSeconds = 300.0
 
 
-class BigQuerySettings(_Section):
+class BigQuerySettings(_Section, frozen=True):
     project: str = ""
     dataset: str = "backtests"
     backtests_table: str = "backtests"
@@ -79,16 +78,16 @@ class BigQuerySettings(_Section):
     page_rows: Annotated[int, Meta(ge=100, le=100_000)] = 10_000
 
 
-class CacheSettings(_Section):
+class CacheSettings(_Section, frozen=True):
     ttl_s: PositiveInt = 7 * 24 * 3600
 
 
-class FollowSettings(_Section):
+class FollowSettings(_Section, frozen=True):
     recheck_interval_s: PositiveSeconds = 1.0
     status_min_interval_s: PositiveSeconds = 0.25
 
 
-class DevSettings(_Section):
+class DevSettings(_Section, frozen=True):
     state_dir: str = ".dev"
 
 

@@ -56,7 +56,7 @@ class StreamSlots:
         key = keys.user_streams_key(user_id)
         member = uuid.uuid4().hex
         now = time.time()
-        args = [now, now + self._ttl_s, self._max, member, self._ttl_s * 1000]
+        args: list[float | int | str] = [now, now + self._ttl_s, self._max, member, self._ttl_s * 1000]
         taken = await call_redis(lambda: self._acquire(keys=[key], args=args), "counting open streams")
         if not taken:
             raise TooManyStreams(

@@ -61,9 +61,7 @@ class StreamRequest(msgspec.Struct, frozen=True):
         return zlib.crc32(shape.encode())
 
 
-def parse_stream_request(
-    raw_id: str, query: MultiMapping[str], headers: Mapping[str, str]
-) -> StreamRequest:
+def parse_stream_request(raw_id: str, query: MultiMapping[str], headers: Mapping[str, str]) -> StreamRequest:
     """Validate the path id, query and headers; raise ``BadRequest`` naming the parameter."""
     if not ID_PATTERN.fullmatch(raw_id):
         raise BadRequest("id", "must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -76,7 +76,10 @@ def decode_position(event_id: str, request: StreamRequest) -> StreamPosition:
     except (binascii.Error, ValueError, msgspec.DecodeError):
         raise BadRequest("last_event_id", "is not an event id of this gateway") from None
     if position.version != VERSION or position.fingerprint != request.fingerprint():
-        raise BadRequest("last_event_id", "belongs to another stream (id, intervals, limit, chunk_size, order or follow differ)")
+        raise BadRequest(
+            "last_event_id",
+            "belongs to another stream (id, intervals, limit, chunk_size, order or follow differ)",
+        )
     if len(position.intervals) != len(request.intervals) or not all(
         _consistent(interval, request) for interval in position.intervals
     ):

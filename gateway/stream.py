@@ -31,7 +31,7 @@ from gateway.protocol import (
     Payload,
     Progress,
 )
-from gateway.sources.base import ChunkReader, JobInfo, JobState, Source
+from gateway.sources.base import ChunkReader, JobState, ReadPlan, Snapshot, Source
 
 Send = Callable[[bytes], Awaitable[None]]
 
@@ -50,8 +50,7 @@ class CandleStream:
     def __init__(
         self,
         request: StreamRequest,
-        job: JobInfo,
-        lengths: Mapping[str, int],
+        snapshot: Snapshot,
         source: Source,
         position: StreamPosition,
         send: Send,
@@ -62,8 +61,10 @@ class CandleStream:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._request = request
+        job = snapshot.job
         self._job = job
         self._state = job.state
+        self._failures = snapshot.failures
         self._source = source
         self._position = position
         self._send = send
@@ -75,7 +76,7 @@ class CandleStream:
         self._exists = [name in job.intervals for name in request.intervals]
         # Stored lengths read with the job; an interval that starts before any
         # chunk has been sent may use them, later ones count again.
-        self._lengths = dict(lengths)
+        self._lengths = dict(snapshot.lengths)
         self._lengths_fresh = True
         self._readers: dict[int, ChunkReader] = {}
         self._clock = clock
@@ -158,11 +159,12 @@ class CandleStream:
                 code="interval_not_found",
             )
             return
-        if self._lengths_fresh and name in self._lengths:
-            stored = self._lengths[name]
-        else:
-            stored = await self._source.length(name)
-            self._lengths[name] = stored
+        try:
+            stored = await self._stored_length(name)
+        except DataError as exc:
+            interval.phase = Phase.FAILED
+            await self._error(exc, interval=name, points_sent=0)
+            return
         total = min(stored, self._request.limit)
         interval.phase = Phase.STARTED
         interval.total_points = total
@@ -185,6 +187,15 @@ class CandleStream:
                 job_status=self._state.status,
             ),
         )
+
+    async def _stored_length(self, name: str) -> int:
+        if name in self._failures:
+            raise DataError(self._failures[name])
+        if self._lengths_fresh and name in self._lengths:
+            return self._lengths[name]
+        stored = await self._source.length(name)
+        self._lengths[name] = stored
+        return stored
 
     async def _chunk(self, index: int, *, prefetch: bool) -> None:
         name = self._names[index]
@@ -254,9 +265,7 @@ class CandleStream:
                 intervals=list(self._names),
                 completed_intervals=self._completed(),
                 total_points={
-                    name: interval.total_points
-                    for name, interval, exists in self._each_interval()
-                    if exists
+                    name: interval.total_points for name, interval, exists in self._each_interval() if exists
                 },
                 backtest_id=self._job.backtest_id,
                 job_id=self._job.job_id,
@@ -397,6 +406,14 @@ class CandleStream:
         frame = protocol.frame(event, payload, self._position.encode(), self._retry_ms)
         self._retry_ms = None  # only the first event of a connection carries retry
         await self._send(frame)
+
+
+def read_plan(request: StreamRequest, position: StreamPosition | None) -> ReadPlan:
+    """What this stream will read, for sources that fetch ahead."""
+    starts = {name: 0 for name in request.intervals}
+    if position is not None:
+        starts = {name: p.points_sent for name, p in zip(request.intervals, position.intervals, strict=True)}
+    return ReadPlan(limit=request.limit, chunk_size=request.chunk_size, starts=starts)
 
 
 async def send_fatal(

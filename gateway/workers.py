@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.typing import EncodableT, FieldT
 
 from gateway.sources import keys
 from gateway.sources.base import JOB_STATUSES
@@ -44,7 +45,7 @@ class JobWriter:
         current_bar: int | None = None,
     ) -> None:
         """Write the job hash (replacing any earlier one)."""
-        fields: dict[str, str] = {
+        fields: dict[FieldT, EncodableT] = {
             "user_id": user_id,
             "symbol": symbol,
             "exchange": exchange,
@@ -77,7 +78,7 @@ class JobWriter:
                     # WATCH makes the published length exact even with several writers.
                     await pipe.watch(key)
                     length: int = await pipe.llen(key)
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]
                     if stored:
                         pipe.rpush(key, *stored)
                     pipe.hset(self._job_key, "updated_at", _now())
@@ -97,7 +98,7 @@ class JobWriter:
         backtest_id: str | None = None,
     ) -> None:
         """Change the status, current bar, error text or backtest id, and note it."""
-        fields: dict[str, str] = {"updated_at": _now()}
+        fields: dict[FieldT, EncodableT] = {"updated_at": _now()}
         note: dict[str, str | int] = {}
         if status is not None:
             fields["status"] = note["status"] = _checked_status(status)

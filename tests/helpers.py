@@ -17,7 +17,9 @@ START = datetime(2025, 4, 1, tzinfo=UTC)
 STEPS = {"day": timedelta(days=1), "minute": timedelta(minutes=1), "3minute": timedelta(minutes=3)}
 
 
-def make_candles(count: int, *, step: timedelta = timedelta(minutes=1), start: datetime = START, first: int = 0) -> list[Candle]:
+def make_candles(
+    count: int, *, step: timedelta = timedelta(minutes=1), start: datetime = START, first: int = 0
+) -> list[Candle]:
     """``count`` distinct candles, ``first`` positions into an ascending series."""
     out = []
     for i in range(first, first + count):
@@ -54,7 +56,14 @@ async def seed_job(
 ) -> dict[str, list[Candle]]:
     """A job whose intervals hold ``counts`` candles each; returns the candles."""
     intervals = list(configured if configured is not None else counts)
-    await writer.create(user_id=user_id, symbol=symbol, exchange=exchange, intervals=intervals, status=status, current_bar=current_bar)
+    await writer.create(
+        user_id=user_id,
+        symbol=symbol,
+        exchange=exchange,
+        intervals=intervals,
+        status=status,
+        current_bar=current_bar,
+    )
     stored = {}
     for name, count in counts.items():
         stored[name] = make_candles(count, step=STEPS.get(name, timedelta(minutes=1)))
@@ -67,7 +76,14 @@ def stream_path(job_id: str) -> str:
     return f"/api/sse/backtest/{job_id}/data/multi"
 
 
-async def open_stream(client: TestClient, job_id: str, *, token: str | None = None, headers: dict[str, str] | None = None, **params: Any):
+async def open_stream(
+    client: TestClient,
+    job_id: str,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    **params: Any,
+):
     query = {key: str(value) for key, value in params.items()}
     if token is not None:
         query["token"] = token

@@ -67,7 +67,7 @@ class SSEParser:
                 transcript.comments.append(text[1:].strip())
             else:
                 name, _, value = text.partition(":")
-                value = value[1:] if value.startswith(" ") else value
+                value = value.removeprefix(" ")
                 if name == "data":
                     self._data.append(value)
                 else:
@@ -75,9 +75,7 @@ class SSEParser:
         return done
 
 
-async def read_stream(
-    response: aiohttp.ClientResponse, *, stop_after: int | None = None
-) -> Transcript:
+async def read_stream(response: aiohttp.ClientResponse, *, stop_after: int | None = None) -> Transcript:
     """Read until the server closes the stream (or ``stop_after`` events have arrived)."""
     transcript = Transcript()
     parser = SSEParser()

@@ -52,6 +52,17 @@ class Snapshot(msgspec.Struct, frozen=True):
     job: JobInfo
     # Points stored now, for each requested interval the job is configured with.
     lengths: Mapping[str, int]
+    # Intervals that could not even be counted, with the reason (a data_error each).
+    failures: Mapping[str, str] = msgspec.field(default_factory=dict)
+
+
+class ReadPlan(msgspec.Struct, frozen=True):
+    """What the stream will read, so a source may fetch ahead (the warehouse does)."""
+
+    limit: int
+    chunk_size: int
+    # The position each interval's reading starts from (non-zero when resuming).
+    starts: Mapping[str, int]
 
 
 class Chunk(msgspec.Struct, frozen=True):
@@ -79,12 +90,12 @@ class ChunkReader(Protocol):
 class Source(Protocol):
     """A job in Redis, a backtest in the warehouse, or one served from the cache."""
 
-    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
+    async def snapshot(self, intervals: Sequence[str], plan: ReadPlan | None = None) -> Snapshot:
         """Describe the job and count stored points; raises ``JobNotFound`` and friends."""
         ...
 
     async def length(self, interval: str) -> int:
-        """Points stored now for one configured interval."""
+        """Points stored now for one configured interval; ``DataError`` if it cannot be counted."""
         ...
 
     def reader(self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool) -> ChunkReader:

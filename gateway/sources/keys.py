@@ -33,6 +33,11 @@ def backtest_candles_key(backtest_id: str, interval: str) -> str:
     return f"bt:{{{backtest_id}}}:candles:{interval}"
 
 
+def backtest_complete_key(backtest_id: str) -> str:
+    """Hash of interval -> candle count, set when that interval's cached list is complete."""
+    return f"bt:{{{backtest_id}}}:complete"
+
+
 def backtest_staging_key(backtest_id: str, interval: str, writer: str) -> str:
     """Where one cache writer fills an interval before renaming it into place."""
     return f"bt:{{{backtest_id}}}:staging:{interval}:{writer}"

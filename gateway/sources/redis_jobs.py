@@ -8,17 +8,18 @@ event reports the status of the moment it was built.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from gateway.errors import DataError, JobNotFound, RedisUnreachable
+from gateway.params import ID_PATTERN
 from gateway.sources import keys
-from gateway.sources.base import JOB_STATUSES, Chunk, JobInfo, JobState, Snapshot
-from gateway.sources.candles import CandleValidator
+from gateway.sources.base import JOB_STATUSES, JobInfo, JobState, ReadPlan, Snapshot
+from gateway.sources.lists import ListChunkReader
 
 _STATE_FIELDS: Final = ("status", "current_bar", "error")
 T = TypeVar("T")
@@ -45,7 +46,7 @@ class RedisJobSource:
         self.job_id = job_id
         self._job_key = keys.job_key(job_id)
 
-    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
+    async def snapshot(self, intervals: Sequence[str], plan: ReadPlan | None = None) -> Snapshot:
         async def read() -> list[Any]:
             pipe = self._redis.pipeline(transaction=False)
             pipe.hgetall(self._job_key)
@@ -80,10 +81,11 @@ class RedisJobSource:
 
     def reader(
         self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool
-    ) -> RedisChunkReader:
-        return RedisChunkReader(self, interval, start, stop, chunk_size, prefetch=prefetch)
+    ) -> ListChunkReader:
+        fetch = partial(self.read_range, interval)
+        return ListChunkReader(fetch, interval, start, stop, chunk_size, prefetch=prefetch)
 
-    async def read_range(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState]:
+    async def read_range(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState | None]:
         """``count`` stored candles from ``start``, and the job's state read with them."""
 
         async def read() -> list[Any]:
@@ -108,65 +110,25 @@ class RedisJobSource:
         """Nothing to release: connections go back to the shared pool per command."""
 
 
-class RedisChunkReader:
-    """Reads one interval chunk by chunk, the next chunk already in flight if asked."""
-
-    def __init__(
-        self,
-        source: RedisJobSource,
-        interval: str,
-        start: int,
-        stop: int,
-        chunk_size: int,
-        *,
-        prefetch: bool,
-    ) -> None:
-        self._source = source
-        self._interval = interval
-        self._position = start
-        self._stop = stop
-        self._chunk_size = chunk_size
-        self._prefetch = prefetch
-        self._validator = CandleValidator(interval, position=start)
-        self._pending: asyncio.Task[tuple[list[bytes], JobState]] | None = None
-
-    async def next_chunk(self) -> Chunk:
-        task = self._pending or self._start_read()
-        self._pending = None
-        stored, state = await task
-        self._position += len(stored)
-        if self._prefetch and self._position < self._stop:
-            # Overlap the next round trip with validating and writing this chunk.
-            self._pending = self._start_read()
-        points = self._validator.to_json_array(stored)
-        return Chunk(points=points, count=len(stored), state=state)
-
-    def _start_read(self) -> asyncio.Task[tuple[list[bytes], JobState]]:
-        count = min(self._chunk_size, self._stop - self._position)
-        return asyncio.ensure_future(self._source.read_range(self._interval, self._position, count))
-
-    async def aclose(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
-            try:
-                await self._pending
-            except (asyncio.CancelledError, Exception):  # noqa: S110 - its result is unwanted
-                pass
-            self._pending = None
-
-
 def parse_job_hash(job_id: str, fields: Mapping[bytes, bytes]) -> JobInfo:
     """The job hash as a ``JobInfo``; a malformed record becomes a failed job, never a crash."""
     text = {name.decode(errors="replace"): value.decode(errors="replace") for name, value in fields.items()}
     intervals = tuple(name.strip() for name in text.get("intervals", "").split(",") if name.strip())
-    missing = [name for name in ("user_id", "symbol", "exchange", "intervals", "status") if not text.get(name)]
+    missing = [
+        name for name in ("user_id", "symbol", "exchange", "intervals", "status") if not text.get(name)
+    ]
     state = parse_job_state(text)
+    backtest_id = text.get("backtest_id") or None
     if missing:
         # Only the owner (or an admin) gets as far as this message.
         state = JobState(status="failed", error=f"job record lacks {', '.join(missing)}")
+    elif backtest_id is not None and not ID_PATTERN.fullmatch(backtest_id):
+        # It would become a cache key and a query parameter: refuse it here.
+        state = JobState(status="failed", error="job record has an invalid backtest_id")
+        backtest_id = None
     return JobInfo(
         job_id=job_id,
-        backtest_id=text.get("backtest_id") or None,
+        backtest_id=backtest_id,
         user_id=text.get("user_id", ""),
         symbol=text.get("symbol", ""),
         exchange=text.get("exchange", ""),
@@ -185,7 +147,9 @@ def parse_job_state(fields: Mapping[str, str | bytes | None]) -> JobState:
         try:
             bar = int(current_bar)
         except ValueError:
-            return JobState(status="failed", error=f"job record has a non-integer current_bar {current_bar!r}")
+            return JobState(
+                status="failed", error=f"job record has a non-integer current_bar {current_bar!r}"
+            )
     return JobState(status=status, current_bar=bar, error=error or None)
 
 

@@ -1,0 +1,58 @@
+"""Command line: ``serve`` (production), ``dev`` (``make run``) and ``token`` (development)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gateway.config import load_settings
+from gateway.errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description="Candle stream gateway (SSE).")
+    parser.add_argument("--config", type=Path, default=None, help="config file (default: config.toml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the gateway with the configured stores")
+    commands.add_parser(
+        "dev",
+        help="run the gateway on embedded Valkey and BigQuery emulator with demo data and dev tokens (make run)",
+    )
+    token = commands.add_parser("token", help="mint a development token that the `dev` gateway accepts")
+    token.add_argument("--uid", default="demo", help="user id (the token's sub)")
+    token.add_argument("--admin", action="store_true", help="set the admin claim")
+    token.add_argument("--lifetime", type=int, default=3600, help="seconds until the token expires")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"configuration error: {exc.message}", file=sys.stderr)
+        return 2
+
+    if args.command == "serve":
+        from gateway.server import serve
+
+        serve(settings)
+    elif args.command == "dev":
+        from gateway.devtools.devserver import run_dev
+
+        run_dev(settings)
+    else:
+        from gateway.devtools.dev_auth import DevSigningKey, mint_token
+
+        key = DevSigningKey.load_or_create(Path(settings.dev.state_dir))
+        uid = args.uid
+        print(
+            mint_token(
+                key, settings.auth.firebase_project_id, uid, admin=args.admin, lifetime_s=args.lifetime
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""``make run``: the gateway on embedded stores, a demo job written live, and a ready token.
+
+Everything here is development-only: a Valkey server when ``redis.url`` is
+empty, a local signing key whose certificate a local endpoint serves (the
+gateway is pointed at it instead of Google's, and verifies through the very
+same code path), and a demo job that a worker task writes while you watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import Settings, with_overrides
+from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
+from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.server import install_uvloop, runner_options
+from gateway.sources.candles import Candle
+from gateway.workers import JobWriter, candle
+
+log = logging.getLogger(__name__)
+
+DEMO_USER = "demo"
+DEMO_JOB = "demo-job"
+DEMO_INTERVALS = ("day", "minute", "3minute")
+MINUTES_PER_DAY = 375  # an NSE session, 09:15 to 15:30
+TICK_S = 0.5
+MINUTES_PER_TICK = 20
+TICKS = 180  # 90 seconds: 3,600 minute candles, 1,200 3minute, 10 days
+
+
+def run_dev(settings: Settings) -> None:
+    """Run until Ctrl-C."""
+    install_uvloop()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(settings))
+
+
+async def _main(settings: Settings) -> None:
+    state_dir = Path(settings.dev.state_dir)
+    key = DevSigningKey.load_or_create(state_dir)
+    async with contextlib.AsyncExitStack() as stack:
+        redis_url = settings.redis.url or await stack.enter_async_context(_embedded_redis(state_dir))
+        certs_url = await stack.enter_async_context(_certificate_endpoint(key))
+        settings = with_overrides(settings, redis={"url": redis_url}, auth={"certs_url": certs_url})
+        base_url = await stack.enter_async_context(_gateway(settings))
+        client = aioredis.Redis.from_url(redis_url)
+        stack.push_async_callback(client.aclose)
+        writer = asyncio.create_task(write_demo_job(JobWriter(client, DEMO_JOB)))
+        stack.callback(writer.cancel)
+        _print_welcome(settings, key, base_url)
+        await asyncio.Event().wait()
+
+
+@contextlib.asynccontextmanager
+async def _embedded_redis(state_dir: Path) -> AsyncIterator[str]:
+    server = EmbeddedRedis(state_dir / "valkey")
+    loop = asyncio.get_running_loop()
+    url = await loop.run_in_executor(None, server.start)
+    try:
+        yield url
+    finally:
+        await loop.run_in_executor(None, server.stop)
+
+
+@contextlib.asynccontextmanager
+async def _certificate_endpoint(key: DevSigningKey) -> AsyncIterator[str]:
+    endpoint = CertificateEndpoint([key], max_age_s=3600)
+    runner = web.AppRunner(endpoint.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/certs"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def _gateway(settings: Settings) -> AsyncIterator[str]:
+    runner = web.AppRunner(create_app(settings), **runner_options(settings))  # type: ignore[arg-type]
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def _print_welcome(settings: Settings, key: DevSigningKey, base_url: str) -> None:
+    token = mint_token(key, settings.auth.firebase_project_id, DEMO_USER, lifetime_s=3600)
+    intervals = ",".join(DEMO_INTERVALS)
+    live = (
+        f"{base_url}/api/sse/backtest/{DEMO_JOB}/data/multi?intervals={intervals}&follow=true&token={token}"
+    )
+    lines = [
+        "",
+        f"Candle gateway (development) listening on {base_url}",
+        "",
+        f"Live demo job '{DEMO_JOB}' (written for the next {TICKS * TICK_S:.0f} s), open in a browser or curl -N:",
+        f"  {live}",
+        "",
+        f"Token for user '{DEMO_USER}' (valid 1 hour; send as ?token= or 'Authorization: Bearer'):",
+        f"  {token}",
+        "More tokens: .venv/bin/python -m gateway token --uid NAME [--admin]",
+        "Ctrl-C stops everything.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+async def write_demo_job(writer: JobWriter) -> None:
+    """A worker's life in miniature: queued, running with candles arriving, completed."""
+    await writer.create(
+        user_id=DEMO_USER, symbol="LTF", exchange="NSE", intervals=DEMO_INTERVALS, status="queued"
+    )
+    series = _RandomWalk(datetime(2025, 4, 1, 9, 15, tzinfo=UTC))
+    await writer.update(status="running", current_bar=0)
+    for tick in range(TICKS):
+        minutes = [series.next_minute() for _ in range(MINUTES_PER_TICK)]
+        await writer.append("minute", minutes)
+        await writer.append("3minute", series.take_completed(3))
+        await writer.append("day", series.take_completed(MINUTES_PER_DAY))
+        await writer.update(current_bar=series.bars)
+        if tick == 0:
+            log.info("demo job '%s' is running", writer.job_id)
+        await asyncio.sleep(TICK_S)
+    await writer.update(status="completed")
+    log.info("demo job '%s' completed with %d minute candles", writer.job_id, series.bars)
+
+
+class _RandomWalk:
+    """Minute candles of a random walk, aggregated into longer intervals as they complete."""
+
+    def __init__(self, start: datetime) -> None:
+        self._start = start
+        self._price = 1234.5
+        self._random = random.Random(7)
+        self.bars = 0
+        self._minutes: list[Candle] = []
+        self._taken: dict[int, int] = {}
+
+    def next_minute(self) -> Candle:
+        day, minute = divmod(self.bars, MINUTES_PER_DAY)
+        time = self._start + timedelta(days=day, minutes=minute)
+        open_ = self._price
+        close = max(1.0, open_ + self._random.gauss(0, 0.8))
+        high = max(open_, close) + abs(self._random.gauss(0, 0.3))
+        low = min(open_, close) - abs(self._random.gauss(0, 0.3))
+        self._price = close
+        self.bars += 1
+        bar = candle(
+            time,
+            round(open_, 2),
+            round(high, 2),
+            round(low, 2),
+            round(close, 2),
+            self._random.randint(100, 5000),
+        )
+        self._minutes.append(bar)
+        return bar
+
+    def take_completed(self, minutes: int) -> list[Candle]:
+        """Aggregates of ``minutes`` minute candles completed since the last call."""
+        done = self._taken.get(minutes, 0)
+        out = []
+        while (done + 1) * minutes <= len(self._minutes):
+            group = self._minutes[done * minutes : (done + 1) * minutes]
+            day_start = (
+                group[0].time.replace(hour=0, minute=0) if minutes == MINUTES_PER_DAY else group[0].time
+            )
+            out.append(
+                candle(
+                    day_start,
+                    group[0].open,
+                    max(c.high for c in group),
+                    min(c.low for c in group),
+                    group[-1].close,
+                    sum(c.volume for c in group),
+                )
+            )
+            done += 1
+        self._taken[minutes] = done
+        return out

@@ -1,0 +1,108 @@
+"""Many streams, disconnects and an unreachable store, through the real endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.app import GATEWAY
+from tests.helpers import expected_points, open_stream, seed_job, stream
+from tests.sse_client import SSEParser, Transcript
+
+JOB = "busy-job"
+
+
+async def test_fifty_concurrent_streams_each_get_the_whole_stream(make_gateway, writer, token):
+    client = await make_gateway(server={"max_streams_per_user": 0})
+    stored = await seed_job(writer(JOB), counts={"day": 300, "minute": 2000})
+    transcripts = await asyncio.gather(
+        *(stream(client, JOB, token=token(), intervals="day,minute", limit=2000) for _ in range(50))
+    )
+    expected = expected_points(stored["day"]) + expected_points(stored["minute"])
+    for transcript in transcripts:
+        assert transcript.names[-1] == "all_complete"
+        assert [p for e in transcript.named("data_chunk") for p in e.payload["data_points"]] == expected
+
+
+async def _in_use_redis_connections(client) -> int:
+    pool = client.server.app[GATEWAY].redis.connection_pool
+    return len(pool._in_use_connections)  # no public counter; the pool's own bookkeeping
+
+
+async def test_client_that_disconnects_mid_stream_leaves_no_task_or_connection(client, writer, token):
+    await seed_job(writer(JOB), counts={"minute": 50_000})
+    tasks_before = len(asyncio.all_tasks())
+    response = await open_stream(client, JOB, token=token(), intervals="minute", limit=50_000, chunk_size=10)
+    parser, transcript = SSEParser(), Transcript()
+    async for chunk in response.content.iter_any():
+        parser.feed(chunk, transcript)
+        if len(transcript.events) >= 3:
+            break
+    response.close()  # drop the connection mid-stream
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if len(asyncio.all_tasks()) <= tasks_before and await _in_use_redis_connections(client) == 0:
+            break
+    assert len(asyncio.all_tasks()) <= tasks_before
+    assert await _in_use_redis_connections(client) == 0
+
+
+async def test_unreachable_redis_before_the_stream_is_503(make_gateway, token, unused_tcp_port):
+    client = await make_gateway(
+        redis={"url": f"redis://127.0.0.1:{unused_tcp_port}", "retries": 0, "connect_timeout_s": 0.5},
+        server={"max_streams_per_user": 0},
+    )
+    response = await open_stream(client, JOB, token=token(), intervals="day")
+    assert response.status == 503
+    body = await response.json()
+    assert body["error"] == "unavailable"
+    assert "Redis" in body["message"]
+
+
+async def test_stream_limit_per_user_is_429_with_retry_after(make_gateway, writer, token):
+    client = await make_gateway(server={"max_streams_per_user": 2})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 3})
+    held = [
+        await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(2)
+    ]
+    assert [r.status for r in held] == [200, 200]
+    refused = await open_stream(client, JOB, token=token(), intervals="minute")
+    assert refused.status == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert (await refused.json())["error"] == "too_many_streams"
+    other_user = await open_stream(client, JOB, token=token("root", admin=True), intervals="minute")
+    assert other_user.status == 200
+    await other_user.read()
+    held[0].close()
+    for _ in range(100):  # the slot is released when the server notices the disconnect
+        await asyncio.sleep(0.02)
+        again = await open_stream(client, JOB, token=token(), intervals="minute")
+        if again.status == 200:
+            break
+        again.close()
+    assert again.status == 200
+    await again.read()
+    held[1].close()
+
+
+async def test_idle_stream_gets_ping_comments(make_gateway, writer, token):
+    client = await make_gateway(server={"ping_interval_s": 0.05})
+    await seed_job(writer(JOB), counts={"minute": 1})
+    response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true")
+    parser, transcript = SSEParser(), Transcript()
+
+    async def read_until_ping():
+        async for chunk in response.content.iter_any():
+            parser.feed(chunk, transcript)
+            if transcript.comments:
+                return
+
+    await asyncio.wait_for(read_until_ping(), timeout=5)
+    assert transcript.comments[0] == "ping"
+    assert transcript.names == ["interval_start", "data_chunk", "interval_complete"]
+    response.close()
+
+
+async def test_health_and_readiness(client):
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 200

@@ -1,0 +1,311 @@
+"""Resume (Last-Event-ID), follow mode and interleaved order (SPEC 2, 6, 7), through the real endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.app import GATEWAY
+from tests.helpers import expected_points, make_candles, open_stream, seed_job, stream
+from tests.sse_client import SSEParser, Transcript
+
+JOB = "live-job"
+
+
+def _shape(events):
+    return [(e.id, e.event, e.payload) for e in events]
+
+
+@pytest.mark.parametrize("order", ["sequential", "interleaved"])
+async def test_resuming_after_every_event_continues_exactly_the_uninterrupted_stream(
+    client, writer, token, order
+):
+    w = writer(JOB)
+    await seed_job(w, counts={"day": 7, "minute": 23, "3minute": 0, "5minute": 6}, status="completed")
+    await w.append_raw("5minute", [b"corrupt"])
+    params = {"intervals": "day,hour,minute,3minute,5minute", "chunk_size": 5, "order": order, "limit": 22}
+    reference = await stream(client, JOB, token=token(), **params)
+    assert reference.names[-1] == "all_complete"
+    assert "error" in reference.names
+
+    for index, event in enumerate(reference.events[:-1]):
+        resumed = await stream(client, JOB, token=token(), headers={"Last-Event-ID": event.id}, **params)
+        assert _shape(reference.events[: index + 1] + resumed.events) == _shape(reference.events), index
+        assert resumed.events[0].retry == 3000
+
+    after_end = await open_stream(
+        client, JOB, token=token(), headers={"Last-Event-ID": reference.events[-1].id}, **params
+    )
+    assert after_end.status == 204
+
+
+async def test_last_event_id_query_parameter_resumes_and_the_header_wins(client, writer, token):
+    await seed_job(writer(JOB), counts={"minute": 12}, status="completed")
+    reference = await stream(client, JOB, token=token(), intervals="minute", chunk_size=5)
+    by_query = await stream(
+        client, JOB, token=token(), intervals="minute", chunk_size=5, last_event_id=reference.events[1].id
+    )
+    assert _shape(by_query.events) == _shape(reference.events[2:])
+    both = await stream(
+        client, JOB, token=token(), intervals="minute", chunk_size=5,
+        last_event_id=reference.events[1].id, headers={"Last-Event-ID": reference.events[2].id},
+    )  # fmt: skip
+    assert _shape(both.events) == _shape(reference.events[3:])
+
+
+@pytest.mark.parametrize(
+    "change", [{"chunk_size": 4}, {"limit": 11}, {"intervals": "minute,day"}, {"order": "interleaved"}]
+)
+async def test_event_id_of_another_request_is_400(client, writer, token, change):
+    await seed_job(writer(JOB), counts={"minute": 12, "day": 1}, status="completed")
+    params = {"intervals": "minute", "chunk_size": 5, "limit": 12}
+    reference = await stream(client, JOB, token=token(), **params)
+    response = await open_stream(
+        client, JOB, token=token(), headers={"Last-Event-ID": reference.events[1].id}, **{**params, **change}
+    )
+    assert response.status == 400
+    assert (await response.json())["message"].startswith("last_event_id:")
+
+
+async def test_resume_of_a_running_job_keeps_started_totals_and_counts_new_intervals_afresh(
+    client, writer, token
+):
+    w = writer(JOB)
+    stored = await seed_job(w, counts={"minute": 12, "day": 2})
+    reference = await stream(client, JOB, token=token(), intervals="minute,day", chunk_size=5)
+    cut = reference.events[1]  # the first minute chunk
+    more_minutes = make_candles(4, first=12)
+    await w.append("minute", more_minutes)
+    await w.append("day", make_candles(1, first=2, step=stored["day"][1].time - stored["day"][0].time))
+    resumed = await stream(
+        client, JOB, token=token(), intervals="minute,day", chunk_size=5, last_event_id=cut.id
+    )
+    assert resumed.names == [
+        "data_chunk",
+        "data_chunk",
+        "interval_complete",
+        "interval_start",
+        "data_chunk",
+        "interval_complete",
+        "all_complete",
+    ]
+    minute_chunks = [e.payload for e in resumed.events[:2]]
+    assert [c["points_sent"] for c in minute_chunks] == [10, 12]  # total fixed at 12 by interval_start
+    assert minute_chunks[-1]["is_last_chunk"] is True
+    assert resumed.events[3].payload["total_points"] == 3  # day started after the resume
+
+
+def _reader(response):
+    parser, transcript = SSEParser(), Transcript()
+    iterator = response.content.iter_any().__aiter__()
+
+    async def next_event():
+        while True:
+            if transcript.events:
+                return transcript.events.pop(0)
+            parser.feed(await iterator.__anext__(), transcript)
+
+    return next_event
+
+
+async def _events(next_event, count):
+    return [await asyncio.wait_for(next_event(), timeout=10) for _ in range(count)]
+
+
+async def test_follow_sends_appended_points_status_changes_and_completes(make_gateway, writer, token):
+    client = await make_gateway(follow={"recheck_interval_s": 30.0, "status_min_interval_s": 0.01})
+    w = writer(JOB)
+    stored = await seed_job(w, counts={"minute": 5, "day": 1}, current_bar=5)
+    response = await open_stream(
+        client, JOB, token=token(), intervals="minute,day", follow="true", chunk_size=2
+    )
+    next_event = _reader(response)
+    snapshot = await _events(next_event, 8)
+    assert [e.event for e in snapshot] == [
+        "interval_start",
+        "data_chunk",
+        "data_chunk",
+        "data_chunk",
+        "interval_complete",
+        "interval_start",
+        "data_chunk",
+        "interval_complete",
+    ]
+
+    appended = make_candles(3, first=5)
+    await w.append("minute", appended)  # publishes a note: the recheck timer (30 s) is not what wakes us
+    live = await _events(next_event, 2)
+    assert [e.event for e in live] == ["data_chunk", "data_chunk"]
+    first, second = (e.payload for e in live)
+    assert (first["chunk_index"], first["points_sent"], first["total_points"], first["is_last_chunk"]) == (
+        3,
+        7,
+        7,
+        False,
+    )
+    assert (second["chunk_index"], second["points_sent"], second["total_points"]) == (4, 8, 8)
+    assert first["data_points"] + second["data_points"] == expected_points(appended)
+    assert second["progress"]["overall_progress"]["minute"] == {
+        "total_points": 8,
+        "total_chunks": 5,
+        "chunks_sent": 5,
+        "points_sent": 8,
+    }
+
+    await w.update(current_bar=8)
+    status = await _events(next_event, 1)
+    assert status[0].event == "job_status"
+    assert status[0].payload == {
+        "job_id": JOB,
+        "backtest_id": None,
+        "job_status": "running",
+        "current_bar": 8,
+        "is_partial": True,
+    }
+
+    last = make_candles(1, first=8)
+    await w.append("minute", last)
+    await w.update(status="completed")
+    tail = await _events(next_event, 1)
+    while tail[-1].event != "all_complete":
+        tail += await _events(next_event, 1)
+    chunks = [e for e in tail if e.event == "data_chunk"]
+    assert [p for e in chunks for p in e.payload["data_points"]] == expected_points(last)
+    final = tail[-1].payload
+    assert final["job_status"] == "completed"
+    assert final["total_points"] == {"minute": 9, "day": 1}
+    assert stored  # the snapshot points were checked by the sequential tests
+
+
+async def test_follow_without_any_note_still_delivers_within_the_recheck_interval(
+    make_gateway, writer, token, redis_client
+):
+    client = await make_gateway(follow={"recheck_interval_s": 0.1})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 1})
+    response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true")
+    next_event = _reader(response)
+    await _events(next_event, 3)
+    # A worker that forgets to publish: a bare RPUSH.
+    from gateway.sources.candles import encode_candle
+    from gateway.sources.keys import candles_key
+
+    await redis_client.rpush(candles_key(JOB, "minute"), encode_candle(make_candles(1, first=1)[0]))
+    event = (await _events(next_event, 1))[0]
+    assert event.event == "data_chunk"
+    assert event.payload["points_sent"] == 2
+    response.close()
+
+
+@pytest.mark.parametrize("status", ["cancelled", "failed"])
+async def test_cancelled_or_failed_job_ends_a_follow_stream_with_job_error(client, writer, token, status):
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 1})
+    response = await open_stream(client, JOB, token=token(), intervals="minute", follow="1")
+    next_event = _reader(response)
+    await _events(next_event, 3)
+    await w.update(status=status, error="stopped by user")
+    event = (await _events(next_event, 1))[0]
+    assert event.event == "error"
+    assert event.payload["error"] == "job_error"
+    assert "stopped by user" in event.payload["message"]
+    assert await response.content.read() == b""  # the stream ends
+
+
+async def test_follow_never_exceeds_limit(client, writer, token):
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 5})
+    response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true", limit=6)
+    next_event = _reader(response)
+    await _events(next_event, 3)
+    await w.append("minute", make_candles(3, first=5))
+    await w.update(status="completed")
+    tail = await _events(next_event, 2)
+    assert [e.event for e in tail] == ["data_chunk", "all_complete"]
+    assert len(tail[0].payload["data_points"]) == 1
+    assert tail[1].payload["total_points"] == {"minute": 6}
+
+
+async def test_follow_of_a_completed_job_changes_nothing(client, writer, token):
+    await seed_job(writer(JOB), counts={"minute": 3}, status="completed")
+    followed = await stream(client, JOB, token=token(), intervals="minute", follow="true")
+    plain = await stream(client, JOB, token=token(), intervals="minute")
+    assert followed.names == plain.names
+
+
+async def test_many_followers_of_one_job_share_one_subscription(make_gateway, writer, token, redis_client):
+    client = await make_gateway(server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 1})
+    responses = [
+        await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(20)
+    ]
+    readers = [_reader(r) for r in responses]
+    for next_event in readers:
+        await _events(next_event, 3)
+    notes = client.server.app[GATEWAY].notes
+    assert notes.subscribed_jobs == 1
+    channel = f"job:{{{JOB}}}:events"
+    assert dict(await redis_client.pubsub_numsub(channel)) == {channel.encode(): 1}
+    await w.append("minute", make_candles(1, first=1))
+    for next_event in readers:
+        assert (await _events(next_event, 1))[0].payload["points_sent"] == 2
+    for response in responses:
+        response.close()
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if notes.subscribed_jobs == 0:
+            break
+    assert notes.subscribed_jobs == 0
+    assert dict(await redis_client.pubsub_numsub(channel)) == {channel.encode(): 0}
+
+
+async def test_resume_in_follow_mode_while_the_worker_appends(client, writer, token):
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 3})
+    params = {"intervals": "minute", "follow": "true", "chunk_size": 2}
+    response = await open_stream(client, JOB, token=token(), **params)
+    next_event = _reader(response)
+    await _events(next_event, 4)
+    await w.append("minute", make_candles(1, first=3))
+    live = (await _events(next_event, 1))[0]
+    assert live.payload["points_sent"] == 4
+    response.close()
+    await w.append("minute", make_candles(3, first=4))  # appended while disconnected
+    resumed = await open_stream(client, JOB, token=token(), headers={"Last-Event-ID": live.id}, **params)
+    next_resumed = _reader(resumed)
+    events = await _events(next_resumed, 2)
+    assert [(e.payload["chunk_index"], e.payload["points_sent"]) for e in events] == [(3, 6), (4, 7)]
+    assert [p for e in events for p in e.payload["data_points"]] == expected_points(make_candles(3, first=4))
+    resumed.close()
+
+
+async def test_interleaved_order_sends_all_starts_then_one_chunk_per_interval_per_round(
+    client, writer, token
+):
+    stored = await seed_job(writer(JOB), counts={"day": 3, "minute": 12, "3minute": 7})
+    transcript = await stream(
+        client, JOB, token=token(), intervals="day,minute,3minute", chunk_size=5, order="interleaved"
+    )
+    summary = [(e.event, e.payload.get("interval")) for e in transcript.events]
+    assert summary == [
+        ("interval_start", "day"), ("interval_start", "minute"), ("interval_start", "3minute"),
+        ("data_chunk", "day"), ("interval_complete", "day"),
+        ("data_chunk", "minute"), ("data_chunk", "3minute"),
+        ("data_chunk", "minute"), ("data_chunk", "3minute"), ("interval_complete", "3minute"),
+        ("data_chunk", "minute"), ("interval_complete", "minute"),
+        ("all_complete", None),
+    ]  # fmt: skip
+    for name in ("day", "minute", "3minute"):
+        points = [
+            p
+            for e in transcript.named("data_chunk")
+            if e.payload["interval"] == name
+            for p in e.payload["data_points"]
+        ]
+        assert points == expected_points(stored[name])
+    fourth_chunk = transcript.named("data_chunk")[3].payload["progress"]
+    assert fourth_chunk["completed_intervals"] == ["day"]
+    assert fourth_chunk["overall_progress"]["minute"]["chunks_sent"] == 2
+    assert fourth_chunk["overall_progress"]["3minute"]["chunks_sent"] == 2
