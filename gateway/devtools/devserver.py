@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -21,6 +21,13 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import Settings, with_overrides
+from gateway.devtools.bigquery_emulator import (
+    BigQueryEmulator,
+    create_warehouse,
+    insert_backtest,
+    insert_candles,
+    make_client,
+)
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.server import install_uvloop, runner_options
@@ -31,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEMO_USER = "demo"
 DEMO_JOB = "demo-job"
+DEMO_BACKTEST = "bt_1737530000.123"
 DEMO_INTERVALS = ("day", "minute", "3minute")
 MINUTES_PER_DAY = 375  # an NSE session, 09:15 to 15:30
 TICK_S = 0.5
@@ -52,6 +60,12 @@ async def _main(settings: Settings) -> None:
         redis_url = settings.redis.url or await stack.enter_async_context(_embedded_redis(state_dir))
         certs_url = await stack.enter_async_context(_certificate_endpoint(key))
         settings = with_overrides(settings, redis={"url": redis_url}, auth={"certs_url": certs_url})
+        if not settings.bigquery.project:
+            endpoint = await stack.enter_async_context(_bigquery_emulator(state_dir, settings))
+            settings = with_overrides(
+                settings,
+                bigquery={"project": settings.auth.firebase_project_id, "api_endpoint": endpoint},
+            )
         base_url = await stack.enter_async_context(_gateway(settings))
         client = aioredis.Redis.from_url(redis_url)
         stack.push_async_callback(client.aclose)
@@ -70,6 +84,42 @@ async def _embedded_redis(state_dir: Path) -> AsyncIterator[str]:
         yield url
     finally:
         await loop.run_in_executor(None, server.stop)
+
+
+@contextlib.asynccontextmanager
+async def _bigquery_emulator(state_dir: Path, settings: Settings) -> AsyncIterator[str]:
+    """The emulator, with the demo completed backtest loaded through the official client."""
+    emulator = BigQueryEmulator(state_dir / "bqemulator", project=settings.auth.firebase_project_id)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, emulator.start)
+    try:
+        await loop.run_in_executor(None, load_demo_backtest, emulator, settings)
+        yield emulator.endpoint
+    finally:
+        await loop.run_in_executor(None, emulator.stop)
+
+
+def load_demo_backtest(emulator: BigQueryEmulator, settings: Settings) -> None:
+    """A completed backtest of 10 trading days, as the warehouse would hold it."""
+    bigquery = settings.bigquery
+    client = make_client(emulator.project, emulator.endpoint)
+    create_warehouse(client, bigquery.dataset, bigquery.backtests_table, bigquery.candles_table)
+    insert_backtest(client, bigquery.dataset, bigquery.backtests_table, {
+        "backtest_id": DEMO_BACKTEST, "user_id": DEMO_USER, "symbol": "LTF", "exchange": "NSE",
+        "intervals": list(DEMO_INTERVALS), "from_date": date(2025, 4, 1), "to_date": date(2025, 4, 10),
+        "job_id": None, "created_at": datetime.now(UTC),
+    })  # fmt: skip
+    series = _RandomWalk(datetime(2025, 4, 1, 9, 15, tzinfo=UTC))
+    minutes = [series.next_minute() for _ in range(10 * MINUTES_PER_DAY)]
+    by_interval = {"minute": minutes, "3minute": series.take_completed(3), "day": series.take_completed(MINUTES_PER_DAY)}
+    rows = [
+        {"backtest_id": DEMO_BACKTEST, "interval": interval, "time": c.time, "open": c.open, "high": c.high,
+         "low": c.low, "close": c.close, "volume": c.volume}
+        for interval, candles in by_interval.items()
+        for c in candles
+    ]  # fmt: skip
+    insert_candles(client, bigquery.dataset, bigquery.candles_table, rows)
+    client.close()
 
 
 @contextlib.asynccontextmanager
@@ -111,6 +161,9 @@ def _print_welcome(settings: Settings, key: DevSigningKey, base_url: str) -> Non
         "",
         f"Live demo job '{DEMO_JOB}' (written for the next {TICKS * TICK_S:.0f} s), open in a browser or curl -N:",
         f"  {live}",
+        "",
+        f"Completed demo backtest '{DEMO_BACKTEST}' (BigQuery emulator, cached in Redis after the first read):",
+        f"  {completed}",
         "",
         f"Token for user '{DEMO_USER}' (valid 1 hour; send as ?token= or 'Authorization: Bearer'):",
         f"  {token}",

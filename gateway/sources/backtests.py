@@ -63,7 +63,8 @@ class BacktestSource:
             await self._count_from_first_pages(missing, plan)
             self._cache.fill_later(self.backtest_id, [i for i in missing if i not in self._failures])
         job = JobInfo(
-            job_id=self._job_id,
+            # A backtest made by a job names it: both ids apply (SPEC 3).
+            job_id=self._job_id or record.job_id,
             backtest_id=self.backtest_id,
             user_id=self._owner or record.user_id,
             symbol=record.symbol,

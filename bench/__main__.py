@@ -1,0 +1,304 @@
+"""``make bench``: the gateway against the floor, in one run, on this machine.
+
+Starts a real Valkey, a local certificate endpoint, the gateway
+(``python -m gateway serve``) and the floor (``bench/floor.py``) as separate
+processes, seeds a job of 3 intervals x 50,000 candles through the worker
+contract, then reads both the same way with a real HTTP client:
+
+- one stream of all three intervals (median of several runs after a warm-up):
+  whole-stream time and time to the first ``data_chunk``;
+- 16 and 64 concurrent streams: wall time, aggregate points per second,
+  first-chunk p50 and p99;
+- peak resident memory of each server process, and memory per idle follow
+  stream (1,000 of them on the gateway);
+- the cost of one token verification, in process.
+
+Every gateway figure is printed with its ratio to the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
+from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.workers import JobWriter, candle
+
+PROJECT = "bench-candles"
+JOB = "bench-job"
+IDLE_JOB = "bench-idle-job"
+INTERVALS = ("day", "minute", "3minute")
+DATA_CHUNK = b"event: data_chunk"
+
+
+@dataclass
+class StreamResult:
+    first_chunk_s: float
+    total_s: float
+    points: int
+    bytes: int
+
+
+async def read_one(session: aiohttp.ClientSession, url: str) -> StreamResult:
+    """One whole stream, timed from the request to the first data_chunk and to the end."""
+    started = time.perf_counter()
+    first_chunk = None
+    points = size = 0
+    tail = b""
+    async with session.get(url) as response:
+        assert response.status == 200, f"{url}: {response.status} {await response.text()}"
+        async for block in response.content.iter_any():
+            size += len(block)
+            window = tail + block
+            if first_chunk is None and DATA_CHUNK in window:
+                first_chunk = time.perf_counter() - started
+            points += window.count(b'"time"') - tail.count(b'"time"')
+            tail = block[-16:]
+    total = time.perf_counter() - started
+    return StreamResult(first_chunk_s=first_chunk or total, total_s=total, points=points, bytes=size)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+@contextlib.contextmanager
+def server_process(args: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{args} did not start; see {log}:\n{log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def certificate_endpoint(key: DevSigningKey) -> AsyncIterator[str]:
+    runner = web.AppRunner(CertificateEndpoint([key], max_age_s=3600).app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/certs"
+    finally:
+        await runner.cleanup()
+
+
+async def seed(client: aioredis.Redis, points: int) -> None:
+    writer = JobWriter(client, JOB)
+    await writer.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=INTERVALS, status="running", current_bar=1)
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    steps = {"day": timedelta(days=1), "minute": timedelta(minutes=1), "3minute": timedelta(minutes=3)}
+    for interval in INTERVALS:
+        for first in range(0, points, 5000):
+            batch = [
+                candle(start + i * steps[interval], 1000 + i % 97 * 0.25, 1001.5, 998.75, 1000.5, 1000 + i)
+                for i in range(first, min(first + 5000, points))
+            ]
+            await writer.append(interval, batch)
+    idle = JobWriter(client, IDLE_JOB)
+    await idle.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=["day"], status="running")
+    await idle.append("day", [candle(start, 1.0, 2.0, 0.5, 1.5, 10)])
+
+
+async def single_streams(session: aiohttp.ClientSession, url: str, runs: int) -> list[StreamResult]:
+    for _ in range(2):  # warm-up: connections, caches, code paths
+        await read_one(session, url)
+    return [await read_one(session, url) for _ in range(runs)]
+
+
+async def concurrent_streams(url: str, count: int) -> tuple[float, list[StreamResult]]:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(read_one(session, url) for _ in range(count)))
+        return time.perf_counter() - started, list(results)
+
+
+async def idle_followers(base: str, token: str, pid: int, count: int) -> float:
+    """KiB of gateway memory per idle follow stream (each past its snapshot)."""
+    url = f"{base}/api/sse/backtest/{IDLE_JOB}/data/multi?intervals=day&follow=true&token={token}"
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        await asyncio.sleep(0.5)
+        before = rss_kib(pid)
+        responses = []
+        for _ in range(count):
+            response = await session.get(url)
+            await response.content.readuntil(b"event: interval_complete")
+            responses.append(response)
+        await asyncio.sleep(1.0)
+        after = rss_kib(pid)
+        for response in responses:
+            response.close()
+    return (after - before) / count
+
+
+def verify_cost_us(key: DevSigningKey) -> float:
+    """Microseconds per ``TokenVerifier.verify`` with a warm certificate cache, in process."""
+    from gateway import auth
+    from gateway.config import AuthSettings
+
+    async def measure() -> float:
+        async with certificate_endpoint(key) as certs_url, aiohttp.ClientSession() as session:
+            settings = AuthSettings(firebase_project_id=PROJECT, certs_url=certs_url)
+            verifier = auth.TokenVerifier(settings, auth.CertificateCache(session, settings))
+            token = mint_token(key, PROJECT, "bench")
+            await verifier.verify(token)
+            rounds = 2000
+            started = time.perf_counter()
+            for _ in range(rounds):
+                await verifier.verify(token)
+            return (time.perf_counter() - started) / rounds * 1e6
+
+    return asyncio.run(measure())
+
+
+def row(name: str, gateway: float, floor: float | None, unit: str, fmt: str = "{:.1f}") -> str:
+    ratio = f"{gateway / floor:.2f}" if floor else "-"
+    floor_text = fmt.format(floor) if floor is not None else "-"
+    return f"| {name} | {fmt.format(gateway)} {unit} | {floor_text} {unit if floor is not None else ''} | {ratio} |"
+
+
+async def run(args: argparse.Namespace, work: Path) -> list[str]:
+    valkey = EmbeddedRedis(work / "valkey")
+    redis_url = valkey.start()
+    key = DevSigningKey.generate()
+    try:
+        client = aioredis.Redis.from_url(redis_url)
+        seeded = time.perf_counter()
+        await seed(client, args.points)
+        print(f"seeded 3 x {args.points} candles in {time.perf_counter() - seeded:.1f} s", file=sys.stderr)
+        async with certificate_endpoint(key) as certs_url:
+            gateway_port, floor_port = free_port(), free_port()
+            env = {
+                "GATEWAY_REDIS_URL": redis_url,
+                "GATEWAY_AUTH_CERTS_URL": certs_url,
+                "GATEWAY_AUTH_FIREBASE_PROJECT_ID": PROJECT,
+                "GATEWAY_SERVER_PORT": str(gateway_port),
+                "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
+                "GATEWAY_SERVER_ACCESS_LOG": "false",
+            }
+            gateway_cmd = [sys.executable, "-m", "gateway", "serve"]
+            floor_cmd = [sys.executable, "-m", "bench.floor", "--redis-url", redis_url, "--port", str(floor_port)]
+            with (
+                server_process(gateway_cmd, env, gateway_port, work / "gateway.log") as gateway,
+                server_process(floor_cmd, {}, floor_port, work / "floor.log") as floor,
+            ):
+                return await measure(args, key, gateway.pid, floor.pid, gateway_port, floor_port)
+        await client.aclose()
+    finally:
+        valkey.stop()
+
+
+async def measure(
+    args: argparse.Namespace, key: DevSigningKey, gateway_pid: int, floor_pid: int, gateway_port: int, floor_port: int
+) -> list[str]:
+    token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
+    query = f"intervals={','.join(INTERVALS)}&limit={args.points}&chunk_size=500"
+    gateway_url = f"http://127.0.0.1:{gateway_port}/api/sse/backtest/{JOB}/data/multi?{query}&token={token}"
+    floor_url = f"http://127.0.0.1:{floor_port}/api/sse/backtest/{JOB}/data/multi?{query}"
+    lines = [
+        f"points per stream: {3 * args.points}, chunk_size 500; {args.runs} runs after 2 warm-ups",
+        "",
+        "| measure | gateway | floor | gateway / floor |",
+        "|---|---|---|---|",
+    ]
+    async with aiohttp.ClientSession() as session:
+        gateway_runs = await single_streams(session, gateway_url, args.runs)
+        floor_runs = await single_streams(session, floor_url, args.runs)
+    expected = 3 * args.points
+    for result in gateway_runs + floor_runs:
+        assert result.points == expected, f"a stream carried {result.points} points, not {expected}"
+    whole_g = statistics.median(r.total_s for r in gateway_runs) * 1000
+    whole_f = statistics.median(r.total_s for r in floor_runs) * 1000
+    first_g = statistics.median(r.first_chunk_s for r in gateway_runs) * 1000
+    first_f = statistics.median(r.first_chunk_s for r in floor_runs) * 1000
+    lines.append(row("one stream, whole (median)", whole_g, whole_f, "ms"))
+    lines.append(row("one stream, first data_chunk (median)", first_g, first_f, "ms", "{:.2f}"))
+    lines.append(row("one stream, bytes", float(gateway_runs[0].bytes), float(floor_runs[0].bytes), "B", "{:.0f}"))
+
+    for count in (16, 64):
+        wall_g, results_g = await concurrent_streams(gateway_url, count)
+        wall_f, results_f = await concurrent_streams(floor_url, count)
+        points = count * expected
+        lines.append(row(f"{count} streams, wall time", wall_g * 1000, wall_f * 1000, "ms"))
+        lines.append(row(f"{count} streams, points/s", points / wall_g, points / wall_f, "", "{:,.0f}"))
+        for name, fraction in (("p50", 0.5), ("p99", 0.99)):
+            lines.append(
+                row(
+                    f"{count} streams, first data_chunk {name}",
+                    percentile([r.first_chunk_s for r in results_g], fraction) * 1000,
+                    percentile([r.first_chunk_s for r in results_f], fraction) * 1000,
+                    "ms",
+                )
+            )
+    peak_g, peak_f = rss_kib(gateway_pid, "VmHWM") / 1024, rss_kib(floor_pid, "VmHWM") / 1024
+    lines.append(row("peak RSS after the streams", peak_g, peak_f, "MiB"))
+    per_follower = await idle_followers(f"http://127.0.0.1:{gateway_port}", token, gateway_pid, args.followers)
+    lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=50_000, help="candles per interval (3 intervals)")
+    parser.add_argument("--runs", type=int, default=7, help="timed single-stream runs per server")
+    parser.add_argument("--followers", type=int, default=1000, help="idle follow streams for the memory figure")
+    args = parser.parse_args()
+    from gateway.server import install_uvloop
+
+    install_uvloop()
+    with tempfile.TemporaryDirectory(prefix="candle-bench-") as tmp:
+        lines = asyncio.run(run(args, Path(tmp)))
+    key = DevSigningKey.generate()
+    lines.append(row("token verification (warm cache, in process)", verify_cost_us(key), None, "µs"))
+    header = [
+        "command: make bench" + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else ""),
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}",
+    ]
+    print("\n".join(header + lines))
+
+
+if __name__ == "__main__":
+    main()
