@@ -95,7 +95,9 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 
 @contextlib.contextmanager
-def server_process(args: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def server_process(
+    args: list[str], env: dict[str, str], port: int, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         process = subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -126,7 +128,9 @@ async def certificate_endpoint(key: DevSigningKey) -> AsyncIterator[str]:
 
 async def seed(client: aioredis.Redis, points: int) -> None:
     writer = JobWriter(client, JOB)
-    await writer.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=INTERVALS, status="running", current_bar=1)
+    await writer.create(
+        user_id="bench", symbol="LTF", exchange="NSE", intervals=INTERVALS, status="running", current_bar=1
+    )
     start = datetime(2020, 1, 1, tzinfo=UTC)
     steps = {"day": timedelta(days=1), "minute": timedelta(minutes=1), "3minute": timedelta(minutes=3)}
     for interval in INTERVALS:
@@ -159,7 +163,9 @@ async def idle_followers(base: str, token: str, pid: int, count: int) -> float:
     """KiB of gateway memory per idle follow stream (each past its snapshot)."""
     url = f"{base}/api/sse/backtest/{IDLE_JOB}/data/multi?intervals=day&follow=true&token={token}"
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
         await asyncio.sleep(0.5)
         before = rss_kib(pid)
         responses = []
@@ -220,7 +226,15 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 "GATEWAY_SERVER_ACCESS_LOG": "false",
             }
             gateway_cmd = [sys.executable, "-m", "gateway", "serve"]
-            floor_cmd = [sys.executable, "-m", "bench.floor", "--redis-url", redis_url, "--port", str(floor_port)]
+            floor_cmd = [
+                sys.executable,
+                "-m",
+                "bench.floor",
+                "--redis-url",
+                redis_url,
+                "--port",
+                str(floor_port),
+            ]
             with (
                 server_process(gateway_cmd, env, gateway_port, work / "gateway.log") as gateway,
                 server_process(floor_cmd, {}, floor_port, work / "floor.log") as floor,
@@ -232,7 +246,12 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
 
 
 async def measure(
-    args: argparse.Namespace, key: DevSigningKey, gateway_pid: int, floor_pid: int, gateway_port: int, floor_port: int
+    args: argparse.Namespace,
+    key: DevSigningKey,
+    gateway_pid: int,
+    floor_pid: int,
+    gateway_port: int,
+    floor_port: int,
 ) -> list[str]:
     token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
     query = f"intervals={','.join(INTERVALS)}&limit={args.points}&chunk_size=500"
@@ -256,7 +275,9 @@ async def measure(
     first_f = statistics.median(r.first_chunk_s for r in floor_runs) * 1000
     lines.append(row("one stream, whole (median)", whole_g, whole_f, "ms"))
     lines.append(row("one stream, first data_chunk (median)", first_g, first_f, "ms", "{:.2f}"))
-    lines.append(row("one stream, bytes", float(gateway_runs[0].bytes), float(floor_runs[0].bytes), "B", "{:.0f}"))
+    lines.append(
+        row("one stream, bytes", float(gateway_runs[0].bytes), float(floor_runs[0].bytes), "B", "{:.0f}")
+    )
 
     for count in (16, 64):
         wall_g, results_g = await concurrent_streams(gateway_url, count)
@@ -275,7 +296,9 @@ async def measure(
             )
     peak_g, peak_f = rss_kib(gateway_pid, "VmHWM") / 1024, rss_kib(floor_pid, "VmHWM") / 1024
     lines.append(row("peak RSS after the streams", peak_g, peak_f, "MiB"))
-    per_follower = await idle_followers(f"http://127.0.0.1:{gateway_port}", token, gateway_pid, args.followers)
+    per_follower = await idle_followers(
+        f"http://127.0.0.1:{gateway_port}", token, gateway_pid, args.followers
+    )
     lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
     return lines
 
@@ -284,7 +307,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=50_000, help="candles per interval (3 intervals)")
     parser.add_argument("--runs", type=int, default=7, help="timed single-stream runs per server")
-    parser.add_argument("--followers", type=int, default=1000, help="idle follow streams for the memory figure")
+    parser.add_argument(
+        "--followers", type=int, default=1000, help="idle follow streams for the memory figure"
+    )
     args = parser.parse_args()
     from gateway.server import install_uvloop
 

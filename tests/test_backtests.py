@@ -38,7 +38,14 @@ def bq(emulator):
 
 @pytest.fixture
 def bt_settings(emulator):
-    return {"bigquery": {"project": PROJECT, "dataset": DATASET, "api_endpoint": emulator.endpoint, "query_timeout_s": 5}}
+    return {
+        "bigquery": {
+            "project": PROJECT,
+            "dataset": DATASET,
+            "api_endpoint": emulator.endpoint,
+            "query_timeout_s": 5,
+        }
+    }
 
 
 @pytest.fixture
@@ -46,7 +53,9 @@ async def bt_client(make_gateway, bt_settings):
     return await make_gateway(**bt_settings)
 
 
-def new_backtest(bq, counts: dict[str, int], *, user_id="alice", intervals=None, job_id=None) -> tuple[str, dict]:
+def new_backtest(
+    bq, counts: dict[str, int], *, user_id="alice", intervals=None, job_id=None
+) -> tuple[str, dict]:
     """A backtest with ``counts`` candles per interval, inserted through the official client."""
     backtest_id = f"bt_{1737530000 + next(_ids)}.123"
     insert_backtest(bq, DATASET, "backtests", {
@@ -78,11 +87,17 @@ async def wait_until_cached(redis_client, backtest_id, intervals):
 
 async def test_backtest_streams_every_event_as_the_spec_shows(bt_client, bq, token):
     backtest_id, stored = new_backtest(bq, {"day": 103, "minute": 1200, "3minute": 400}, job_id="job-77")
-    transcript = await stream(bt_client, backtest_id, token=token(), intervals="day,minute,3minute", limit=5000)
+    transcript = await stream(
+        bt_client, backtest_id, token=token(), intervals="day,minute,3minute", limit=5000
+    )
     assert transcript.names == (
         ["interval_start", "data_chunk", "interval_complete"]
-        + ["interval_start"] + ["data_chunk"] * 3 + ["interval_complete"]
-        + ["interval_start"] + ["data_chunk"] + ["interval_complete"]
+        + ["interval_start"]
+        + ["data_chunk"] * 3
+        + ["interval_complete"]
+        + ["interval_start"]
+        + ["data_chunk"]
+        + ["interval_complete"]
         + ["all_complete"]
     )
     assert transcript.events[0].payload == {
@@ -93,9 +108,14 @@ async def test_backtest_streams_every_event_as_the_spec_shows(bt_client, bq, tok
     for event in transcript.events[:-1]:
         assert event.payload["is_partial"] is False
         assert event.payload["job_status"] == "completed"
-        assert event.payload["backtest_id"] == backtest_id
+        assert event.payload.get("backtest_id", backtest_id) == backtest_id  # data_chunk has no ids
     for name in ("day", "minute", "3minute"):
-        points = [p for e in transcript.named("data_chunk") if e.payload["interval"] == name for p in e.payload["data_points"]]
+        points = [
+            p
+            for e in transcript.named("data_chunk")
+            if e.payload["interval"] == name
+            for p in e.payload["data_points"]
+        ]
         assert points == expected_points(stored[name])
     assert transcript.events[-1].payload == {
         "intervals": ["day", "minute", "3minute"], "completed_intervals": ["day", "minute", "3minute"],
@@ -106,23 +126,36 @@ async def test_backtest_streams_every_event_as_the_spec_shows(bt_client, bq, tok
 
 async def test_limit_takes_the_first_points_in_time_order(bt_client, bq, token):
     backtest_id, stored = new_backtest(bq, {"minute": 50})
-    transcript = await stream(bt_client, backtest_id, token=token(), intervals="minute", limit=17, chunk_size=5)
+    transcript = await stream(
+        bt_client, backtest_id, token=token(), intervals="minute", limit=17, chunk_size=5
+    )
     points = [p for e in transcript.named("data_chunk") for p in e.payload["data_points"]]
     assert points == expected_points(stored["minute"][:17])
     assert [len(e.payload["data_points"]) for e in transcript.named("data_chunk")] == [5, 5, 5, 2]
 
 
-async def test_second_open_is_served_from_the_cache_on_any_replica(make_gateway, bt_client, bq, token, redis_client, unused_tcp_port):
+async def test_second_open_is_served_from_the_cache_on_any_replica(
+    make_gateway, bt_client, bq, token, redis_client, unused_tcp_port
+):
     backtest_id, stored = new_backtest(bq, {"day": 30, "minute": 700})
     first = await stream(bt_client, backtest_id, token=token(), intervals="day,minute", limit=100)
     await wait_until_cached(redis_client, backtest_id, ["day", "minute"])
     # Another replica whose warehouse is unreachable: only the cache can answer.
-    replica = await make_gateway(bigquery={"project": PROJECT, "dataset": DATASET, "api_endpoint": f"http://127.0.0.1:{unused_tcp_port}", "query_timeout_s": 2})
+    replica = await make_gateway(
+        bigquery={
+            "project": PROJECT,
+            "dataset": DATASET,
+            "api_endpoint": f"http://127.0.0.1:{unused_tcp_port}",
+            "query_timeout_s": 2,
+        }
+    )
     second = await stream(replica, backtest_id, token=token(), intervals="day,minute", limit=100)
     assert [(e.event, e.payload) for e in second.events] == [(e.event, e.payload) for e in first.events]
     # The whole interval is cached, not only the first `limit` points.
     whole = await stream(replica, backtest_id, token=token(), intervals="minute", limit=50000)
-    assert [p for e in whole.named("data_chunk") for p in e.payload["data_points"]] == expected_points(stored["minute"])
+    assert [p for e in whole.named("data_chunk") for p in e.payload["data_points"]] == expected_points(
+        stored["minute"]
+    )
 
 
 async def test_partly_written_cache_is_never_served(bt_client, bq, token, redis_client):
@@ -133,7 +166,9 @@ async def test_partly_written_cache_is_never_served(bt_client, bq, token, redis_
     assert transcript.named("data_chunk")[0].payload["data_points"] == expected_points(stored["day"])
 
 
-async def test_cache_failure_falls_back_to_the_warehouse(make_gateway, bt_settings, bq, token, unused_tcp_port):
+async def test_cache_failure_falls_back_to_the_warehouse(
+    make_gateway, bt_settings, bq, token, unused_tcp_port
+):
     client = await make_gateway(
         redis={"url": f"redis://127.0.0.1:{unused_tcp_port}", "retries": 0, "connect_timeout_s": 0.2},
         server={"max_streams_per_user": 0}, **bt_settings,
@@ -161,11 +196,20 @@ async def test_interval_not_configured_is_interval_not_found_and_the_stream_goes
     assert transcript.events[0].payload["message"] == "Interval 'hour' not found in backtest configuration"
 
 
-async def test_unreachable_warehouse_is_data_error_for_uncached_intervals_only(make_gateway, bt_client, bq, token, redis_client, unused_tcp_port):
+async def test_unreachable_warehouse_is_data_error_for_uncached_intervals_only(
+    make_gateway, bt_client, bq, token, redis_client, unused_tcp_port
+):
     backtest_id, stored = new_backtest(bq, {"day": 3, "minute": 4})
     await stream(bt_client, backtest_id, token=token(), intervals="day")
     await wait_until_cached(redis_client, backtest_id, ["day"])
-    down = await make_gateway(bigquery={"project": PROJECT, "dataset": DATASET, "api_endpoint": f"http://127.0.0.1:{unused_tcp_port}", "query_timeout_s": 2})
+    down = await make_gateway(
+        bigquery={
+            "project": PROJECT,
+            "dataset": DATASET,
+            "api_endpoint": f"http://127.0.0.1:{unused_tcp_port}",
+            "query_timeout_s": 2,
+        }
+    )
     started = asyncio.get_running_loop().time()
     transcript = await stream(down, backtest_id, token=token(), intervals="day,minute")
     assert asyncio.get_running_loop().time() - started < 10  # never a hang
@@ -175,14 +219,25 @@ async def test_unreachable_warehouse_is_data_error_for_uncached_intervals_only(m
     assert transcript.events[-1].payload["completed_intervals"] == ["day"]
 
 
-async def test_unreachable_warehouse_without_cached_metadata_is_connection_error(make_gateway, bq, token, unused_tcp_port):
-    down = await make_gateway(bigquery={"project": PROJECT, "dataset": DATASET, "api_endpoint": f"http://127.0.0.1:{unused_tcp_port}", "query_timeout_s": 2})
+async def test_unreachable_warehouse_without_cached_metadata_is_connection_error(
+    make_gateway, bq, token, unused_tcp_port
+):
+    down = await make_gateway(
+        bigquery={
+            "project": PROJECT,
+            "dataset": DATASET,
+            "api_endpoint": f"http://127.0.0.1:{unused_tcp_port}",
+            "query_timeout_s": 2,
+        }
+    )
     transcript = await stream(down, "bt_1.5", token=token(), intervals="day")
     assert transcript.names == ["error"]
     assert transcript.events[0].payload["error"] == "connection_error"
 
 
-async def test_completed_job_whose_redis_candles_expired_is_served_from_the_warehouse(bt_client, bq, writer, token):
+async def test_completed_job_whose_redis_candles_expired_is_served_from_the_warehouse(
+    bt_client, bq, writer, token
+):
     backtest_id, stored = new_backtest(bq, {"day": 5}, job_id="expired-job")
     w = writer("expired-job")
     await w.create(user_id="alice", symbol="LTF", exchange="NSE", intervals=["day"], status="completed")
@@ -203,7 +258,23 @@ async def test_job_whose_redis_keys_are_all_gone_is_found_by_its_job_id(bt_clien
 
 async def test_null_column_is_data_error(bt_client, bq, token):
     backtest_id, stored = new_backtest(bq, {"day": 3})
-    insert_candles(bq, DATASET, "candles", [{"backtest_id": backtest_id, "interval": "day", "time": datetime(2030, 1, 1, tzinfo=UTC), "open": None, "high": 1, "low": 1, "close": 1, "volume": 1}])
+    insert_candles(
+        bq,
+        DATASET,
+        "candles",
+        [
+            {
+                "backtest_id": backtest_id,
+                "interval": "day",
+                "time": datetime(2030, 1, 1, tzinfo=UTC),
+                "open": None,
+                "high": 1,
+                "low": 1,
+                "close": 1,
+                "volume": 1,
+            }
+        ],
+    )
     transcript = await stream(bt_client, backtest_id, token=token(), intervals="day", chunk_size=2)
     assert transcript.names == ["interval_start", "data_chunk", "error", "all_complete"]
     assert transcript.events[2].payload["error"] == "data_error"
@@ -219,9 +290,13 @@ async def test_backtest_resume_after_every_event(bt_client, bq, token, redis_cli
     if warm:
         await wait_until_cached(redis_client, backtest_id, ["day", "minute", "3minute"])
     for index, event in enumerate(reference.events[:-1]):
-        resumed = await stream(bt_client, backtest_id, token=token(), headers={"Last-Event-ID": event.id}, **params)
+        resumed = await stream(
+            bt_client, backtest_id, token=token(), headers={"Last-Event-ID": event.id}, **params
+        )
         assert [(e.id, e.event, e.payload) for e in reference.events[: index + 1] + resumed.events] == [
             (e.id, e.event, e.payload) for e in reference.events
         ], index
-    done = await open_stream(bt_client, backtest_id, token=token(), headers={"Last-Event-ID": reference.events[-1].id}, **params)
+    done = await open_stream(
+        bt_client, backtest_id, token=token(), headers={"Last-Event-ID": reference.events[-1].id}, **params
+    )
     assert done.status == 204

@@ -30,6 +30,8 @@ async def _in_use_redis_connections(client) -> int:
 
 async def test_client_that_disconnects_mid_stream_leaves_no_task_or_connection(client, writer, token):
     await seed_job(writer(JOB), counts={"minute": 50_000})
+    # One whole stream first, so the certificate fetch's keep-alive connection is already counted.
+    await stream(client, JOB, token=token(), intervals="minute", limit=1)
     tasks_before = len(asyncio.all_tasks())
     response = await open_stream(client, JOB, token=token(), intervals="minute", limit=50_000, chunk_size=10)
     parser, transcript = SSEParser(), Transcript()

@@ -308,4 +308,4 @@ async def test_interleaved_order_sends_all_starts_then_one_chunk_per_interval_pe
     fourth_chunk = transcript.named("data_chunk")[3].payload["progress"]
     assert fourth_chunk["completed_intervals"] == ["day"]
     assert fourth_chunk["overall_progress"]["minute"]["chunks_sent"] == 2
-    assert fourth_chunk["overall_progress"]["3minute"]["chunks_sent"] == 2
+    assert fourth_chunk["overall_progress"]["3minute"]["chunks_sent"] == 1

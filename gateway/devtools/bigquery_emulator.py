@@ -9,6 +9,7 @@ multipart load uploads).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.client
 import json
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
+from google.api_core import exceptions as google_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
@@ -58,7 +60,7 @@ _LOG_NAME: Final = "bqemulator.log"
 
 
 class BigQueryEmulator:
-    """One ``bqemulator`` process; ``start()`` blocks until it answers (about 2 s)."""
+    """One ``bqemulator`` process; ``start()`` blocks until it answers (1 to 2 s)."""
 
     def __init__(self, state_dir: Path, project: str = "demo-candles", port: int | None = None) -> None:
         self.state_dir = state_dir
@@ -114,6 +116,8 @@ class BigQueryEmulator:
                 env=env,
                 start_new_session=True,
             )
+        # A safety net for a caller that never stops it (no help against SIGKILL, though).
+        atexit.register(self.stop)
         try:
             self._port = self._wait_until_ready(started + timeout_s)
         except BaseException:
@@ -126,17 +130,17 @@ class BigQueryEmulator:
     def stop(self, timeout_s: float = 10) -> None:
         """Terminate the emulator and anything it started; idempotent."""
         process, self._process, self._port = self._process, None, None
-        if process is None:
+        atexit.unregister(self.stop)
+        if process is None or process.returncode is not None:
             return
-        if process.poll() is None:
-            _signal_group(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(process.pid, signal.SIGKILL)
-                process.wait()
-        # Children that outlived the emulator itself.
+        _signal_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        # Wait without reaping it: while it is a zombie, its process group id cannot be
+        # reused, so the SIGKILL below reaches only what is left of its own group.
+        while not _has_exited(process.pid) and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
         _signal_group(process.pid, signal.SIGKILL)
+        process.wait()
 
     def __enter__(self) -> Self:
         self.start()
@@ -165,12 +169,42 @@ class BigQueryEmulator:
 
 
 def make_client(project: str, endpoint: str) -> bigquery.Client:
-    """A client for the emulator: anonymous, and pointed at ``endpoint`` only."""
-    return bigquery.Client(
+    """A client for the emulator: anonymous, pointed at ``endpoint`` only, failed queries raising."""
+    client = bigquery.Client(
         project=project,
         credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
         client_options={"api_endpoint": endpoint},
     )
+    raise_query_errors(client)
+    return client
+
+
+def raise_query_errors(client: bigquery.Client) -> None:
+    """Make ``client`` raise for a failed ``jobs.query``, as it does against BigQuery.
+
+    bqemulator answers a failed query (syntax error, unknown table, missing
+    parameter, ...) with HTTP 200, ``jobComplete`` and a top-level ``errors``
+    list, which the client turns into an empty result. This response hook
+    rewrites such answers into the 400/404 error BigQuery sends.
+    """
+    client._http.hooks["response"].append(_query_error_hook)
+
+
+def _query_error_hook(response: Any, *args: Any, **kwargs: Any) -> Any:
+    request = response.request
+    if (
+        response.status_code == 200
+        and request.method == "POST"
+        and request.path_url.partition("?")[0].endswith("/queries")
+    ):
+        # Cheap test first: result pages can be large.
+        errors = b'"errors"' in response.content and response.json().get("errors")
+        if errors:
+            code = 404 if errors[0].get("reason") == "notFound" else 400
+            error = {"code": code, "message": errors[0].get("message", ""), "errors": errors}
+            response.status_code = code
+            response._content = json.dumps({"error": error}).encode()
+    return response
 
 
 def create_warehouse(
@@ -186,7 +220,7 @@ def create_warehouse(
 
 def insert_backtest(client: bigquery.Client, dataset: str, table: str, row: Mapping[str, Any]) -> None:
     """Insert one ``backtests`` row; ``date``/``datetime`` values may be given as such."""
-    _insert(client, f"{client.project}.{dataset}.{table}", [row])
+    _insert(client, f"{client.project}.{dataset}.{table}", BACKTESTS_SCHEMA, [row])
 
 
 def insert_candles(
@@ -199,13 +233,32 @@ def insert_candles(
     """Insert ``candles`` rows in batches of ``batch_rows`` (one request each)."""
     table_id = f"{client.project}.{dataset}.{table}"
     for start in range(0, len(rows), batch_rows):
-        _insert(client, table_id, rows[start : start + batch_rows])
+        _insert(client, table_id, CANDLES_SCHEMA, rows[start : start + batch_rows])
 
 
-def _insert(client: bigquery.Client, table_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
+def _insert(
+    client: bigquery.Client,
+    table_id: str,
+    schema: Sequence[bigquery.SchemaField],
+    rows: Sequence[Mapping[str, Any]],
+) -> None:
+    # The emulator silently drops unknown fields (BigQuery rejects them): a typo would insert NULLs.
+    columns = {field.name for field in schema}
+    unknown = {key for row in rows for key in row} - columns
+    if unknown:
+        raise ValueError(f"{table_id} has no columns {sorted(unknown)}")
     payload = [{key: _json_value(value) for key, value in row.items()} for row in rows]
-    # row_ids=None: no per-row insertId (the emulator does not deduplicate anyway).
-    errors = client.insert_rows_json(table_id, payload, row_ids=[None] * len(payload))
+    try:
+        # retry=None: the emulator answers a value it cannot convert with a 500, which the
+        # default retry would repeat for ten minutes. No insertIds: it does not deduplicate.
+        errors = client.insert_rows_json(
+            table_id,
+            payload,
+            row_ids=[None] * len(payload),
+            retry=None,  # type: ignore[arg-type]  # documented, but typed as Retry only
+        )
+    except google_exceptions.InternalServerError as exc:
+        raise RuntimeError(f"inserting into {table_id} failed (a value of the wrong type?): {exc}") from exc
     if errors:
         raise RuntimeError(f"inserting into {table_id} failed: {errors[:5]}")
 
@@ -256,6 +309,13 @@ def _is_ready(port: int) -> bool:
         return False
     finally:
         connection.close()
+
+
+def _has_exited(pid: int) -> bool:
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def _signal_group(pid: int, signum: signal.Signals) -> None:

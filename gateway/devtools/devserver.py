@@ -111,7 +111,11 @@ def load_demo_backtest(emulator: BigQueryEmulator, settings: Settings) -> None:
     })  # fmt: skip
     series = _RandomWalk(datetime(2025, 4, 1, 9, 15, tzinfo=UTC))
     minutes = [series.next_minute() for _ in range(10 * MINUTES_PER_DAY)]
-    by_interval = {"minute": minutes, "3minute": series.take_completed(3), "day": series.take_completed(MINUTES_PER_DAY)}
+    by_interval = {
+        "minute": minutes,
+        "3minute": series.take_completed(3),
+        "day": series.take_completed(MINUTES_PER_DAY),
+    }
     rows = [
         {"backtest_id": DEMO_BACKTEST, "interval": interval, "time": c.time, "open": c.open, "high": c.high,
          "low": c.low, "close": c.close, "volume": c.volume}

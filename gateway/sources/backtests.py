@@ -100,7 +100,7 @@ class BacktestSource:
         for interval, (start, task) in self._first_pages.items():
             try:
                 page = task.result()
-            except (WarehouseError, DataError) as exc:
+            except WarehouseError as exc:
                 self._failures[interval] = f"reading interval '{interval}' from the warehouse failed: {exc}"
                 continue
             # An empty page past the start cannot count; the interval then has no more rows.
@@ -167,10 +167,13 @@ class WarehouseChunkReader:
         self._fetched = start  # position after the last fetched candle
         self._cursor: datetime | None = None
         self._pending: asyncio.Task[CandlePage] | None = first_page
+        self._error: str | None = None
 
     async def next_chunk(self) -> Chunk:
         count = min(self._chunk_size, self._stop - self._position)
         while len(self._buffer) < count:
+            if self._error is not None:
+                raise DataError(self._error)
             await self._take_page()
         stored, self._buffer = self._buffer[:count], self._buffer[count:]
         self._position += count
@@ -186,12 +189,14 @@ class WarehouseChunkReader:
         candles = page.candles
         if self._cursor is not None:
             candles = candles[1:]  # the cursor's own candle, already sent (see page_after)
-        if not candles:
-            raise DataError(f"interval '{self._interval}' has fewer rows than it had when counted")
         self._buffer.extend(candles)
         self._fetched += len(candles)
         self._cursor = page.last_time
-        if self._fetched < self._stop:
+        if page.error is not None:
+            self._error = page.error
+        elif not candles:
+            self._error = f"interval '{self._interval}' has fewer rows than it had when counted"
+        elif self._fetched < self._stop:
             self._pending = self._fetch_next()
 
     def _fetch_next(self) -> asyncio.Task[CandlePage]:

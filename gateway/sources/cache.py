@@ -142,7 +142,9 @@ class BacktestCache:
         """Every candle of the interval into ``staging``, page by page; returns how many."""
         page = await self._warehouse.first_page(backtest_id, interval, 0, self._page_rows)
         written = 0
-        while page.candles:
+        while page.candles or page.error:
+            if page.error is not None:
+                raise DataError(page.error)  # a broken interval is never cached
             await self._redis.rpush(staging, *page.candles)
             await self._redis.expire(staging, _FILL_LOCK_TTL_S)
             written += len(page.candles)

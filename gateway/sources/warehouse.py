@@ -24,9 +24,10 @@ from google.api_core import exceptions as google_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 from google.cloud.bigquery.enums import JobCreationMode
+from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY, DEFAULT_RETRY
 
 from gateway.config import BigQuerySettings
-from gateway.errors import ConfigError, DataError, SourceUnavailable
+from gateway.errors import ConfigError, SourceUnavailable
 from gateway.sources.candles import Candle, encode_candle
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class CandlePage(msgspec.Struct, frozen=True):
     last_time: datetime | None
     # Rows of the interval in the table (known from the first page only).
     interval_rows: int | None = None
+    # Why the row after ``candles`` could not become a candle: the reader sends
+    # the candles before it, then reports this as the interval's data_error.
+    error: str | None = None
 
 
 class Warehouse:
@@ -160,6 +164,9 @@ class Warehouse:
                 location=self._settings.location or None,
                 api_timeout=timeout_s,
                 wait_timeout=timeout_s,
+                # The client's default retries go on for 10 minutes; ours stop with the query's timeout.
+                retry=DEFAULT_RETRY.with_deadline(timeout_s),
+                job_retry=DEFAULT_JOB_RETRY.with_deadline(timeout_s),
             )
             # Iterating fetches further pages: it belongs on this thread too.
             return convert(rows)
@@ -172,8 +179,6 @@ class Warehouse:
             raise WarehouseError(f"query timed out after {timeout_s:.0f} s") from exc
         except (google_exceptions.GoogleAPIError, OSError, ValueError) as exc:
             raise WarehouseError(_describe(exc)) from exc
-        except DataError:
-            raise
         except Exception as exc:  # requests/urllib3 errors and the like, from the client's transport
             raise WarehouseError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -203,20 +208,22 @@ def _plain_rows(rows: Any) -> list[tuple[Any, ...]]:
 
 
 def _candle_page(interval: str, first_position: int, rows: Any, *, with_count: bool) -> CandlePage:
-    """Rows as canonical candle JSON; a row with a NULL is a data error naming its position."""
+    """Rows as canonical candle JSON, up to the first row with a NULL (named in ``error``)."""
     candles: list[bytes] = []
     last_time = None
     interval_rows = None
+    error = None
     for offset, row in enumerate(rows):
         values = row.values()
         if with_count:
             interval_rows = values[6]
         time, open_, high, low, close, volume = values[:6]
         if None in (time, open_, high, low, close, volume):
-            raise DataError(f"candle {first_position + offset} of interval '{interval}' has a NULL column")
+            error = f"candle {first_position + offset} of interval '{interval}' has a NULL column"
+            break
         candles.append(encode_candle(Candle(time, open_, high, low, close, volume)))
         last_time = time
-    return CandlePage(candles=candles, last_time=last_time, interval_rows=interval_rows)
+    return CandlePage(candles=candles, last_time=last_time, interval_rows=interval_rows, error=error)
 
 
 def _describe(exc: BaseException) -> str:
