@@ -2,13 +2,12 @@
 
 The hot path: a chunk of stored candles (one ``bytes`` per candle, as Redis
 returns them) becomes one JSON array for a ``data_chunk``. Stored candles are
-usually already canonical (``time`` in UTC with ``Z``, no fractional
-seconds, no extra fields), so the array is spliced from the stored bytes and
-only *validated*: one ``msgspec`` decode of the whole array into typed
-structs (in C), plus an ascending-time check. Anything else (another
-offset, fractions, extra fields) takes the slow path: each candle is decoded
-alone, so a bad one is reported by its position, and the chunk is encoded
-again in canonical form. Nothing is ever dropped: a candle that does not
+usually already in the output's form (``time`` in UTC with ``Z``, no extra
+fields), so the array is spliced from the stored bytes and only *validated*:
+one ``msgspec`` decode of the whole array into typed structs (in C), a count
+of ``Z`` suffixes, and an ascending-time check. Anything else (another
+offset, extra fields) takes the slow path: each candle is decoded alone, so a
+bad one is reported by its position, and the chunk is encoded again. Nothing is ever dropped: a candle that does not
 validate makes the whole chunk a ``DataError``.
 """
 
@@ -24,17 +23,15 @@ from msgspec import Meta
 
 from gateway.errors import DataError
 
-# Canonical times are fixed-width, so comparing the strings compares the times.
-_CANONICAL_TIME: Final = (
-    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
-    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]Z$"
-)
 
+class CanonicalCandle(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A stored candle that may go to clients byte for byte, once its time is seen to end in Z.
 
-class CanonicalCandle(msgspec.Struct, forbid_unknown_fields=True):
-    """A stored candle that can go to clients byte for byte."""
+    The time is parsed (in C) to validate it and to check the order; no
+    unknown field may ride along, since the bytes are sent as stored.
+    """
 
-    time: Annotated[str, Meta(pattern=_CANONICAL_TIME)]
+    time: Annotated[datetime, Meta(tz=True)]
     open: float
     high: float
     low: float
@@ -42,7 +39,7 @@ class CanonicalCandle(msgspec.Struct, forbid_unknown_fields=True):
     volume: int
 
 
-class Candle(msgspec.Struct):
+class Candle(msgspec.Struct, gc=False):
     """Any candle the worker contract allows: RFC 3339 time with any offset."""
 
     time: Annotated[datetime, Meta(tz=True)]
@@ -80,14 +77,14 @@ class CandleValidator:
             candles = None
         # The count check matters: a stored element holding two objects (or a
         # fragment) could still splice into a valid array of another length.
-        if candles is not None and len(candles) == len(stored):
-            times = [candle.time for candle in candles]
-            if all(map(operator.lt, times, times[1:])):
-                first = _parse_utc(times[0])
-                if self._last_time is None or self._last_time < first:
-                    self._last_time = _parse_utc(times[-1])
-                    self._position += len(stored)
-                    return array
+        if candles is not None and len(candles) == len(stored) and _utc_z(array, len(stored)):
+            times = list(map(_time_of, candles))
+            if (self._last_time is None or self._last_time < times[0]) and all(
+                map(operator.lt, times, times[1:])
+            ):
+                self._last_time = times[-1]
+                self._position += len(stored)
+                return array
         return self._normalise(stored)
 
     def _normalise(self, stored: Sequence[bytes]) -> bytes:
@@ -115,8 +112,18 @@ class CandleValidator:
         return _encode(normalised)
 
 
-def _parse_utc(canonical: str) -> datetime:
-    return datetime.fromisoformat(canonical)
+_time_of = operator.attrgetter("time")
+
+
+def _utc_z(array: bytes, count: int) -> bool:
+    """Whether every time is written ``...T...Z``: the only ``T`` and ``Z`` a candle may hold.
+
+    Field names are fixed lower-case words (unknown fields were refused),
+    numbers hold neither letter and a time holds one of each only in that
+    form, so counting the letters in the array counts such times. (Single
+    bytes: ``bytes.count`` of one byte is several times faster than of two.)
+    """
+    return array.count(b"Z") == count and array.count(b"T") == count
 
 
 def encode_candles(candles: Sequence[Candle]) -> bytes:

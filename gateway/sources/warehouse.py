@@ -24,7 +24,7 @@ from google.api_core import exceptions as google_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 from google.cloud.bigquery.enums import JobCreationMode
-from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY, DEFAULT_RETRY
+from google.cloud.bigquery.retry import DEFAULT_RETRY
 
 from gateway.config import BigQuerySettings
 from gateway.errors import ConfigError, SourceUnavailable
@@ -164,9 +164,10 @@ class Warehouse:
                 location=self._settings.location or None,
                 api_timeout=timeout_s,
                 wait_timeout=timeout_s,
-                # The client's default retries go on for 10 minutes; ours stop with the query's timeout.
-                retry=DEFAULT_RETRY.with_deadline(timeout_s),
-                job_retry=DEFAULT_JOB_RETRY.with_deadline(timeout_s),
+                # The client's default retries go on for 10 minutes (40 with job
+                # retries); ours end with the query's timeout, so nothing hangs.
+                retry=DEFAULT_RETRY.with_timeout(timeout_s),
+                job_retry=None,
             )
             # Iterating fetches further pages: it belongs on this thread too.
             return convert(rows)
@@ -186,10 +187,19 @@ class Warehouse:
 def make_client(settings: BigQuerySettings) -> bigquery.Client:
     """The BigQuery client: Google's endpoint with default credentials, or an emulator anonymously."""
     options: dict[str, Any] = {"default_job_creation_mode": JobCreationMode.JOB_CREATION_OPTIONAL}
-    if settings.api_endpoint:
-        options["client_options"] = {"api_endpoint": settings.api_endpoint}
-        options["credentials"] = AnonymousCredentials()
-    return bigquery.Client(project=settings.project, **options)
+    if not settings.api_endpoint:
+        return bigquery.Client(project=settings.project, **options)
+    from gateway.devtools.bigquery_emulator import raise_query_errors
+
+    client = bigquery.Client(
+        project=settings.project,
+        client_options={"api_endpoint": settings.api_endpoint},
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        **options,
+    )
+    # The emulator answers a failed query as an empty result; make it raise as BigQuery does.
+    raise_query_errors(client)
+    return client
 
 
 def unavailable(exc: WarehouseError) -> SourceUnavailable:
@@ -204,7 +214,8 @@ def _interval_parameters(backtest_id: str, interval: str) -> list[bigquery.Scala
 
 
 def _plain_rows(rows: Any) -> list[tuple[Any, ...]]:
-    return [tuple(row.values()) for row in rows]
+    # tuple(row), not row.values(): that one deep-copies every row (10 µs each).
+    return [tuple(row) for row in rows]
 
 
 def _candle_page(interval: str, first_position: int, rows: Any, *, with_count: bool) -> CandlePage:
@@ -214,10 +225,9 @@ def _candle_page(interval: str, first_position: int, rows: Any, *, with_count: b
     interval_rows = None
     error = None
     for offset, row in enumerate(rows):
-        values = row.values()
         if with_count:
-            interval_rows = values[6]
-        time, open_, high, low, close, volume = values[:6]
+            interval_rows = row[6]
+        time, open_, high, low, close, volume = row[:6]  # slicing: row.values() deep-copies
         if None in (time, open_, high, low, close, volume):
             error = f"candle {first_position + offset} of interval '{interval}' has a NULL column"
             break
