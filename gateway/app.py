@@ -123,7 +123,10 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
         timeout=redis_settings.pool_timeout_s,
         socket_timeout=redis_settings.socket_timeout_s,
         socket_connect_timeout=redis_settings.connect_timeout_s,
-        health_check_interval=30,
+        # No health-check PING (and no clock read) before commands: a dead
+        # pooled connection fails its command, which the retry policy repeats
+        # on a fresh connection.
+        health_check_interval=0,
     )
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), redis_settings.retries)
     return aioredis.Redis(connection_pool=pool, retry=retry)

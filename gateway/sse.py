@@ -7,55 +7,72 @@ client. Two things differ from its defaults:
 
 - events arrive as finished frames (``protocol.frame``), so ``send_frame``
   writes bytes instead of ``send``'s str with its per-line splitting;
-- the ``: ping`` comment is sent only after ``ping_interval`` seconds without
-  any write (SPEC 2), not on a fixed timer in the middle of a busy stream.
+- one heartbeat task per stream replaces both aiohttp-sse's fixed-period
+  ping and a timeout around every write: it sends ``: ping`` only after
+  ``ping_interval`` seconds without a write (SPEC 2), and cuts off a client
+  whose pending write has not completed for ``send_timeout`` seconds. It
+  counts writes instead of reading the clock per write, which matters on
+  hosts where reading the clock is a system call (it was 10 % of a busy
+  gateway's CPU on our benchmark machine; docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 
 from aiohttp_sse import EventSourceResponse
 
 from gateway.protocol import PING
 
+# Heartbeat ticks per ping interval (or send timeout): a ping goes out after
+# between 1 and 1 + 1/TICKS intervals of silence.
+_TICKS = 4
+
 
 class CandleEventResponse(EventSourceResponse):
-    """An ``EventSourceResponse`` that writes pre-framed events and pings only when idle."""
+    """An ``EventSourceResponse`` that writes pre-framed events, pings when idle, cuts off stalls."""
 
-    _last_write_at = 0.0
+    _writes = 0  # completed writes, events and pings alike
+    _write_pending = False
 
     async def send_frame(self, frame: bytes) -> None:
-        """Write one framed event; a client that does not take it in time is cut off."""
+        """Write one framed event; the heartbeat aborts it if the client stops reading."""
+        self._write_pending = True
         try:
-            async with asyncio.timeout(self._send_timeout):
-                await self.write(frame)
+            await self.write(frame)
         except ConnectionResetError:
             self.stop_streaming()
             raise
-        except TimeoutError:
-            self.stop_streaming()
-            self._abort_transport()
-            raise
-        self._last_write_at = time.monotonic()
+        finally:
+            self._write_pending = False
+        self._writes += 1
 
     async def _ping(self) -> None:
-        # Overrides aiohttp-sse 3.0's fixed-period ping (the version is pinned);
-        # the error handling mirrors it.
-        self._last_write_at = time.monotonic()
+        # Overrides aiohttp-sse 3.0's fixed-period ping (the version is pinned).
+        tick = min(self._ping_interval, self._send_timeout or math.inf) / _TICKS
+        ping_after = max(1, round(self._ping_interval / tick))
+        stall_after = math.inf if self._send_timeout is None else max(1, round(self._send_timeout / tick))
+        quiet = stalled = 0
+        seen = self._writes
         while True:
-            idle_for = time.monotonic() - self._last_write_at
-            if idle_for < self._ping_interval:
-                await asyncio.sleep(self._ping_interval - idle_for)
-                continue
-            try:
-                async with asyncio.timeout(self._send_timeout):
-                    await self.write(PING)
-            except TimeoutError:
+            await asyncio.sleep(tick)
+            progressed, seen = self._writes != seen, self._writes
+            quiet = 0 if progressed else quiet + 1
+            stalled = stalled + 1 if self._write_pending and not progressed else 0
+            if stalled >= stall_after:
+                # A client that stopped reading: abort (it may reconnect and resume).
                 self._abort_transport()
-                break
-            except (ConnectionResetError, RuntimeError):
-                # RuntimeError: writing after EOF.
-                break
-            self._last_write_at = time.monotonic()
+                return
+            if quiet >= ping_after and not self._write_pending:
+                quiet = 0
+                try:
+                    async with asyncio.timeout(self._send_timeout):
+                        await self.write(PING)
+                except TimeoutError:
+                    self._abort_transport()
+                    return
+                except (ConnectionResetError, RuntimeError):
+                    return  # RuntimeError: writing after EOF
+                self._writes += 1
+                seen = self._writes

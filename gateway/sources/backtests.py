@@ -20,7 +20,8 @@ from functools import partial
 from gateway.errors import DataError, JobNotFound
 from gateway.sources.base import COMPLETED, Chunk, ChunkReader, JobInfo, JobState, ReadPlan, Snapshot
 from gateway.sources.cache import BacktestCache
-from gateway.sources.candles import CandleValidator
+from gateway.sources import keys
+from gateway.sources.candles import CandleValidator, ValidatedChunks
 from gateway.sources.lists import ListChunkReader
 from gateway.sources.warehouse import BacktestRecord, CandlePage, Warehouse, WarehouseError, unavailable
 
@@ -40,7 +41,9 @@ class BacktestSource:
         job_id: str | None = None,
         record: BacktestRecord | None = None,
         owner: str | None = None,
+        validated: ValidatedChunks | None = None,
     ) -> None:
+        self._validated = validated
         self._warehouse = warehouse
         self._cache = cache
         self.backtest_id = backtest_id
@@ -117,7 +120,10 @@ class BacktestSource:
     def reader(self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool) -> ChunkReader:
         if interval in self._cached:
             fetch = partial(self._read_cached, interval)
-            return ListChunkReader(fetch, interval, start, stop, chunk_size, prefetch=prefetch)
+            key = keys.backtest_candles_key(self.backtest_id, interval)
+            return ListChunkReader(
+                fetch, interval, start, stop, chunk_size, prefetch=prefetch, key=key, memo=self._validated
+            )
         first_page = None
         planned = self._first_pages.pop(interval, None)
         if planned is not None and planned[0] == start:

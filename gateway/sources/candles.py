@@ -14,6 +14,8 @@ validate makes the whole chunk a ``DataError``.
 from __future__ import annotations
 
 import operator
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Final
@@ -55,22 +57,71 @@ _decode_candle = msgspec.json.Decoder(Candle).decode
 _encode = msgspec.json.Encoder().encode
 
 
+class ValidatedChunks:
+    """Chunks of stored lists this process has already validated, so that many streams validate once.
+
+    Keyed by (list key, start, count): a job's lists never change while it
+    runs (SPEC 6) and a cached backtest never changes, so a chunk found valid
+    stays valid. Followers of one job, reconnecting clients and concurrent
+    viewers read the very same chunks. Entries are bounded (least recently
+    used go first) and expire, so a list deleted and written anew is checked
+    again; the chunk's byte length must match too, a cheap guard against a
+    worker that rewrote a list against the contract.
+    """
+
+    def __init__(self, max_entries: int = 16_384, ttl_s: float = 300.0) -> None:
+        self._entries: OrderedDict[tuple[str, int, int], tuple[int, datetime, datetime, float]] = (
+            OrderedDict()
+        )
+        self._max_entries = max_entries
+        self._ttl_s = ttl_s
+
+    def lookup(self, key: str, start: int, count: int, size: int) -> tuple[datetime, datetime] | None:
+        """The first and last time of a chunk validated before, if it was."""
+        entry = self._entries.get((key, start, count))
+        if entry is None or entry[0] != size or entry[3] < time.monotonic():
+            return None
+        self._entries.move_to_end((key, start, count))
+        return entry[1], entry[2]
+
+    def remember(self, key: str, start: int, count: int, size: int, first: datetime, last: datetime) -> None:
+        self._entries[(key, start, count)] = (size, first, last, time.monotonic() + self._ttl_s)
+        self._entries.move_to_end((key, start, count))
+        if len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+
 class CandleValidator:
     """Turns consecutive chunks of one interval into JSON arrays, checking order across them."""
 
-    __slots__ = ("_interval", "_last_time", "_position")
+    __slots__ = ("_interval", "_key", "_last_time", "_memo", "_position")
 
-    def __init__(self, interval: str, position: int = 0, last_time: datetime | None = None):
+    def __init__(
+        self,
+        interval: str,
+        position: int = 0,
+        *,
+        memo: ValidatedChunks | None = None,
+        key: str = "",
+    ) -> None:
         self._interval = interval
         # Index (in the stored list) of the next candle to validate, for messages.
         self._position = position
-        self._last_time = last_time
+        self._last_time: datetime | None = None
+        self._memo = memo
+        self._key = key
 
     def to_json_array(self, stored: Sequence[bytes]) -> bytes:
         """Validate ``stored`` (one JSON candle each) and return them as a JSON array."""
         if not stored:
             return b"[]"
         array = b"[" + b",".join(stored) + b"]"
+        if self._memo is not None:
+            known = self._memo.lookup(self._key, self._position, len(stored), len(array))
+            if known is not None and (self._last_time is None or self._last_time < known[0]):
+                self._last_time = known[1]
+                self._position += len(stored)
+                return array
         try:
             candles = _decode_canonical(array)
         except msgspec.DecodeError:
@@ -82,6 +133,10 @@ class CandleValidator:
             if (self._last_time is None or self._last_time < times[0]) and all(
                 map(operator.lt, times, times[1:])
             ):
+                if self._memo is not None:
+                    self._memo.remember(
+                        self._key, self._position, len(stored), len(array), times[0], times[-1]
+                    )
                 self._last_time = times[-1]
                 self._position += len(stored)
                 return array

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 from gateway.sources.base import Chunk, JobState
-from gateway.sources.candles import CandleValidator
+from gateway.sources.candles import CandleValidator, ValidatedChunks
 
 # Reads ``count`` stored candles from a position, and the job's state if the source has one.
 RangeFetch = Callable[[int, int], Awaitable[tuple[list[bytes], JobState | None]]]
@@ -17,14 +17,23 @@ class ListChunkReader:
     """Chunks of one list from ``start`` to ``stop``, the next one already in flight if asked."""
 
     def __init__(
-        self, fetch: RangeFetch, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool
+        self,
+        fetch: RangeFetch,
+        interval: str,
+        start: int,
+        stop: int,
+        chunk_size: int,
+        *,
+        prefetch: bool,
+        key: str,
+        memo: ValidatedChunks | None,
     ) -> None:
         self._fetch = fetch
         self._position = start
         self._stop = stop
         self._chunk_size = chunk_size
         self._prefetch = prefetch
-        self._validator = CandleValidator(interval, position=start)
+        self._validator = CandleValidator(interval, position=start, memo=memo, key=key)
         self._pending: asyncio.Future[tuple[list[bytes], JobState | None]] | None = None
 
     async def next_chunk(self) -> Chunk:

@@ -19,6 +19,7 @@ from gateway.errors import DataError, JobNotFound, RedisUnreachable
 from gateway.params import ID_PATTERN
 from gateway.sources import keys
 from gateway.sources.base import JOB_STATUSES, JobInfo, JobState, ReadPlan, Snapshot
+from gateway.sources.candles import ValidatedChunks
 from gateway.sources.lists import ListChunkReader
 
 _STATE_FIELDS: Final = ("status", "current_bar", "error")
@@ -41,8 +42,9 @@ async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
 class RedisJobSource:
     """A job that workers are writing (or have written) to Redis."""
 
-    def __init__(self, client: aioredis.Redis, job_id: str) -> None:
+    def __init__(self, client: aioredis.Redis, job_id: str, validated: ValidatedChunks | None = None) -> None:
         self._redis = client
+        self._validated = validated
         self.job_id = job_id
         self._job_key = keys.job_key(job_id)
 
@@ -83,7 +85,10 @@ class RedisJobSource:
         self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool
     ) -> ListChunkReader:
         fetch = partial(self.read_range, interval)
-        return ListChunkReader(fetch, interval, start, stop, chunk_size, prefetch=prefetch)
+        key = keys.candles_key(self.job_id, interval)
+        return ListChunkReader(
+            fetch, interval, start, stop, chunk_size, prefetch=prefetch, key=key, memo=self._validated
+        )
 
     async def read_range(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState | None]:
         """``count`` stored candles from ``start``, and the job's state read with them."""

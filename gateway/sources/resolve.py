@@ -11,6 +11,7 @@ from gateway.params import StreamRequest
 from gateway.sources.backtests import BacktestSource
 from gateway.sources.base import COMPLETED, ChunkReader, ReadPlan, Snapshot, Source
 from gateway.sources.cache import BacktestCache
+from gateway.sources.candles import ValidatedChunks
 from gateway.sources.redis_jobs import RedisJobSource
 from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError, unavailable
 
@@ -29,11 +30,15 @@ class Sources:
         self._warehouse = warehouse
         self._cache = cache
         self._page_rows = page_rows
+        # Shared by every stream of this process: each stored chunk is validated once.
+        self._validated = ValidatedChunks()
 
     def open(self, request: StreamRequest) -> Source:
         if request.is_backtest:
             return self.backtest(request.id) if self._warehouse else WarehouseNotConfigured()
-        return JobSource(RedisJobSource(self._redis, request.id), self if self._warehouse else None)
+        return JobSource(
+            RedisJobSource(self._redis, request.id, self._validated), self if self._warehouse else None
+        )
 
     def backtest(
         self,
@@ -46,7 +51,7 @@ class Sources:
         assert self._warehouse is not None and self._cache is not None
         return BacktestSource(
             self._warehouse, self._cache, backtest_id,
-            page_rows=self._page_rows, job_id=job_id, record=record, owner=owner,
+            page_rows=self._page_rows, job_id=job_id, record=record, owner=owner, validated=self._validated,
         )  # fmt: skip
 
     async def backtest_of_job(self, job_id: str) -> BacktestRecord | None:
