@@ -63,7 +63,8 @@ class BigQueryEmulator:
     """One ``bqemulator`` process; ``start()`` blocks until it answers (1 to 2 s)."""
 
     def __init__(self, state_dir: Path, project: str = "demo-candles", port: int | None = None) -> None:
-        self.state_dir = state_dir
+        # Absolute: the emulator runs with its cwd and HOME inside it.
+        self.state_dir = state_dir.resolve()
         self.project = project
         self._requested_port = port or 0
         self._port: int | None = None

@@ -54,7 +54,7 @@ def run_dev(settings: Settings) -> None:
 
 
 async def _main(settings: Settings) -> None:
-    state_dir = Path(settings.dev.state_dir)
+    state_dir = Path(settings.dev.state_dir).resolve()
     key = DevSigningKey.load_or_create(state_dir)
     async with contextlib.AsyncExitStack() as stack:
         redis_url = settings.redis.url or await stack.enter_async_context(_embedded_redis(state_dir))
@@ -156,9 +156,9 @@ async def _gateway(settings: Settings) -> AsyncIterator[str]:
 def _print_welcome(settings: Settings, key: DevSigningKey, base_url: str) -> None:
     token = mint_token(key, settings.auth.firebase_project_id, DEMO_USER, lifetime_s=3600)
     intervals = ",".join(DEMO_INTERVALS)
-    live = (
-        f"{base_url}/api/sse/backtest/{DEMO_JOB}/data/multi?intervals={intervals}&follow=true&token={token}"
-    )
+    stream = f"{base_url}/api/sse/backtest/{{}}/data/multi?intervals={intervals}&token={token}"
+    live = stream.format(DEMO_JOB) + "&follow=true"
+    completed = stream.format(DEMO_BACKTEST) + "&limit=5000"
     lines = [
         "",
         f"Candle gateway (development) listening on {base_url}",
