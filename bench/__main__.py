@@ -95,9 +95,7 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 
 @contextlib.contextmanager
-def server_process(
-    args: list[str], env: dict[str, str], port: int, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
+def server_process(args: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         process = subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -163,9 +161,7 @@ async def idle_followers(base: str, token: str, pid: int, count: int) -> float:
     """KiB of gateway memory per idle follow stream (each past its snapshot)."""
     url = f"{base}/api/sse/backtest/{IDLE_JOB}/data/multi?intervals=day&follow=true&token={token}"
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
-    ) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         await asyncio.sleep(0.5)
         before = rss_kib(pid)
         responses = []
@@ -275,9 +271,7 @@ async def measure(
     first_f = statistics.median(r.first_chunk_s for r in floor_runs) * 1000
     lines.append(row("one stream, whole (median)", whole_g, whole_f, "ms"))
     lines.append(row("one stream, first data_chunk (median)", first_g, first_f, "ms", "{:.2f}"))
-    lines.append(
-        row("one stream, bytes", float(gateway_runs[0].bytes), float(floor_runs[0].bytes), "B", "{:.0f}")
-    )
+    lines.append(row("one stream, bytes", float(gateway_runs[0].bytes), float(floor_runs[0].bytes), "B", "{:.0f}"))
 
     for count in (16, 64):
         wall_g, results_g = await concurrent_streams(gateway_url, count)
@@ -296,9 +290,7 @@ async def measure(
             )
     peak_g, peak_f = rss_kib(gateway_pid, "VmHWM") / 1024, rss_kib(floor_pid, "VmHWM") / 1024
     lines.append(row("peak RSS after the streams", peak_g, peak_f, "MiB"))
-    per_follower = await idle_followers(
-        f"http://127.0.0.1:{gateway_port}", token, gateway_pid, args.followers
-    )
+    per_follower = await idle_followers(f"http://127.0.0.1:{gateway_port}", token, gateway_pid, args.followers)
     lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
     return lines
 
@@ -307,9 +299,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=50_000, help="candles per interval (3 intervals)")
     parser.add_argument("--runs", type=int, default=7, help="timed single-stream runs per server")
-    parser.add_argument(
-        "--followers", type=int, default=1000, help="idle follow streams for the memory figure"
-    )
+    parser.add_argument("--followers", type=int, default=1000, help="idle follow streams for the memory figure")
     args = parser.parse_args()
     from gateway.server import install_uvloop
 
@@ -320,7 +310,8 @@ def main() -> None:
     lines.append(row("token verification (warm cache, in process)", verify_cost_us(key), None, "µs"))
     header = [
         "command: make bench" + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else ""),
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}",
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
+        f" {platform.platform()}",
     ]
     print("\n".join(header + lines))
 

@@ -9,6 +9,7 @@ process, beside the gateway's, and reports every gateway figure against it.
 from __future__ import annotations
 
 import argparse
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 import uvloop
@@ -35,17 +36,15 @@ async def floor_stream(request: web.Request) -> web.StreamResponse:
         total = min(await client.llen(key), limit)
         head = b'{"interval":"' + interval.encode() + b'","data_points":['
         for start in range(0, total, chunk_size):
-            stored = await client.lrange(key, start, min(start + chunk_size, total) - 1)
+            stored: list[bytes] = await client.lrange(key, start, min(start + chunk_size, total) - 1)  # type: ignore[assignment]
             event_id += 1
-            await response.write(
-                b"id: %d\nevent: data_chunk\ndata: " % event_id + head + b",".join(stored) + b"]}\n\n"
-            )
+            await response.write(b"id: %d\nevent: data_chunk\ndata: " % event_id + head + b",".join(stored) + b"]}\n\n")
     await response.write(b"event: all_complete\ndata: {}\n\n")
     await response.write_eof()
     return response
 
 
-async def _redis_context(app: web.Application) -> object:
+async def _redis_context(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = aioredis.Redis(
         connection_pool=aioredis.BlockingConnectionPool.from_url(app["redis_url"], max_connections=64)
     )

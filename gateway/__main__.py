@@ -46,11 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
         key = DevSigningKey.load_or_create(Path(settings.dev.state_dir))
         uid = args.uid
-        print(
-            mint_token(
-                key, settings.auth.firebase_project_id, uid, admin=args.admin, lifetime_s=args.lifetime
-            )
-        )
+        print(mint_token(key, settings.auth.firebase_project_id, uid, admin=args.admin, lifetime_s=args.lifetime))
     return 0
 
 

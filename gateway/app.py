@@ -34,13 +34,13 @@ from gateway.errors import (
     Unauthenticated,
     Unavailable,
 )
-from gateway.live import JobNotes
 from gateway.limits import StreamSlots, retry_after_seconds
+from gateway.live import JobNotes
 from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
 from gateway.sources.base import JobInfo, Snapshot, Source
-from gateway.sources.redis_jobs import not_found
 from gateway.sources.cache import BacktestCache
+from gateway.sources.redis_jobs import not_found
 from gateway.sources.resolve import Sources
 from gateway.sources.warehouse import Warehouse
 from gateway.sse import CandleEventResponse
@@ -177,9 +177,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             headers["WWW-Authenticate"] = 'Bearer realm="candles"'
         elif isinstance(exc, TooManyStreams):
             headers["Retry-After"] = str(exc.retry_after_s)
-        return web.json_response(
-            {"error": exc.code, "message": exc.message}, status=exc.status, headers=headers
-        )
+        return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status, headers=headers)
 
 
 # -- handlers -------------------------------------------------------------------

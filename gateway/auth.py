@@ -126,9 +126,7 @@ class CertificateCache:
                 self._verifiers = {}
             return
         self._verifiers = verifiers
-        self._expires_at = self._clock() + (
-            max_age if max_age is not None else self._settings.default_max_age_s
-        )
+        self._expires_at = self._clock() + (max_age if max_age is not None else self._settings.default_max_age_s)
 
 
 class TokenVerifier:
@@ -210,7 +208,8 @@ def token_verifier(
 
 def _b64(part: str, name: str) -> bytes:
     try:
-        return padded_urlsafe_b64decode(part)  # type: ignore[no-any-return]
+        decoded: bytes = padded_urlsafe_b64decode(part)
+        return decoded
     except (binascii.Error, ValueError):
         raise Unauthenticated(f"token {name} is not base64url") from None
 

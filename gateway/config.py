@@ -56,9 +56,7 @@ class RedisSettings(_Section, frozen=True):
 
 class AuthSettings(_Section, frozen=True):
     firebase_project_id: str = "demo-candles"
-    certs_url: str = (
-        "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
-    )
+    certs_url: str = "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
     admin_claim: str = "admin"
     clock_skew_s: Annotated[int, Meta(ge=0, le=600)] = 30
     unknown_kid_refresh_interval_s: PositiveSeconds = 30.0

@@ -59,9 +59,7 @@ class StreamSlots:
         args: list[float | int | str] = [now, now + self._ttl_s, self._max, member, self._ttl_s * 1000]
         taken = await call_redis(lambda: self._acquire(keys=[key], args=args), "counting open streams")
         if not taken:
-            raise TooManyStreams(
-                f"this user already holds {self._max} open streams", retry_after_s=self._retry_after_s
-            )
+            raise TooManyStreams(f"this user already holds {self._max} open streams", retry_after_s=self._retry_after_s)
         refresher = asyncio.create_task(self._refresh(key, member))
         try:
             yield

@@ -53,9 +53,7 @@ async def bt_client(make_gateway, bt_settings):
     return await make_gateway(**bt_settings)
 
 
-def new_backtest(
-    bq, counts: dict[str, int], *, user_id="alice", intervals=None, job_id=None
-) -> tuple[str, dict]:
+def new_backtest(bq, counts: dict[str, int], *, user_id="alice", intervals=None, job_id=None) -> tuple[str, dict]:
     """A backtest with ``counts`` candles per interval, inserted through the official client."""
     backtest_id = f"bt_{1737530000 + next(_ids)}.123"
     insert_backtest(bq, DATASET, "backtests", {
@@ -87,9 +85,7 @@ async def wait_until_cached(redis_client, backtest_id, intervals):
 
 async def test_backtest_streams_every_event_as_the_spec_shows(bt_client, bq, token):
     backtest_id, stored = new_backtest(bq, {"day": 103, "minute": 1200, "3minute": 400}, job_id="job-77")
-    transcript = await stream(
-        bt_client, backtest_id, token=token(), intervals="day,minute,3minute", limit=5000
-    )
+    transcript = await stream(bt_client, backtest_id, token=token(), intervals="day,minute,3minute", limit=5000)
     assert transcript.names == (
         ["interval_start", "data_chunk", "interval_complete"]
         + ["interval_start"]
@@ -111,10 +107,7 @@ async def test_backtest_streams_every_event_as_the_spec_shows(bt_client, bq, tok
         assert event.payload.get("backtest_id", backtest_id) == backtest_id  # data_chunk has no ids
     for name in ("day", "minute", "3minute"):
         points = [
-            p
-            for e in transcript.named("data_chunk")
-            if e.payload["interval"] == name
-            for p in e.payload["data_points"]
+            p for e in transcript.named("data_chunk") if e.payload["interval"] == name for p in e.payload["data_points"]
         ]
         assert points == expected_points(stored[name])
     assert transcript.events[-1].payload == {
@@ -126,9 +119,7 @@ async def test_backtest_streams_every_event_as_the_spec_shows(bt_client, bq, tok
 
 async def test_limit_takes_the_first_points_in_time_order(bt_client, bq, token):
     backtest_id, stored = new_backtest(bq, {"minute": 50})
-    transcript = await stream(
-        bt_client, backtest_id, token=token(), intervals="minute", limit=17, chunk_size=5
-    )
+    transcript = await stream(bt_client, backtest_id, token=token(), intervals="minute", limit=17, chunk_size=5)
     points = [p for e in transcript.named("data_chunk") for p in e.payload["data_points"]]
     assert points == expected_points(stored["minute"][:17])
     assert [len(e.payload["data_points"]) for e in transcript.named("data_chunk")] == [5, 5, 5, 2]
@@ -153,9 +144,7 @@ async def test_second_open_is_served_from_the_cache_on_any_replica(
     assert [(e.event, e.payload) for e in second.events] == [(e.event, e.payload) for e in first.events]
     # The whole interval is cached, not only the first `limit` points.
     whole = await stream(replica, backtest_id, token=token(), intervals="minute", limit=50000)
-    assert [p for e in whole.named("data_chunk") for p in e.payload["data_points"]] == expected_points(
-        stored["minute"]
-    )
+    assert [p for e in whole.named("data_chunk") for p in e.payload["data_points"]] == expected_points(stored["minute"])
 
 
 async def test_partly_written_cache_is_never_served(bt_client, bq, token, redis_client):
@@ -166,9 +155,7 @@ async def test_partly_written_cache_is_never_served(bt_client, bq, token, redis_
     assert transcript.named("data_chunk")[0].payload["data_points"] == expected_points(stored["day"])
 
 
-async def test_cache_failure_falls_back_to_the_warehouse(
-    make_gateway, bt_settings, bq, token, unused_tcp_port
-):
+async def test_cache_failure_falls_back_to_the_warehouse(make_gateway, bt_settings, bq, token, unused_tcp_port):
     client = await make_gateway(
         redis={"url": f"redis://127.0.0.1:{unused_tcp_port}", "retries": 0, "connect_timeout_s": 0.2},
         server={"max_streams_per_user": 0}, **bt_settings,
@@ -235,9 +222,7 @@ async def test_unreachable_warehouse_without_cached_metadata_is_connection_error
     assert transcript.events[0].payload["error"] == "connection_error"
 
 
-async def test_completed_job_whose_redis_candles_expired_is_served_from_the_warehouse(
-    bt_client, bq, writer, token
-):
+async def test_completed_job_whose_redis_candles_expired_is_served_from_the_warehouse(bt_client, bq, writer, token):
     backtest_id, stored = new_backtest(bq, {"day": 5}, job_id="expired-job")
     w = writer("expired-job")
     await w.create(user_id="alice", symbol="LTF", exchange="NSE", intervals=["day"], status="completed")
@@ -290,9 +275,7 @@ async def test_backtest_resume_after_every_event(bt_client, bq, token, redis_cli
     if warm:
         await wait_until_cached(redis_client, backtest_id, ["day", "minute", "3minute"])
     for index, event in enumerate(reference.events[:-1]):
-        resumed = await stream(
-            bt_client, backtest_id, token=token(), headers={"Last-Event-ID": event.id}, **params
-        )
+        resumed = await stream(bt_client, backtest_id, token=token(), headers={"Last-Event-ID": event.id}, **params)
         assert [(e.id, e.event, e.payload) for e in reference.events[: index + 1] + resumed.events] == [
             (e.id, e.event, e.payload) for e in reference.events
         ], index

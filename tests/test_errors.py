@@ -93,9 +93,7 @@ async def test_header_token_wins_over_query_token(client, writer, token):
 
 
 async def test_non_bearer_authorization_is_401(client):
-    response = await open_stream(
-        client, JOB, intervals="day", headers={"Authorization": "Basic dXNlcjpwYXNz"}
-    )
+    response = await open_stream(client, JOB, intervals="day", headers={"Authorization": "Basic dXNlcjpwYXNz"})
     assert response.status == 401
 
 
@@ -201,9 +199,7 @@ async def test_interval_not_in_job_configuration_is_reported_at_its_position(cli
         ),
     ],
 )
-async def test_corrupt_candle_is_data_error_for_its_interval_and_the_stream_goes_on(
-    client, writer, token, bad, reason
-):
+async def test_corrupt_candle_is_data_error_for_its_interval_and_the_stream_goes_on(client, writer, token, bad, reason):
     w = writer(JOB)
     await seed_job(w, counts={"minute": 7, "day": 2})
     await w.append_raw("minute", [bad])  # position 7, in the second chunk of 5

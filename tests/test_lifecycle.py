@@ -64,9 +64,7 @@ async def test_stream_limit_per_user_is_429_with_retry_after(make_gateway, write
     client = await make_gateway(server={"max_streams_per_user": 2})
     w = writer(JOB)
     await seed_job(w, counts={"minute": 3})
-    held = [
-        await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(2)
-    ]
+    held = [await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(2)]
     assert [r.status for r in held] == [200, 200]
     refused = await open_stream(client, JOB, token=token(), intervals="minute")
     assert refused.status == 429

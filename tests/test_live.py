@@ -18,9 +18,7 @@ def _shape(events):
 
 
 @pytest.mark.parametrize("order", ["sequential", "interleaved"])
-async def test_resuming_after_every_event_continues_exactly_the_uninterrupted_stream(
-    client, writer, token, order
-):
+async def test_resuming_after_every_event_continues_exactly_the_uninterrupted_stream(client, writer, token, order):
     w = writer(JOB)
     await seed_job(w, counts={"day": 7, "minute": 23, "3minute": 0, "5minute": 6}, status="completed")
     await w.append_raw("5minute", [b"corrupt"])
@@ -68,9 +66,7 @@ async def test_event_id_of_another_request_is_400(client, writer, token, change)
     assert (await response.json())["message"].startswith("last_event_id:")
 
 
-async def test_resume_of_a_running_job_keeps_started_totals_and_counts_new_intervals_afresh(
-    client, writer, token
-):
+async def test_resume_of_a_running_job_keeps_started_totals_and_counts_new_intervals_afresh(client, writer, token):
     w = writer(JOB)
     stored = await seed_job(w, counts={"minute": 12, "day": 2})
     reference = await stream(client, JOB, token=token(), intervals="minute,day", chunk_size=5)
@@ -78,9 +74,7 @@ async def test_resume_of_a_running_job_keeps_started_totals_and_counts_new_inter
     more_minutes = make_candles(4, first=12)
     await w.append("minute", more_minutes)
     await w.append("day", make_candles(1, first=2, step=stored["day"][1].time - stored["day"][0].time))
-    resumed = await stream(
-        client, JOB, token=token(), intervals="minute,day", chunk_size=5, last_event_id=cut.id
-    )
+    resumed = await stream(client, JOB, token=token(), intervals="minute,day", chunk_size=5, last_event_id=cut.id)
     assert resumed.names == [
         "data_chunk",
         "data_chunk",
@@ -117,9 +111,7 @@ async def test_follow_sends_appended_points_status_changes_and_completes(make_ga
     client = await make_gateway(follow={"recheck_interval_s": 30.0, "status_min_interval_s": 0.01})
     w = writer(JOB)
     stored = await seed_job(w, counts={"minute": 5, "day": 1}, current_bar=5)
-    response = await open_stream(
-        client, JOB, token=token(), intervals="minute,day", follow="true", chunk_size=2
-    )
+    response = await open_stream(client, JOB, token=token(), intervals="minute,day", follow="true", chunk_size=2)
     next_event = _reader(response)
     snapshot = await _events(next_event, 8)
     assert [e.event for e in snapshot] == [
@@ -238,9 +230,7 @@ async def test_many_followers_of_one_job_share_one_subscription(make_gateway, wr
     client = await make_gateway(server={"max_streams_per_user": 0})
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
-    responses = [
-        await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(20)
-    ]
+    responses = [await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(20)]
     readers = [_reader(r) for r in responses]
     for next_event in readers:
         await _events(next_event, 3)
@@ -281,9 +271,7 @@ async def test_resume_in_follow_mode_while_the_worker_appends(client, writer, to
     resumed.close()
 
 
-async def test_interleaved_order_sends_all_starts_then_one_chunk_per_interval_per_round(
-    client, writer, token
-):
+async def test_interleaved_order_sends_all_starts_then_one_chunk_per_interval_per_round(client, writer, token):
     stored = await seed_job(writer(JOB), counts={"day": 3, "minute": 12, "3minute": 7})
     transcript = await stream(
         client, JOB, token=token(), intervals="day,minute,3minute", chunk_size=5, order="interleaved"
@@ -299,10 +287,7 @@ async def test_interleaved_order_sends_all_starts_then_one_chunk_per_interval_pe
     ]  # fmt: skip
     for name in ("day", "minute", "3minute"):
         points = [
-            p
-            for e in transcript.named("data_chunk")
-            if e.payload["interval"] == name
-            for p in e.payload["data_points"]
+            p for e in transcript.named("data_chunk") if e.payload["interval"] == name for p in e.payload["data_points"]
         ]
         assert points == expected_points(stored[name])
     fourth_chunk = transcript.named("data_chunk")[3].payload["progress"]

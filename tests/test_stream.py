@@ -76,9 +76,7 @@ async def test_seed_example_streams_every_event_as_the_spec_shows(client, writer
 
 async def test_response_headers_tell_proxies_not_to_buffer(client, writer, token):
     await seed_job(writer(JOB), counts={"day": 3})
-    response = await client.get(
-        f"/api/sse/backtest/{JOB}/data/multi", params={"intervals": "day", "token": token()}
-    )
+    response = await client.get(f"/api/sse/backtest/{JOB}/data/multi", params={"intervals": "day", "token": token()})
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream"
     assert response.headers["Cache-Control"] == "no-cache"
@@ -108,9 +106,7 @@ async def test_limit_and_chunk_size_cut_the_first_points_into_chunks(
     client, writer, token, limit, chunk_size, stored, expected_sizes
 ):
     candles = await seed_job(writer(JOB), counts={"minute": stored})
-    transcript = await stream(
-        client, JOB, token=token(), intervals="minute", limit=limit, chunk_size=chunk_size
-    )
+    transcript = await stream(client, JOB, token=token(), intervals="minute", limit=limit, chunk_size=chunk_size)
     chunks = [e.payload for e in transcript.named("data_chunk")]
     assert [len(c["data_points"]) for c in chunks] == expected_sizes
     total = sum(expected_sizes)

@@ -158,8 +158,7 @@ class BigQueryEmulator:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(
-                    f"the BigQuery emulator exited with status {self._process.returncode}:\n"
-                    + _tail(self.log_path)
+                    f"the BigQuery emulator exited with status {self._process.returncode}:\n" + _tail(self.log_path)
                 )
             # It binds port 0 itself and logs the real port: no race for a free port.
             port = port or _listening_port(self.log_path)
@@ -173,7 +172,7 @@ def make_client(project: str, endpoint: str) -> bigquery.Client:
     """A client for the emulator: anonymous, pointed at ``endpoint`` only, failed queries raising."""
     client = bigquery.Client(
         project=project,
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
         client_options={"api_endpoint": endpoint},
     )
     raise_query_errors(client)
@@ -214,9 +213,7 @@ def create_warehouse(
     """Create the dataset and both tables if they are missing."""
     client.create_dataset(f"{client.project}.{dataset}", exists_ok=True)
     for table, schema in ((backtests_table, BACKTESTS_SCHEMA), (candles_table, CANDLES_SCHEMA)):
-        client.create_table(
-            bigquery.Table(f"{client.project}.{dataset}.{table}", list(schema)), exists_ok=True
-        )
+        client.create_table(bigquery.Table(f"{client.project}.{dataset}.{table}", list(schema)), exists_ok=True)
 
 
 def insert_backtest(client: bigquery.Client, dataset: str, table: str, row: Mapping[str, Any]) -> None:

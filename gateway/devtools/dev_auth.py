@@ -64,11 +64,7 @@ class DevSigningKey:
         key_path, cert_path = state_dir / _KEY_FILE, state_dir / _CERT_FILE
         if key_path.is_file() and cert_path.is_file():
             certificate_pem = cert_path.read_text()
-            kid = (
-                x509.load_pem_x509_certificate(certificate_pem.encode())
-                .fingerprint(hashes.SHA256())
-                .hex()[:40]
-            )
+            kid = x509.load_pem_x509_certificate(certificate_pem.encode()).fingerprint(hashes.SHA256()).hex()[:40]
             return cls(key_path.read_text(), certificate_pem, kid=kid)
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         generated = cls.generate()

@@ -50,11 +50,10 @@ def run_dev(settings: Settings) -> None:
     """Run until Ctrl-C."""
     install_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(settings))
+        asyncio.run(_main(settings, Path(settings.dev.state_dir).resolve()))
 
 
-async def _main(settings: Settings) -> None:
-    state_dir = Path(settings.dev.state_dir).resolve()
+async def _main(settings: Settings, state_dir: Path) -> None:
     key = DevSigningKey.load_or_create(state_dir)
     async with contextlib.AsyncExitStack() as stack:
         redis_url = settings.redis.url or await stack.enter_async_context(_embedded_redis(state_dir))
@@ -180,9 +179,7 @@ def _print_welcome(settings: Settings, key: DevSigningKey, base_url: str) -> Non
 
 async def write_demo_job(writer: JobWriter) -> None:
     """A worker's life in miniature: queued, running with candles arriving, completed."""
-    await writer.create(
-        user_id=DEMO_USER, symbol="LTF", exchange="NSE", intervals=DEMO_INTERVALS, status="queued"
-    )
+    await writer.create(user_id=DEMO_USER, symbol="LTF", exchange="NSE", intervals=DEMO_INTERVALS, status="queued")
     series = _RandomWalk(datetime(2025, 4, 1, 9, 15, tzinfo=UTC))
     await writer.update(status="running", current_bar=0)
     for tick in range(TICKS):
@@ -204,7 +201,7 @@ class _RandomWalk:
     def __init__(self, start: datetime) -> None:
         self._start = start
         self._price = 1234.5
-        self._random = random.Random(7)
+        self._random = random.Random(7)  # noqa: S311 - demo prices, not secrets
         self.bars = 0
         self._minutes: list[Candle] = []
         self._taken: dict[int, int] = {}
@@ -235,9 +232,7 @@ class _RandomWalk:
         out = []
         while (done + 1) * minutes <= len(self._minutes):
             group = self._minutes[done * minutes : (done + 1) * minutes]
-            day_start = (
-                group[0].time.replace(hour=0, minute=0) if minutes == MINUTES_PER_DAY else group[0].time
-            )
+            day_start = group[0].time.replace(hour=0, minute=0) if minutes == MINUTES_PER_DAY else group[0].time
             out.append(
                 candle(
                     day_start,

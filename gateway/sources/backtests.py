@@ -18,9 +18,9 @@ from datetime import datetime
 from functools import partial
 
 from gateway.errors import DataError, JobNotFound
+from gateway.sources import keys
 from gateway.sources.base import COMPLETED, Chunk, ChunkReader, JobInfo, JobState, ReadPlan, Snapshot
 from gateway.sources.cache import BacktestCache
-from gateway.sources import keys
 from gateway.sources.candles import CandleValidator, ValidatedChunks
 from gateway.sources.lists import ListChunkReader
 from gateway.sources.warehouse import BacktestRecord, CandlePage, Warehouse, WarehouseError, unavailable
@@ -135,9 +135,7 @@ class BacktestSource:
             page_rows=self._page_rows, first_page=first_page,
         )  # fmt: skip
 
-    async def _read_cached(
-        self, interval: str, start: int, count: int
-    ) -> tuple[list[bytes], JobState | None]:
+    async def _read_cached(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState | None]:
         return await self._cache.read_range(self.backtest_id, interval, start, count), None
 
     async def aclose(self) -> None:
@@ -210,9 +208,7 @@ class WarehouseChunkReader:
         if self._cursor is None:
             fetch = self._warehouse.first_page(self._backtest_id, self._interval, self._fetched, rows)
         else:
-            fetch = self._warehouse.page_after(
-                self._backtest_id, self._interval, self._cursor, self._fetched, rows
-            )
+            fetch = self._warehouse.page_after(self._backtest_id, self._interval, self._cursor, self._fetched, rows)
         return asyncio.create_task(fetch)
 
     async def aclose(self) -> None:

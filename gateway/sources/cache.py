@@ -14,6 +14,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
+from functools import partial
 from typing import Final
 
 import msgspec
@@ -57,9 +58,7 @@ class BacktestCache:
 
     async def store_record(self, record: BacktestRecord) -> None:
         try:
-            await self._redis.set(
-                keys.backtest_meta_key(record.backtest_id), _encode_record(record), ex=self._ttl_s
-            )
+            await self._redis.set(keys.backtest_meta_key(record.backtest_id), _encode_record(record), ex=self._ttl_s)
         except redis.exceptions.RedisError:
             log.warning("could not cache backtest %s", record.backtest_id)
 
@@ -87,7 +86,7 @@ class BacktestCache:
         """``count`` cached candles from ``start``."""
         key = keys.backtest_candles_key(backtest_id, interval)
         try:
-            stored: list[bytes] = await self._redis.lrange(key, start, start + count - 1)
+            stored: list[bytes] = await self._redis.lrange(key, start, start + count - 1)  # type: ignore[assignment]
         except redis.exceptions.RedisError as exc:
             raise DataError(f"cached interval '{interval}' became unreadable: {exc}") from exc
         if len(stored) != count:
@@ -101,7 +100,10 @@ class BacktestCache:
             if key not in self._fills:
                 task = asyncio.create_task(self._fill(backtest_id, interval), name=f"cache-fill {key}")
                 self._fills[key] = task
-                task.add_done_callback(lambda _, key=key: self._fills.pop(key, None))
+                task.add_done_callback(partial(self._forget_fill, key))
+
+    def _forget_fill(self, key: tuple[str, str], _: asyncio.Task[None]) -> None:
+        self._fills.pop(key, None)
 
     async def aclose(self) -> None:
         for task in list(self._fills.values()):
@@ -150,9 +152,7 @@ class BacktestCache:
             written += len(page.candles)
             if len(page.candles) < self._page_rows or page.last_time is None:
                 break
-            page = await self._warehouse.page_after(
-                backtest_id, interval, page.last_time, written, self._page_rows
-            )
+            page = await self._warehouse.page_after(backtest_id, interval, page.last_time, written, self._page_rows)
             page = msgspec.structs.replace(page, candles=page.candles[1:])
         return written
 

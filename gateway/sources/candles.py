@@ -7,8 +7,9 @@ fields), so the array is spliced from the stored bytes and only *validated*:
 one ``msgspec`` decode of the whole array into typed structs (in C), a count
 of ``Z`` suffixes, and an ascending-time check. Anything else (another
 offset, extra fields) takes the slow path: each candle is decoded alone, so a
-bad one is reported by its position, and the chunk is encoded again. Nothing is ever dropped: a candle that does not
-validate makes the whole chunk a ``DataError``.
+bad one is reported by its position, and the chunk is encoded again. Nothing
+is ever dropped: a candle that does not validate makes the whole chunk a
+``DataError``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Final
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
@@ -70,9 +71,7 @@ class ValidatedChunks:
     """
 
     def __init__(self, max_entries: int = 16_384, ttl_s: float = 300.0) -> None:
-        self._entries: OrderedDict[tuple[str, int, int], tuple[int, datetime, datetime, float]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[tuple[str, int, int], tuple[int, datetime, datetime, float]] = OrderedDict()
         self._max_entries = max_entries
         self._ttl_s = ttl_s
 
@@ -130,13 +129,9 @@ class CandleValidator:
         # fragment) could still splice into a valid array of another length.
         if candles is not None and len(candles) == len(stored) and _utc_z(array, len(stored)):
             times = list(map(_time_of, candles))
-            if (self._last_time is None or self._last_time < times[0]) and all(
-                map(operator.lt, times, times[1:])
-            ):
+            if (self._last_time is None or self._last_time < times[0]) and all(map(operator.lt, times, times[1:])):
                 if self._memo is not None:
-                    self._memo.remember(
-                        self._key, self._position, len(stored), len(array), times[0], times[-1]
-                    )
+                    self._memo.remember(self._key, self._position, len(stored), len(array), times[0], times[-1])
                 self._last_time = times[-1]
                 self._position += len(stored)
                 return array
@@ -151,9 +146,7 @@ class CandleValidator:
             try:
                 candle = _decode_candle(raw)
             except msgspec.DecodeError as exc:
-                raise DataError(
-                    f"candle {position} of interval '{self._interval}' is malformed: {exc}"
-                ) from exc
+                raise DataError(f"candle {position} of interval '{self._interval}' is malformed: {exc}") from exc
             time = candle.time.astimezone(UTC)
             if last is not None and time <= last:
                 raise DataError(

@@ -81,9 +81,7 @@ class RedisJobSource:
         count: int = await call_redis(lambda: self._redis.exists(*names), "checking candles")
         return count > 0
 
-    def reader(
-        self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool
-    ) -> ListChunkReader:
+    def reader(self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool) -> ListChunkReader:
         fetch = partial(self.read_range, interval)
         key = keys.candles_key(self.job_id, interval)
         return ListChunkReader(
@@ -119,9 +117,7 @@ def parse_job_hash(job_id: str, fields: Mapping[bytes, bytes]) -> JobInfo:
     """The job hash as a ``JobInfo``; a malformed record becomes a failed job, never a crash."""
     text = {name.decode(errors="replace"): value.decode(errors="replace") for name, value in fields.items()}
     intervals = tuple(name.strip() for name in text.get("intervals", "").split(",") if name.strip())
-    missing = [
-        name for name in ("user_id", "symbol", "exchange", "intervals", "status") if not text.get(name)
-    ]
+    missing = [name for name in ("user_id", "symbol", "exchange", "intervals", "status") if not text.get(name)]
     state = parse_job_state(text)
     backtest_id = text.get("backtest_id") or None
     if missing:
@@ -152,9 +148,7 @@ def parse_job_state(fields: Mapping[str, str | bytes | None]) -> JobState:
         try:
             bar = int(current_bar)
         except ValueError:
-            return JobState(
-                status="failed", error=f"job record has a non-integer current_bar {current_bar!r}"
-            )
+            return JobState(status="failed", error=f"job record has a non-integer current_bar {current_bar!r}")
     return JobState(status=status, current_bar=bar, error=error or None)
 
 

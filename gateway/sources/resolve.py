@@ -36,9 +36,7 @@ class Sources:
     def open(self, request: StreamRequest) -> Source:
         if request.is_backtest:
             return self.backtest(request.id) if self._warehouse else WarehouseNotConfigured()
-        return JobSource(
-            RedisJobSource(self._redis, request.id, self._validated), self if self._warehouse else None
-        )
+        return JobSource(RedisJobSource(self._redis, request.id, self._validated), self if self._warehouse else None)
 
     def backtest(
         self,
@@ -81,9 +79,7 @@ class JobSource:
             record = await self._backtests.backtest_of_job(self._jobs.job_id)
             if record is None:
                 raise
-            self._current = self._backtests.backtest(
-                record.backtest_id, job_id=self._jobs.job_id, record=record
-            )
+            self._current = self._backtests.backtest(record.backtest_id, job_id=self._jobs.job_id, record=record)
             return await self._current.snapshot(intervals, plan)
         job = snapshot.job
         if (

@@ -145,9 +145,7 @@ class Warehouse:
             bigquery.ScalarQueryParameter("after", "TIMESTAMP", after),
             bigquery.ScalarQueryParameter("rows", "INT64", rows + 1),
         ]
-        return await self._query(
-            sql, parameters, partial(_candle_page, interval, position - 1, with_count=False)
-        )
+        return await self._query(sql, parameters, partial(_candle_page, interval, position - 1, with_count=False))
 
     async def _query(
         self,
@@ -167,7 +165,7 @@ class Warehouse:
                 # The client's default retries go on for 10 minutes (40 with job
                 # retries); ours end with the query's timeout, so nothing hangs.
                 retry=DEFAULT_RETRY.with_timeout(timeout_s),
-                job_retry=None,
+                job_retry=None,  # type: ignore[arg-type]  # None disables, as documented
             )
             # Iterating fetches further pages: it belongs on this thread too.
             return convert(rows)
@@ -194,7 +192,7 @@ def make_client(settings: BigQuerySettings) -> bigquery.Client:
     client = bigquery.Client(
         project=settings.project,
         client_options={"api_endpoint": settings.api_endpoint},
-        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        credentials=AnonymousCredentials(),
         **options,
     )
     # The emulator answers a failed query as an empty result; make it raise as BigQuery does.
