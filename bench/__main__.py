@@ -40,6 +40,7 @@ from aiohttp import web
 
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.sources import keys
 from gateway.workers import JobWriter, candle
 
 PROJECT = "bench-candles"
@@ -143,10 +144,18 @@ async def seed(client: aioredis.Redis, points: int) -> None:
     await idle.append("day", [candle(start, 1.0, 2.0, 0.5, 1.5, 10)])
 
 
-async def single_streams(session: aiohttp.ClientSession, url: str, runs: int) -> list[StreamResult]:
+async def copy_job(client: aioredis.Redis, copy_id: str) -> None:
+    """Another job with the same candles: a first read of it validates everything again."""
+    await client.copy(keys.job_key(JOB), keys.job_key(copy_id), replace=True)
+    for interval in INTERVALS:
+        await client.copy(keys.candles_key(JOB, interval), keys.candles_key(copy_id, interval), replace=True)
+
+
+async def single_streams(session: aiohttp.ClientSession, urls: Sequence[str]) -> list[StreamResult]:
+    """One stream after another, each URL once, after two warm-up reads of the first."""
     for _ in range(2):  # warm-up: connections, caches, code paths
-        await read_one(session, url)
-    return [await read_one(session, url) for _ in range(runs)]
+        await read_one(session, urls[0])
+    return [await read_one(session, url) for url in urls]
 
 
 async def concurrent_streams(url: str, count: int) -> tuple[float, list[StreamResult]]:
@@ -155,6 +164,51 @@ async def concurrent_streams(url: str, count: int) -> tuple[float, list[StreamRe
         started = time.perf_counter()
         results = await asyncio.gather(*(read_one(session, url) for _ in range(count)))
         return time.perf_counter() - started, list(results)
+
+
+async def follow_latency(base: str, token: str, client: aioredis.Redis, followers: int, appends: int) -> list[float]:
+    """Seconds from a worker's append (with its note) to each follower reading the new chunk."""
+    job = "bench-follow-job"
+    writer = JobWriter(client, job)
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    await writer.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=["day"], status="running")
+    await writer.append("day", [candle(start, 1.0, 2.0, 0.5, 1.5, 10)])
+    url = f"{base}/api/sse/backtest/{job}/data/multi?intervals=day&follow=true&token={token}"
+    appended_at: dict[int, float] = {}
+    latencies: list[float] = []
+
+    async def follow(response: aiohttp.ClientResponse) -> None:
+        buffer = b""
+        async for block in response.content.iter_any():
+            received = time.perf_counter()
+            buffer += block
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if b"event: data_chunk" in event:
+                    sent = int(event.partition(b'"points_sent":')[2].split(b",", 1)[0])
+                    if sent in appended_at:
+                        latencies.append(received - appended_at[sent])
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        responses = []
+        for _ in range(followers):
+            response = await session.get(url)
+            await response.content.readuntil(b"event: interval_complete")
+            responses.append(response)
+        readers = [asyncio.create_task(follow(response)) for response in responses]
+        await asyncio.sleep(0.5)
+        for n in range(appends):
+            appended_at[n + 2] = time.perf_counter()
+            await writer.append("day", [candle(start + timedelta(days=n + 1), 1.0, 2.0, 0.5, 1.5, 10)])
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        for task in readers:
+            task.cancel()
+        for response in responses:
+            response.close()
+    assert len(latencies) == followers * appends, f"{len(latencies)} of {followers * appends} chunks arrived"
+    return latencies
 
 
 async def idle_followers(base: str, token: str, pid: int, count: int) -> float:
@@ -235,14 +289,43 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 server_process(gateway_cmd, env, gateway_port, work / "gateway.log") as gateway,
                 server_process(floor_cmd, {}, floor_port, work / "floor.log") as floor,
             ):
-                return await measure(args, key, gateway.pid, floor.pid, gateway_port, floor_port)
+                lines = await measure(args, client, key, gateway.pid, floor.pid, gateway_port, floor_port)
+            # Followers on a fresh gateway, so its heap is not the one the big streams grew.
+            follow_port = free_port()
+            follow_env = {**env, "GATEWAY_SERVER_PORT": str(follow_port)}
+            with server_process(gateway_cmd, follow_env, follow_port, work / "follow.log") as follower_gateway:
+                token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
+                base = f"http://127.0.0.1:{follow_port}"
+                latencies = await follow_latency(base, token, client, args.latency_followers, args.appends)
+                lines.append(
+                    row(
+                        f"append -> data_chunk at {args.latency_followers} followers, p50",
+                        percentile(latencies, 0.5) * 1000,
+                        None,
+                        "ms",
+                        "{:.2f}",
+                    )
+                )
+                lines.append(
+                    row(
+                        f"append -> data_chunk at {args.latency_followers} followers, p95",
+                        percentile(latencies, 0.95) * 1000,
+                        None,
+                        "ms",
+                        "{:.2f}",
+                    )
+                )
+                per_follower = await idle_followers(base, token, follower_gateway.pid, args.followers)
+                lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
         await client.aclose()
+        return lines
     finally:
         valkey.stop()
 
 
 async def measure(
     args: argparse.Namespace,
+    client: aioredis.Redis,
     key: DevSigningKey,
     gateway_pid: int,
     floor_pid: int,
@@ -251,31 +334,47 @@ async def measure(
 ) -> list[str]:
     token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
     query = f"intervals={','.join(INTERVALS)}&limit={args.points}&chunk_size=500"
-    gateway_url = f"http://127.0.0.1:{gateway_port}/api/sse/backtest/{JOB}/data/multi?{query}&token={token}"
-    floor_url = f"http://127.0.0.1:{floor_port}/api/sse/backtest/{JOB}/data/multi?{query}"
+
+    def gateway_url(job: str) -> str:
+        return f"http://127.0.0.1:{gateway_port}/api/sse/backtest/{job}/data/multi?{query}&token={token}"
+
+    def floor_url(job: str) -> str:
+        return f"http://127.0.0.1:{floor_port}/api/sse/backtest/{job}/data/multi?{query}"
+
     lines = [
-        f"points per stream: {3 * args.points}, chunk_size 500; {args.runs} runs after 2 warm-ups",
+        f"points per stream: {3 * args.points}, chunk_size 500; single streams: median of {args.runs} after 2 warm-ups",
         "",
         "| measure | gateway | floor | gateway / floor |",
         "|---|---|---|---|",
     ]
+    # First reads: every timed stream reads a job of its own, so the gateway
+    # validates every candle (no help from chunks validated earlier).
+    copies = [f"{JOB}-{run}" for run in range(args.runs)]
+    for copy_id in copies:
+        await copy_job(client, copy_id)
     async with aiohttp.ClientSession() as session:
-        gateway_runs = await single_streams(session, gateway_url, args.runs)
-        floor_runs = await single_streams(session, floor_url, args.runs)
+        first_g = await single_streams(session, [gateway_url(job) for job in copies])
+        first_f = await single_streams(session, [floor_url(job) for job in copies])
+        again_g = await single_streams(session, [gateway_url(JOB)] * args.runs)
     expected = 3 * args.points
-    for result in gateway_runs + floor_runs:
+    for result in first_g + first_f + again_g:
         assert result.points == expected, f"a stream carried {result.points} points, not {expected}"
-    whole_g = statistics.median(r.total_s for r in gateway_runs) * 1000
-    whole_f = statistics.median(r.total_s for r in floor_runs) * 1000
-    first_g = statistics.median(r.first_chunk_s for r in gateway_runs) * 1000
-    first_f = statistics.median(r.first_chunk_s for r in floor_runs) * 1000
-    lines.append(row("one stream, whole (median)", whole_g, whole_f, "ms"))
-    lines.append(row("one stream, first data_chunk (median)", first_g, first_f, "ms", "{:.2f}"))
-    lines.append(row("one stream, bytes", float(gateway_runs[0].bytes), float(floor_runs[0].bytes), "B", "{:.0f}"))
+
+    def median_ms(results: Sequence[StreamResult], first_chunk: bool = False) -> float:
+        return statistics.median(r.first_chunk_s if first_chunk else r.total_s for r in results) * 1000
+
+    floor_whole = median_ms(first_f)
+    lines.append(row("one stream, whole, first read (median)", median_ms(first_g), floor_whole, "ms"))
+    lines.append(row("one stream, whole, read again (median)", median_ms(again_g), floor_whole, "ms"))
+    lines.append(
+        row("one stream, first data_chunk (median)", median_ms(first_g, True), median_ms(first_f, True), "ms", "{:.2f}")
+    )
+    lines.append(row("one stream, bytes", float(first_g[0].bytes), float(first_f[0].bytes), "B", "{:.0f}"))
+    gateway_url_main, floor_url_main = gateway_url(JOB), floor_url(JOB)
 
     for count in (16, 64):
-        wall_g, results_g = await concurrent_streams(gateway_url, count)
-        wall_f, results_f = await concurrent_streams(floor_url, count)
+        wall_g, results_g = await concurrent_streams(gateway_url_main, count)
+        wall_f, results_f = await concurrent_streams(floor_url_main, count)
         points = count * expected
         lines.append(row(f"{count} streams, wall time", wall_g * 1000, wall_f * 1000, "ms"))
         lines.append(row(f"{count} streams, points/s", points / wall_g, points / wall_f, "", "{:,.0f}"))
@@ -290,8 +389,6 @@ async def measure(
             )
     peak_g, peak_f = rss_kib(gateway_pid, "VmHWM") / 1024, rss_kib(floor_pid, "VmHWM") / 1024
     lines.append(row("peak RSS after the streams", peak_g, peak_f, "MiB"))
-    per_follower = await idle_followers(f"http://127.0.0.1:{gateway_port}", token, gateway_pid, args.followers)
-    lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
     return lines
 
 
@@ -300,6 +397,8 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=50_000, help="candles per interval (3 intervals)")
     parser.add_argument("--runs", type=int, default=7, help="timed single-stream runs per server")
     parser.add_argument("--followers", type=int, default=1000, help="idle follow streams for the memory figure")
+    parser.add_argument("--latency-followers", type=int, default=100, help="followers of one job for the latency")
+    parser.add_argument("--appends", type=int, default=50, help="worker appends timed for the latency")
     args = parser.parse_args()
     from gateway.server import install_uvloop
 
