@@ -168,7 +168,8 @@ async def concurrent_streams(url: str, count: int) -> tuple[float, list[StreamRe
 
 async def follow_latency(base: str, token: str, client: aioredis.Redis, followers: int, appends: int) -> list[float]:
     """Seconds from a worker's append (with its note) to each follower reading the new chunk."""
-    job = "bench-follow-job"
+    job = f"bench-follow-job-{followers}"
+    await client.delete(keys.job_key(job), keys.candles_key(job, "day"))
     writer = JobWriter(client, job)
     start = datetime(2020, 1, 1, tzinfo=UTC)
     await writer.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=["day"], status="running")
@@ -179,6 +180,7 @@ async def follow_latency(base: str, token: str, client: aioredis.Redis, follower
 
     async def follow(response: aiohttp.ClientResponse) -> None:
         buffer = b""
+        seen = 1
         async for block in response.content.iter_any():
             received = time.perf_counter()
             buffer += block
@@ -186,8 +188,9 @@ async def follow_latency(base: str, token: str, client: aioredis.Redis, follower
             for event in events:
                 if b"event: data_chunk" in event:
                     sent = int(event.partition(b'"points_sent":')[2].split(b",", 1)[0])
-                    if sent in appended_at:
-                        latencies.append(received - appended_at[sent])
+                    # One chunk may carry several appends when they come quickly.
+                    latencies.extend(received - appended_at[n] for n in range(seen + 1, sent + 1))
+                    seen = sent
 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Hashable
+from datetime import datetime
+from functools import partial
+from typing import Protocol, TypeVar
 
 import msgspec
 
@@ -31,9 +33,10 @@ from gateway.protocol import (
     Payload,
     Progress,
 )
-from gateway.sources.base import ChunkReader, JobState, ReadPlan, Snapshot, Source
+from gateway.sources.base import Chunk, ChunkReader, JobState, ReadPlan, Snapshot, Source
 
 Send = Callable[[bytes], Awaitable[None]]
+T = TypeVar("T")
 
 
 class LiveFeed(Protocol):
@@ -41,6 +44,10 @@ class LiveFeed(Protocol):
 
     async def wait_for_change(self) -> None:
         """Return when a worker note arrives or the re-check timer fires."""
+        ...
+
+    async def shared(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``, or an identical read that another follower of the job started since the last wake-up."""
         ...
 
 
@@ -79,6 +86,8 @@ class CandleStream:
         self._lengths = dict(snapshot.lengths)
         self._lengths_fresh = True
         self._readers: dict[int, ChunkReader] = {}
+        # Time of the last candle sent per interval: live chunks must come after it.
+        self._last_times: dict[int, datetime] = {}
         self._clock = clock
 
     @property
@@ -215,6 +224,8 @@ class CandleStream:
             return
         if chunk.state is not None:
             self._observe(chunk.state)
+        if chunk.last_time is not None:
+            self._last_times[index] = chunk.last_time
         interval.points_sent += chunk.count
         interval.chunks_sent += 1
         is_last = interval.points_sent >= interval.total_points
@@ -284,7 +295,8 @@ class CandleStream:
             self._position.job_status = self._state.status
             self._position.current_bar = self._state.current_bar
         while True:
-            snapshot = await self._source.snapshot(self._names)
+            # Every follower of the job woken by the same note shares this read.
+            snapshot = await self._live.shared(("snapshot", self._names), partial(self._source.snapshot, self._names))
             self._observe(snapshot.job.state)
             for index, name in enumerate(self._names):
                 await self._send_live_points(index, snapshot.lengths.get(name, 0))
@@ -297,26 +309,39 @@ class CandleStream:
             await self._live.wait_for_change()
 
     async def _send_live_points(self, index: int, stored: int) -> None:
+        assert self._live is not None
+        name = self._names[index]
         interval = self._position.intervals[index]
-        if interval.phase is not Phase.COMPLETE:
-            return  # missing or failed intervals stay so
         stop = min(stored, self._request.limit)
-        while interval.points_sent < stop:
-            reader = self._source.reader(
-                self._names[index], interval.points_sent, stop, self._chunk_size, prefetch=True
-            )
-            self._readers[index] = reader
+        while interval.phase is Phase.COMPLETE and interval.points_sent < stop:
+            start = interval.points_sent
+            count = min(self._chunk_size, stop - start)
             try:
-                while interval.points_sent < stop:
-                    chunk = await reader.next_chunk()
-                    if chunk.state is not None:
-                        self._observe(chunk.state)
-                    interval.points_sent += chunk.count
-                    interval.chunks_sent += 1
-                    interval.total_points = interval.points_sent
-                    await self._emit_chunk(index, chunk.points, is_last=False)
-            finally:
-                await self._close_reader(index)
+                chunk = await self._live.shared(
+                    ("chunk", name, start, count), partial(self._read_once, name, start, count)
+                )
+                last = self._last_times.get(index)
+                if last is not None and chunk.first_time is not None and chunk.first_time <= last:
+                    raise DataError(f"candle {start} of interval '{name}' is not after the one before it")
+            except DataError as exc:
+                interval.phase = Phase.FAILED
+                await self._error(exc, interval=name, points_sent=interval.points_sent)
+                return
+            if chunk.state is not None:
+                self._observe(chunk.state)
+            if chunk.last_time is not None:
+                self._last_times[index] = chunk.last_time
+            interval.points_sent += chunk.count
+            interval.chunks_sent += 1
+            interval.total_points = interval.points_sent
+            await self._emit_chunk(index, chunk.points, is_last=False)
+
+    async def _read_once(self, name: str, start: int, count: int) -> Chunk:
+        reader = self._source.reader(name, start, start + count, count, prefetch=False)
+        try:
+            return await reader.next_chunk()
+        finally:
+            await reader.aclose()
 
     def _status_changed(self) -> bool:
         return (self._position.job_status, self._position.current_bar) != (

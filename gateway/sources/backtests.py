@@ -181,7 +181,8 @@ class WarehouseChunkReader:
             await self._take_page()
         stored, self._buffer = self._buffer[:count], self._buffer[count:]
         self._position += count
-        return Chunk(points=self._validator.to_json_array(stored), count=count)
+        points = self._validator.to_json_array(stored)
+        return Chunk(points, count, None, self._validator.first_time, self._validator.last_time)
 
     async def _take_page(self) -> None:
         task = self._pending or self._fetch_next()

@@ -7,6 +7,7 @@ commands or SQL. Sources raise only ``gateway.errors`` exceptions.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Final, Protocol
 
 import msgspec
@@ -73,6 +74,9 @@ class Chunk(msgspec.Struct, frozen=True):
     # The job's state read together with the chunk; None if the source has
     # nothing fresher than what it said before.
     state: JobState | None = None
+    # Times of the first and last candle, to check order where readers meet.
+    first_time: datetime | None = None
+    last_time: datetime | None = None
 
 
 class ChunkReader(Protocol):

@@ -93,7 +93,7 @@ class ValidatedChunks:
 class CandleValidator:
     """Turns consecutive chunks of one interval into JSON arrays, checking order across them."""
 
-    __slots__ = ("_interval", "_key", "_last_time", "_memo", "_position")
+    __slots__ = ("_interval", "_key", "_last_time", "_memo", "_position", "first_time")
 
     def __init__(
         self,
@@ -109,6 +109,13 @@ class CandleValidator:
         self._last_time: datetime | None = None
         self._memo = memo
         self._key = key
+        # Time of the first candle of the chunk last returned (with ``last_time``,
+        # what a caller needs to check order across readers).
+        self.first_time: datetime | None = None
+
+    @property
+    def last_time(self) -> datetime | None:
+        return self._last_time
 
     def to_json_array(self, stored: Sequence[bytes]) -> bytes:
         """Validate ``stored`` (one JSON candle each) and return them as a JSON array."""
@@ -118,7 +125,7 @@ class CandleValidator:
         if self._memo is not None:
             known = self._memo.lookup(self._key, self._position, len(stored), len(array))
             if known is not None and (self._last_time is None or self._last_time < known[0]):
-                self._last_time = known[1]
+                self.first_time, self._last_time = known
                 self._position += len(stored)
                 return array
         try:
@@ -132,7 +139,7 @@ class CandleValidator:
             if (self._last_time is None or self._last_time < times[0]) and all(map(operator.lt, times, times[1:])):
                 if self._memo is not None:
                     self._memo.remember(self._key, self._position, len(stored), len(array), times[0], times[-1])
-                self._last_time = times[-1]
+                self.first_time, self._last_time = times[0], times[-1]
                 self._position += len(stored)
                 return array
         return self._normalise(stored)
@@ -155,6 +162,7 @@ class CandleValidator:
                 )
             candle.time = last = time
             normalised.append(candle)
+        self.first_time = normalised[0].time
         self._last_time = last
         self._position += len(stored)
         return _encode(normalised)

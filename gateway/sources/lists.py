@@ -44,7 +44,9 @@ class ListChunkReader:
         if self._prefetch and self._position < self._stop:
             # Overlap the next round trip with validating and writing this chunk.
             self._pending = self._start_read()
-        return Chunk(points=self._validator.to_json_array(stored), count=len(stored), state=state)
+        points = self._validator.to_json_array(stored)
+        validator = self._validator
+        return Chunk(points, len(stored), state, validator.first_time, validator.last_time)
 
     def _start_read(self) -> asyncio.Future[tuple[list[bytes], JobState | None]]:
         count = min(self._chunk_size, self._stop - self._position)
