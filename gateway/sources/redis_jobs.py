@@ -2,8 +2,9 @@
 
 One pipeline answers a stream's first question (the job hash and the length
 of every requested list); after that each chunk is one ``LRANGE`` of exactly
-that chunk, pipelined with an ``HMGET`` of the job's status so that every
-event reports the status of the moment it was built.
+that chunk, and every few chunks an ``HMGET`` of the job's status rides in
+the same pipeline, so events report the status of (nearly) the moment they
+were built, and a job that fails mid-stream ends the stream promptly.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from gateway.sources.candles import ValidatedChunks
 from gateway.sources.lists import ListChunkReader
 
 _STATE_FIELDS: Final = ("status", "current_bar", "error")
+# The job's state rides along with every this-many chunk reads (the first one
+# included): fresh to within a few milliseconds of streaming, for a fraction
+# of a pipeline's cost per chunk.
+_STATE_EVERY: Final = 8
 T = TypeVar("T")
 
 
@@ -47,6 +52,7 @@ class RedisJobSource:
         self._validated = validated
         self.job_id = job_id
         self._job_key = keys.job_key(job_id)
+        self._reads = 0
 
     async def snapshot(self, intervals: Sequence[str], plan: ReadPlan | None = None) -> Snapshot:
         async def read() -> list[Any]:
@@ -89,15 +95,23 @@ class RedisJobSource:
         )
 
     async def read_range(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState | None]:
-        """``count`` stored candles from ``start``, and the job's state read with them."""
+        """``count`` stored candles from ``start``, and every few chunks the job's state read with them."""
+        key = keys.candles_key(self.job_id, interval)
+        with_state = self._reads % _STATE_EVERY == 0
+        self._reads += 1
 
         async def read() -> list[Any]:
+            if not with_state:
+                return [await self._redis.lrange(key, start, start + count - 1), None]
             pipe = self._redis.pipeline(transaction=False)
-            pipe.lrange(keys.candles_key(self.job_id, interval), start, start + count - 1)
+            pipe.lrange(key, start, start + count - 1)
             pipe.hmget(self._job_key, _STATE_FIELDS)
             return await pipe.execute(raise_on_error=False)
 
-        stored, state_values = await call_redis(read, f"reading interval '{interval}'")
+        try:
+            stored, state_values = await call_redis(read, f"reading interval '{interval}'")
+        except redis.exceptions.ResponseError as exc:
+            raise DataError(f"interval '{interval}' is not stored as a list: {exc}") from exc
         if isinstance(stored, redis.exceptions.ResponseError):
             raise DataError(f"interval '{interval}' is not stored as a list: {stored}")
         if len(stored) != count:
@@ -105,6 +119,8 @@ class RedisJobSource:
                 f"interval '{interval}' holds {start + len(stored)} points,"
                 f" fewer than the {start + count} it held when the stream started"
             )
+        if state_values is None:
+            return stored, None
         if isinstance(state_values, redis.exceptions.ResponseError):
             raise DataError(f"job record of '{self.job_id}' is not a hash: {state_values}")
         return stored, parse_job_state(dict(zip(_STATE_FIELDS, state_values, strict=True)))
