@@ -38,9 +38,18 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from gateway.config import BigQuerySettings
+from gateway.devtools.bigquery_emulator import (
+    BigQueryEmulator,
+    create_warehouse,
+    insert_backtest,
+    insert_candles,
+    make_client,
+)
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.sources import keys
+from gateway.sources.warehouse import Warehouse
 from gateway.workers import JobWriter, candle
 
 PROJECT = "bench-candles"
@@ -126,7 +135,16 @@ async def certificate_endpoint(key: DevSigningKey) -> AsyncIterator[str]:
 
 
 async def seed(client: aioredis.Redis, points: int) -> None:
-    writer = JobWriter(client, JOB)
+    await seed_job(client, JOB, points)
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    idle = JobWriter(client, IDLE_JOB)
+    await idle.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=["day"], status="running")
+    await idle.append("day", [candle(start, 1.0, 2.0, 0.5, 1.5, 10)])
+
+
+async def seed_job(client: aioredis.Redis, job_id: str, points: int) -> None:
+    """A running job of 3 intervals x ``points`` candles, written as a worker would."""
+    writer = JobWriter(client, job_id)
     await writer.create(
         user_id="bench", symbol="LTF", exchange="NSE", intervals=INTERVALS, status="running", current_bar=1
     )
@@ -139,9 +157,6 @@ async def seed(client: aioredis.Redis, points: int) -> None:
                 for i in range(first, min(first + 5000, points))
             ]
             await writer.append(interval, batch)
-    idle = JobWriter(client, IDLE_JOB)
-    await idle.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=["day"], status="running")
-    await idle.append("day", [candle(start, 1.0, 2.0, 0.5, 1.5, 10)])
 
 
 async def copy_job(client: aioredis.Redis, copy_id: str) -> None:
@@ -233,6 +248,136 @@ async def idle_followers(base: str, token: str, pid: int, count: int) -> float:
     return (after - before) / count
 
 
+def load_backtests(emulator: BigQueryEmulator, count: int, points: int) -> list[str]:
+    """``count`` backtests of 3 intervals x ``points`` candles, through the official client."""
+    client = make_client(PROJECT, emulator.endpoint)
+    create_warehouse(client, "backtests")
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    steps = {"day": timedelta(days=1), "minute": timedelta(minutes=1), "3minute": timedelta(minutes=3)}
+    ids = []
+    for n in range(count):
+        backtest_id = f"bt_{1700000000 + n}.000"
+        insert_backtest(client, "backtests", "backtests", {
+            "backtest_id": backtest_id, "user_id": "bench", "symbol": "LTF", "exchange": "NSE",
+            "intervals": list(INTERVALS), "job_id": None, "created_at": start,
+        })  # fmt: skip
+        rows = [
+            {"backtest_id": backtest_id, "interval": interval, "time": start + i * steps[interval],
+             "open": 1000.0, "high": 1001.5, "low": 998.75, "close": 1000.5, "volume": 1000 + i}
+            for interval in INTERVALS
+            for i in range(points)
+        ]  # fmt: skip
+        insert_candles(client, "backtests", "candles", rows)
+        ids.append(backtest_id)
+    client.close()
+    return ids
+
+
+def query_round_trip_ms(emulator: BigQueryEmulator, points: int, runs: int) -> float:
+    """Median time of the gateway's own first-page query, straight through the client."""
+    settings = BigQuerySettings(project=PROJECT, api_endpoint=emulator.endpoint)
+    warehouse = Warehouse(settings)
+
+    async def once() -> float:
+        started = time.perf_counter()
+        await warehouse.first_page("bt_1700000000.000", "minute", 0, min(points, 1000))
+        return time.perf_counter() - started
+
+    async def measure() -> list[float]:
+        return [await once() for _ in range(runs)]
+
+    try:
+        return statistics.median(asyncio.run(measure())) * 1000
+    finally:
+        warehouse.close()
+
+
+async def bigquery_figures(
+    args: argparse.Namespace, base: str, token: str, client: aioredis.Redis, ids: Sequence[str], job_url: str
+) -> list[str]:
+    """Cold (warehouse) and warm (cache) first chunks of backtests, against a running job's stream."""
+    query = f"intervals={','.join(INTERVALS)}&limit={args.bq_points}&chunk_size=500&token={token}"
+    lines = []
+    async with aiohttp.ClientSession() as session:
+        cold = [await read_one(session, f"{base}/api/sse/backtest/{bt}/data/multi?{query}") for bt in ids]
+        for bt in ids:  # wait for the background cache fills
+            for _ in range(400):
+                if len(await client.hgetall(keys.backtest_complete_key(bt))) == len(INTERVALS):
+                    break
+                await asyncio.sleep(0.05)
+        warm = [await read_one(session, f"{base}/api/sse/backtest/{bt}/data/multi?{query}") for bt in ids]
+        job = [await read_one(session, job_url) for _ in ids]
+    expected = 3 * args.bq_points
+    for result in cold + warm + job:
+        assert result.points == expected, f"a stream carried {result.points} points, not {expected}"
+    lines.append(
+        row(
+            "backtest cold (warehouse), first data_chunk",
+            statistics.median(r.first_chunk_s for r in cold) * 1000,
+            None,
+            "ms",
+        )
+    )
+    lines.append(row("backtest cold (warehouse), whole", statistics.median(r.total_s for r in cold) * 1000, None, "ms"))
+    lines.append(
+        row(
+            "backtest warm (cache), first data_chunk",
+            statistics.median(r.first_chunk_s for r in warm) * 1000,
+            None,
+            "ms",
+            "{:.2f}",
+        )
+    )
+    job_whole = statistics.median(r.total_s for r in job) * 1000
+    lines.append(
+        row(
+            "backtest warm (cache), whole vs running job",
+            statistics.median(r.total_s for r in warm) * 1000,
+            job_whole,
+            "ms",
+        )
+    )
+    return lines
+
+
+async def warehouse_section(
+    args: argparse.Namespace,
+    work: Path,
+    env: dict[str, str],
+    key: DevSigningKey,
+    client: aioredis.Redis,
+    redis_url: str,
+) -> list[str]:
+    """The gateway against the BigQuery emulator: one query's round trip, cold and warm streams."""
+    loop = asyncio.get_running_loop()
+    emulator = BigQueryEmulator(work / "bqemulator", project=PROJECT)
+    await loop.run_in_executor(None, emulator.start)
+    try:
+        ids = await loop.run_in_executor(None, load_backtests, emulator, args.runs, args.bq_points)
+        round_trip = await loop.run_in_executor(None, query_round_trip_ms, emulator, args.bq_points, args.runs)
+        job_id = "bench-bq-size-job"
+        await client.delete(keys.job_key(job_id), *(keys.candles_key(job_id, i) for i in INTERVALS))
+        await seed_job(client, job_id, args.bq_points)
+        port = free_port()
+        bq_env = {
+            **env,
+            "GATEWAY_SERVER_PORT": str(port),
+            "GATEWAY_BIGQUERY_PROJECT": PROJECT,
+            "GATEWAY_BIGQUERY_API_ENDPOINT": emulator.endpoint,
+        }
+        gateway_cmd = [sys.executable, "-m", "gateway", "serve"]
+        with server_process(gateway_cmd, bq_env, port, work / "bq-gateway.log"):
+            token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
+            base = f"http://127.0.0.1:{port}"
+            query = f"intervals={','.join(INTERVALS)}&limit={args.bq_points}&chunk_size=500&token={token}"
+            job_url = f"{base}/api/sse/backtest/{job_id}/data/multi?{query}"
+            lines = [row("BigQuery emulator, one first-page query (1,000 rows)", round_trip, None, "ms")]
+            lines += await bigquery_figures(args, base, token, client, ids, job_url)
+            return lines
+    finally:
+        await loop.run_in_executor(None, emulator.stop)
+
+
 def verify_cost_us(key: DevSigningKey) -> float:
     """Microseconds per ``TokenVerifier.verify`` with a warm certificate cache, in process."""
     from gateway import auth
@@ -320,6 +465,8 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 )
                 per_follower = await idle_followers(base, token, follower_gateway.pid, args.followers)
                 lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
+            if args.bq_points:
+                lines += await warehouse_section(args, work, env, key, client, redis_url)
         await client.aclose()
         return lines
     finally:
@@ -402,6 +549,7 @@ def main() -> None:
     parser.add_argument("--followers", type=int, default=1000, help="idle follow streams for the memory figure")
     parser.add_argument("--latency-followers", type=int, default=100, help="followers of one job for the latency")
     parser.add_argument("--appends", type=int, default=50, help="worker appends timed for the latency")
+    parser.add_argument("--bq-points", type=int, default=2000, help="candles per interval of each backtest (0: skip)")
     args = parser.parse_args()
     from gateway.server import install_uvloop
 

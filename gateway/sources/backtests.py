@@ -58,12 +58,23 @@ class BacktestSource:
         self._first_pages: dict[str, tuple[int, asyncio.Task[CandlePage]]] = {}
 
     async def snapshot(self, intervals: Sequence[str], plan: ReadPlan | None = None) -> Snapshot:
-        record = self._record or await self._load_record()
-        wanted = [interval for interval in intervals if interval in record.intervals]
-        self._cached = await self._cache.lengths(self.backtest_id, wanted)
-        missing = [interval for interval in wanted if interval not in self._cached]
+        # Cached intervals need no query; the others' first pages are asked for
+        # at once, together with the metadata when that is not cached either,
+        # so a cold stream waits for one round of queries, not two.
+        self._cached = await self._cache.lengths(self.backtest_id, intervals)
+        missing = [interval for interval in intervals if interval not in self._cached]
+        record = self._record or await self._cache.record(self.backtest_id)
+        if record is not None:
+            missing = [interval for interval in missing if interval in record.intervals]
+        self._start_first_pages(missing, plan)
+        if record is None:
+            record = await self._record_from_warehouse()
+            for interval in [i for i in missing if i not in record.intervals]:
+                self._first_pages.pop(interval)[1].cancel()
+                missing.remove(interval)
+        self._record = record
         if missing:
-            await self._count_from_first_pages(missing, plan)
+            await self._count_from_first_pages()
             self._cache.fill_later(self.backtest_id, [i for i in missing if i not in self._failures])
         job = JobInfo(
             # A backtest made by a job names it: both ids apply (SPEC 3).
@@ -75,22 +86,20 @@ class BacktestSource:
             intervals=record.intervals,
             state=_COMPLETED,
         )
-        return Snapshot(job=job, lengths={**self._counts, **self._cached}, failures=dict(self._failures))
+        lengths = {name: n for name, n in {**self._counts, **self._cached}.items() if name in record.intervals}
+        return Snapshot(job=job, lengths=lengths, failures=dict(self._failures))
 
-    async def _load_record(self) -> BacktestRecord:
-        record = await self._cache.record(self.backtest_id)
+    async def _record_from_warehouse(self) -> BacktestRecord:
+        try:
+            record = await self._warehouse.backtest(self.backtest_id)
+        except WarehouseError as exc:
+            raise unavailable(exc) from exc
         if record is None:
-            try:
-                record = await self._warehouse.backtest(self.backtest_id)
-            except WarehouseError as exc:
-                raise unavailable(exc) from exc
-            if record is None:
-                raise JobNotFound(f"Job '{self.backtest_id}' not found")
-            await self._cache.store_record(record)
-        self._record = record
+            raise JobNotFound(f"Job '{self.backtest_id}' not found")
+        await self._cache.store_record(record)
         return record
 
-    async def _count_from_first_pages(self, intervals: Sequence[str], plan: ReadPlan | None) -> None:
+    def _start_first_pages(self, intervals: Sequence[str], plan: ReadPlan | None) -> None:
         limit = plan.limit if plan else 50_000
         chunk_size = plan.chunk_size if plan else self._page_rows
         for interval in intervals:
@@ -99,6 +108,8 @@ class BacktestSource:
             rows = max(1, min(limit - start, 2 * chunk_size, self._page_rows))
             task = asyncio.create_task(self._warehouse.first_page(self.backtest_id, interval, start, rows))
             self._first_pages[interval] = (start, task)
+
+    async def _count_from_first_pages(self) -> None:
         await asyncio.wait([task for _, task in self._first_pages.values()])
         for interval, (start, task) in self._first_pages.items():
             try:
