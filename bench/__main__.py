@@ -299,8 +299,11 @@ async def bigquery_figures(
     query = f"intervals={','.join(INTERVALS)}&limit={args.bq_points}&chunk_size=500&token={token}"
     lines = []
     async with aiohttp.ClientSession() as session:
-        cold = [await read_one(session, f"{base}/api/sse/backtest/{bt}/data/multi?{query}") for bt in ids]
-        for bt in ids:  # wait for the background cache fills
+        cold = []
+        for bt in ids:
+            cold.append(await read_one(session, f"{base}/api/sse/backtest/{bt}/data/multi?{query}"))
+            # The background cache fill queries the emulator too: let it finish
+            # so that it does not slow the next cold stream down.
             for _ in range(400):
                 if len(await client.hgetall(keys.backtest_complete_key(bt))) == len(INTERVALS):
                     break
