@@ -251,3 +251,28 @@ async def test_warehouse_not_configured_ends_bt_streams_with_connection_error(cl
     assert "not configured" in payload["message"]
     assert payload["backtest_id"] == "bt_1737530000.123"
     assert payload["job_id"] is None
+
+
+async def test_a_list_rewritten_against_the_contract_is_validated_again(client, writer, token, redis_client):
+    await seed_job(writer(JOB), counts={"minute": 12})
+    first = await stream(client, JOB, token=token(), intervals="minute", chunk_size=5)
+    assert first.names[-1] == "all_complete"  # every chunk is now known valid to this process
+    await redis_client.lset(f"job:{{{JOB}}}:candles:minute", 7, b'{"time": "2025-04-01T00:07:00Z", "open": "x"}')
+    second = await stream(client, JOB, token=token(), intervals="minute", chunk_size=5)
+    assert second.names == ["interval_start", "data_chunk", "error", "all_complete"]
+    assert second.events[2].payload["error"] == "data_error"
+
+
+async def test_a_job_failing_mid_stream_ends_it_with_job_error(client, writer, token):
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 5000})
+    response = await open_stream(client, JOB, token=token(), intervals="minute", chunk_size=1, limit=5000)
+    seen = []
+    async for line in response.content:
+        if line.startswith(b"event: "):
+            seen.append(line[7:].strip().decode())
+            if len(seen) == 3:
+                await w.update(status="failed", error="broker down")
+    assert seen[-1] == "error"
+    assert "all_complete" not in seen
+    assert len([name for name in seen if name == "data_chunk"]) < 5000
