@@ -171,8 +171,7 @@ class CandleStream:
         try:
             stored = await self._stored_length(name)
         except DataError as exc:
-            interval.phase = Phase.FAILED
-            await self._error(exc, interval=name, points_sent=0)
+            await self._fail(index, exc)
             return
         total = min(stored, self._request.limit)
         interval.phase = Phase.STARTED
@@ -219,15 +218,9 @@ class CandleStream:
             chunk = await reader.next_chunk()
         except DataError as exc:
             await self._close_reader(index)
-            interval.phase = Phase.FAILED
-            await self._error(exc, interval=name, points_sent=interval.points_sent)
+            await self._fail(index, exc)
             return
-        if chunk.state is not None:
-            self._observe(chunk.state)
-        if chunk.last_time is not None:
-            self._last_times[index] = chunk.last_time
-        interval.points_sent += chunk.count
-        interval.chunks_sent += 1
+        self._account(index, chunk)
         is_last = interval.points_sent >= interval.total_points
         if is_last:
             await self._close_reader(index)
@@ -324,15 +317,9 @@ class CandleStream:
                 if last is not None and chunk.first_time is not None and chunk.first_time <= last:
                     raise DataError(f"candle {start} of interval '{name}' is not after the one before it")
             except DataError as exc:
-                interval.phase = Phase.FAILED
-                await self._error(exc, interval=name, points_sent=interval.points_sent)
+                await self._fail(index, exc)
                 return
-            if chunk.state is not None:
-                self._observe(chunk.state)
-            if chunk.last_time is not None:
-                self._last_times[index] = chunk.last_time
-            interval.points_sent += chunk.count
-            interval.chunks_sent += 1
+            self._account(index, chunk)
             interval.total_points = interval.points_sent
             await self._emit_chunk(index, chunk.points, is_last=False)
 
@@ -364,6 +351,22 @@ class CandleStream:
         )
 
     # -- helpers -------------------------------------------------------------
+
+    def _account(self, index: int, chunk: Chunk) -> None:
+        """Adopt what a chunk says of the job, and count it as sent."""
+        if chunk.state is not None:
+            self._observe(chunk.state)
+        if chunk.last_time is not None:
+            self._last_times[index] = chunk.last_time
+        interval = self._position.intervals[index]
+        interval.points_sent += chunk.count
+        interval.chunks_sent += 1
+
+    async def _fail(self, index: int, exc: DataError) -> None:
+        """A data_error for one interval: it is done, the stream goes on."""
+        interval = self._position.intervals[index]
+        interval.phase = Phase.FAILED
+        await self._error(exc, interval=self._names[index], points_sent=interval.points_sent)
 
     def _observe(self, state: JobState) -> None:
         """Adopt the job's latest state; a failed or cancelled job ends the stream."""
