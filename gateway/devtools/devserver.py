@@ -65,12 +65,13 @@ async def _main(settings: Settings, state_dir: Path) -> None:
                 settings,
                 bigquery={"project": settings.auth.firebase_project_id, "api_endpoint": endpoint},
             )
-        base_url = await stack.enter_async_context(_gateway(settings))
+        token = mint_token(key, settings.auth.firebase_project_id, DEMO_USER, lifetime_s=3600)
+        base_url = await stack.enter_async_context(_gateway(settings, demo_page(token)))
         client = aioredis.Redis.from_url(redis_url)
         stack.push_async_callback(client.aclose)
         writer = asyncio.create_task(write_demo_job(JobWriter(client, DEMO_JOB)))
         stack.callback(writer.cancel)
-        _print_welcome(settings, key, base_url)
+        _print_welcome(token, base_url)
         await asyncio.Event().wait()
 
 
@@ -140,8 +141,14 @@ async def _certificate_endpoint(key: DevSigningKey) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def _gateway(settings: Settings) -> AsyncIterator[str]:
-    runner = web.AppRunner(create_app(settings), **runner_options(settings))  # type: ignore[arg-type]
+async def _gateway(settings: Settings, page: str) -> AsyncIterator[str]:
+    app = create_app(settings)
+
+    async def demo(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    app.router.add_get("/", demo)  # development only: the production app has no pages
+    runner = web.AppRunner(app, **runner_options(settings))  # type: ignore[arg-type]
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()
@@ -152,21 +159,26 @@ async def _gateway(settings: Settings) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def _print_welcome(settings: Settings, key: DevSigningKey, base_url: str) -> None:
-    token = mint_token(key, settings.auth.firebase_project_id, DEMO_USER, lifetime_s=3600)
-    intervals = ",".join(DEMO_INTERVALS)
-    stream = f"{base_url}/api/sse/backtest/{{}}/data/multi?intervals={intervals}&token={token}"
-    live = stream.format(DEMO_JOB) + "&follow=true"
-    completed = stream.format(DEMO_BACKTEST) + "&limit=5000"
+def demo_page(token: str) -> str:
+    """The demo page, with the demo ids and a ready token filled in."""
+    page = (Path(__file__).parent / "demo.html").read_text()
+    for name, value in (("__JOB__", DEMO_JOB), ("__BACKTEST__", DEMO_BACKTEST), ("__TOKEN__", token)):
+        page = page.replace(name, value)
+    return page.replace("__INTERVALS__", ",".join(DEMO_INTERVALS))
+
+
+def _print_welcome(token: str, base_url: str) -> None:
+    stream = f"{base_url}/api/sse/backtest/{{}}/data/multi?intervals={','.join(DEMO_INTERVALS)}&token={token}"
     lines = [
         "",
         f"Candle gateway (development) listening on {base_url}",
         "",
-        f"Live demo job '{DEMO_JOB}' (written for the next {TICKS * TICK_S:.0f} s), open in a browser or curl -N:",
-        f"  {live}",
+        f"Open {base_url}/ in a browser: charts of the live demo job (written for the next"
+        f" {TICKS * TICK_S:.0f} s) and of a completed backtest, filled over one SSE stream.",
         "",
-        f"Completed demo backtest '{DEMO_BACKTEST}' (BigQuery emulator, cached in Redis after the first read):",
-        f"  {completed}",
+        "The streams themselves (curl -N '<url>'):",
+        f"  live job:  {stream.format(DEMO_JOB)}&follow=true",
+        f"  backtest:  {stream.format(DEMO_BACKTEST)}&limit=5000",
         "",
         f"Token for user '{DEMO_USER}' (valid 1 hour; send as ?token= or 'Authorization: Bearer'):",
         f"  {token}",
