@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -62,7 +61,6 @@ class Gateway:
     sources: Sources | None = None
     notes: JobNotes | None = None
     draining: bool = False
-    streams: weakref.WeakSet[CandleEventResponse] = field(default_factory=weakref.WeakSet)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -228,7 +226,6 @@ async def _respond(
     server = gateway.settings.server
     response = CandleEventResponse(ping_interval=server.ping_interval_s, send_timeout=server.send_timeout_s)
     await response.prepare(request)
-    gateway.streams.add(response)
     if position is None:
         is_partial = snapshot is not None and snapshot.job.state.is_active
         position = StreamPosition.start(params, is_partial=is_partial)
