@@ -90,10 +90,6 @@ class CandleStream:
         self._last_times: dict[int, datetime] = {}
         self._clock = clock
 
-    @property
-    def position(self) -> StreamPosition:
-        return self._position
-
     async def run(self) -> None:
         """Send every event this stream still owes; a fatal error ends it with an ``error`` event."""
         try:
