@@ -1,0 +1,202 @@
+"""Firebase ID tokens (SPEC 4): real RS256 tokens, a real certificate endpoint, the production verifier."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import pytest
+
+from gateway.auth import CertificateCache, TokenVerifier, token_verifier
+from gateway.config import AuthSettings
+from gateway.devtools.dev_auth import DevSigningKey, mint_token
+from gateway.errors import Unauthenticated
+from tests.conftest import PROJECT
+from tests.helpers import open_stream, seed_job
+
+JOB = "auth-job"
+
+
+class FakeClock:
+    """Monotonic time that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as client_session:
+        yield client_session
+
+
+def _settings(cert_endpoint, **overrides) -> AuthSettings:
+    return AuthSettings(firebase_project_id=PROJECT, certs_url=cert_endpoint.url, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("options", "check"),
+    [
+        ({"header_overrides": {"alg": "HS256"}}, "alg"),
+        ({"header_overrides": {"alg": "none"}}, "alg"),
+        ({"header_overrides": {"kid": None}}, "kid"),
+        ({"header_overrides": {"kid": "not-a-current-kid"}}, "kid"),
+        ({"claim_overrides": {"aud": "another-project"}}, "aud"),
+        ({"claim_overrides": {"iss": "https://securetoken.google.com/another-project"}}, "iss"),
+        ({"claim_overrides": {"sub": ""}}, "sub"),
+        ({"claim_overrides": {"sub": "x" * 129}}, "sub"),
+        ({"now": time.time() - 7200, "lifetime_s": 3600}, "exp"),
+        ({"claim_overrides": {"iat": time.time() + 600}}, "iat"),
+        ({"claim_overrides": {"auth_time": time.time() + 600}}, "auth_time"),
+        ({"drop_claims": ["auth_time"]}, "auth_time"),
+    ],
+)
+async def test_each_failed_check_is_a_401_naming_it_without_the_token(client, token, options, check):
+    bad = token("alice", **options)
+    response = await open_stream(client, JOB, intervals="day", token=bad)
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    body = await response.json()
+    assert body["error"] == "unauthenticated"
+    assert check in body["message"]
+    for part in bad.split("."):
+        assert part not in body["message"]
+
+
+@pytest.mark.parametrize(
+    "garbage", ["abc", "a.b", "a.b.c.d", "!!!.???.***", "eyJ9.eyJ9.sig", "bm90IGpzb24.bm90IGpzb24.c2ln"]
+)
+async def test_malformed_tokens_are_401(client, garbage):
+    response = await open_stream(client, JOB, intervals="day", token=garbage)
+    assert response.status == 401
+    assert garbage not in (await response.json())["message"]
+
+
+async def test_signature_of_another_key_or_tampered_claims_does_not_verify(client, signing_key, token):
+    impostor = DevSigningKey(DevSigningKey.generate().private_key_pem, signing_key.certificate_pem, kid=signing_key.kid)
+    forged = mint_token(impostor, PROJECT, "alice")
+    response = await open_stream(client, JOB, intervals="day", token=forged)
+    assert response.status == 401
+    assert "signature" in (await response.json())["message"]
+    header, _, signature = token("alice").split(".")
+    _, claims, _ = token("mallory").split(".")
+    response = await open_stream(client, JOB, intervals="day", token=f"{header}.{claims}.{signature}")
+    assert response.status == 401
+
+
+async def test_expired_within_the_clock_skew_is_accepted(client, writer, token):
+    await seed_job(writer(JOB), counts={"day": 1})
+    recent = token("alice", now=time.time() - 3600 - 10, lifetime_s=3600)  # expired 10 s ago, skew 30 s
+    response = await open_stream(client, JOB, intervals="day", token=recent)
+    assert response.status == 200
+    await response.read()
+
+
+async def test_certificates_are_cached_for_their_max_age(cert_endpoint, session, token):
+    clock = FakeClock()
+    settings = _settings(cert_endpoint)
+    verifier = TokenVerifier(settings, CertificateCache(session, settings, clock=clock))
+    for _ in range(20):
+        assert (await verifier.verify(token("alice"))).uid == "alice"
+    assert cert_endpoint.fetch_count == 1
+    clock.now += cert_endpoint.max_age_s + 1
+    await verifier.verify(token("alice"))
+    assert cert_endpoint.fetch_count == 2
+
+
+async def test_many_waiting_requests_share_one_fetch(cert_endpoint, session, token):
+    settings = _settings(cert_endpoint)
+    verifier = TokenVerifier(settings, CertificateCache(session, settings))
+    users = await asyncio.gather(*(verifier.verify(token(f"user{n}")) for n in range(50)))
+    assert [user.uid for user in users] == [f"user{n}" for n in range(50)]
+    assert cert_endpoint.fetch_count == 1
+
+
+async def test_unknown_kid_refreshes_early_at_most_once_per_interval(cert_endpoint, session, token):
+    clock = FakeClock()
+    settings = _settings(cert_endpoint, unknown_kid_refresh_interval_s=30)
+    verifier = TokenVerifier(settings, CertificateCache(session, settings, clock=clock))
+    await verifier.verify(token("alice"))
+    for kid in ("rotated-1", "rotated-2", "rotated-3"):
+        with pytest.raises(Unauthenticated, match="kid"):
+            await verifier.verify(token("alice", header_overrides={"kid": kid}))
+    assert cert_endpoint.fetch_count == 2  # the first fetch and one early refresh
+    clock.now += 31
+    with pytest.raises(Unauthenticated):
+        await verifier.verify(token("alice", header_overrides={"kid": "rotated-4"}))
+    assert cert_endpoint.fetch_count == 3
+
+
+async def test_rotated_key_is_accepted_once_its_kid_triggers_a_refresh(cert_endpoint, session, token):
+    settings = _settings(cert_endpoint)
+    verifier = TokenVerifier(settings, CertificateCache(session, settings, clock=FakeClock()))
+    await verifier.verify(token("alice"))
+    new_key = DevSigningKey.generate()
+    cert_endpoint.keys.append(new_key)
+    user = await verifier.verify(mint_token(new_key, PROJECT, "alice"))
+    assert user.uid == "alice"
+    assert cert_endpoint.fetch_count == 2
+
+
+async def test_failing_endpoint_keeps_the_last_good_certificates_until_they_expire(cert_endpoint, session, token):
+    clock = FakeClock()
+    settings = _settings(cert_endpoint)
+    verifier = TokenVerifier(settings, CertificateCache(session, settings, clock=clock))
+    await verifier.verify(token("alice"))
+    cert_endpoint.failing = True
+    # Early refresh (unknown kid) fails: the known certificates still serve.
+    with pytest.raises(Unauthenticated):
+        await verifier.verify(token("alice", header_overrides={"kid": "unknown"}))
+    assert (await verifier.verify(token("alice"))).uid == "alice"
+    clock.now += cert_endpoint.max_age_s + 1
+    with pytest.raises(Unauthenticated, match="certificates are unavailable"):
+        await verifier.verify(token("alice"))
+    cert_endpoint.failing = False
+    clock.now += settings.unknown_kid_refresh_interval_s + 1
+    assert (await verifier.verify(token("alice"))).uid == "alice"
+
+
+async def test_certificate_endpoint_failing_from_the_start_is_a_clear_401(make_gateway, cert_endpoint, token):
+    cert_endpoint.failing = True
+    client = await make_gateway()
+    response = await open_stream(client, JOB, intervals="day", token=token("alice"))
+    assert response.status == 401
+    assert "certificates are unavailable" in (await response.json())["message"]
+
+
+async def test_admin_claim_must_be_exactly_true(cert_endpoint, session, token):
+    settings = _settings(cert_endpoint)
+    verifier = TokenVerifier(settings, CertificateCache(session, settings))
+    assert (await verifier.verify(token("root", admin=True))).is_admin is True
+    assert (await verifier.verify(token("root", claim_overrides={"admin": "true"}))).is_admin is False
+    assert (await verifier.verify(token("alice"))).is_admin is False
+    disabled = _settings(cert_endpoint, admin_claim="")
+    plain = TokenVerifier(disabled, CertificateCache(session, disabled))
+    assert (await plain.verify(token("root", admin=True))).is_admin is False
+
+
+def _unsigned(token: str) -> str:
+    """The Firebase Auth Emulator's form: alg none, no signature."""
+    import base64
+    import json
+
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "none", "typ": "JWT"}).encode()).rstrip(b"=").decode()
+    return f"{header}.{token.split('.')[1]}."
+
+
+async def test_emulator_tokens_only_when_the_emulator_variable_is_set(cert_endpoint, session, token, caplog):
+    unsigned = _unsigned(token("alice"))
+    settings = _settings(cert_endpoint)
+    with pytest.raises(Unauthenticated, match="alg"):
+        await token_verifier(settings, session, environ={}).verify(unsigned)
+    with caplog.at_level(logging.WARNING, logger="gateway.auth"):
+        emulated = token_verifier(settings, session, environ={"FIREBASE_AUTH_EMULATOR_HOST": "127.0.0.1:9099"})
+    assert "FIREBASE_AUTH_EMULATOR_HOST" in caplog.text
+    assert (await emulated.verify(unsigned)).uid == "alice"
+    with pytest.raises(Unauthenticated, match="aud"):
+        await emulated.verify(_unsigned(token("alice", claim_overrides={"aud": "other"})))
