@@ -121,6 +121,7 @@ class BacktestCache:
                 if not await self._redis.set(lock, writer, nx=True, ex=_FILL_LOCK_TTL_S):
                     return
                 if interval in await self.lengths(backtest_id, [interval]):
+                    await self._forget(staging, lock, writer)  # cached meanwhile: release the lock
                     return
                 written = await self._copy(backtest_id, interval, staging)
                 complete = keys.backtest_complete_key(backtest_id)
