@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
+
 from gateway.app import GATEWAY
 from tests.helpers import expected_points, open_stream, seed_job, stream
 from tests.sse_client import SSEParser, Transcript
@@ -106,3 +108,35 @@ async def test_idle_stream_gets_ping_comments(make_gateway, writer, token):
 async def test_health_and_readiness(client):
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_can_resume(make_gateway, writer, token):
+    client = await make_gateway(server={"send_timeout_s": 0.3})
+    # 15 MB: more than the loopback socket buffers and the client's read buffer hold.
+    await seed_job(writer(JOB), counts={"minute": 50_000, "3minute": 50_000, "day": 50_000}, status="completed")
+    params = {"intervals": "minute,3minute,day", "limit": 50_000, "chunk_size": 5000}
+    response = await open_stream(client, JOB, token=token(), **params)
+    await asyncio.sleep(2)  # read nothing: the gateway's writes back up, then it gives up
+    transcript = Transcript()
+    parser = SSEParser()
+    try:
+        async for chunk in response.content.iter_any():
+            parser.feed(chunk, transcript)
+    except aiohttp.ClientPayloadError:
+        pass  # the cut shows as a truncated chunked body
+    assert "all_complete" not in transcript.names
+    assert transcript.events, "some events were buffered before the cut"
+    rest = await stream(client, JOB, token=token(), headers={"Last-Event-ID": transcript.events[-1].id}, **params)
+    assert rest.names[-1] == "all_complete"
+    chunks = transcript.named("data_chunk") + rest.named("data_chunk")
+    sent = [(e.payload["interval"], e.payload["points_sent"]) for e in chunks]
+    assert sent == [(name, 5000 * (i + 1)) for name in ("minute", "3minute", "day") for i in range(10)]
+
+
+async def test_a_draining_replica_answers_503(client, writer, token):
+    await seed_job(writer(JOB), counts={"minute": 1})
+    client.server.app[GATEWAY].draining = True
+    response = await open_stream(client, JOB, token=token(), intervals="minute")
+    assert response.status == 503
+    assert (await response.json())["error"] == "unavailable"
+    assert (await client.get("/readyz")).status == 503
