@@ -53,6 +53,14 @@ async def bt_client(make_gateway, bt_settings):
     return await make_gateway(**bt_settings)
 
 
+@pytest.fixture
+def down_warehouse_gateway(make_gateway, unused_tcp_port):
+    """Another replica, same Redis, whose warehouse address answers nothing."""
+    dead = f"http://127.0.0.1:{unused_tcp_port}"
+    settings = {"project": PROJECT, "dataset": DATASET, "api_endpoint": dead, "query_timeout_s": 2}
+    return lambda: make_gateway(bigquery=settings)
+
+
 def new_backtest(bq, counts: dict[str, int], *, user_id="alice", intervals=None, job_id=None) -> tuple[str, dict]:
     """A backtest with ``counts`` candles per interval, inserted through the official client."""
     backtest_id = f"bt_{1737530000 + next(_ids)}.123"
@@ -126,20 +134,13 @@ async def test_limit_takes_the_first_points_in_time_order(bt_client, bq, token):
 
 
 async def test_second_open_is_served_from_the_cache_on_any_replica(
-    make_gateway, bt_client, bq, token, redis_client, unused_tcp_port
+    down_warehouse_gateway, bt_client, bq, token, redis_client
 ):
     backtest_id, stored = new_backtest(bq, {"day": 30, "minute": 700})
     first = await stream(bt_client, backtest_id, token=token(), intervals="day,minute", limit=100)
     await wait_until_cached(redis_client, backtest_id, ["day", "minute"])
     # Another replica whose warehouse is unreachable: only the cache can answer.
-    replica = await make_gateway(
-        bigquery={
-            "project": PROJECT,
-            "dataset": DATASET,
-            "api_endpoint": f"http://127.0.0.1:{unused_tcp_port}",
-            "query_timeout_s": 2,
-        }
-    )
+    replica = await down_warehouse_gateway()
     second = await stream(replica, backtest_id, token=token(), intervals="day,minute", limit=100)
     assert [(e.event, e.payload) for e in second.events] == [(e.event, e.payload) for e in first.events]
     # The whole interval is cached, not only the first `limit` points.
@@ -184,19 +185,12 @@ async def test_interval_not_configured_is_interval_not_found_and_the_stream_goes
 
 
 async def test_unreachable_warehouse_is_data_error_for_uncached_intervals_only(
-    make_gateway, bt_client, bq, token, redis_client, unused_tcp_port
+    down_warehouse_gateway, bt_client, bq, token, redis_client
 ):
     backtest_id, stored = new_backtest(bq, {"day": 3, "minute": 4})
     await stream(bt_client, backtest_id, token=token(), intervals="day")
     await wait_until_cached(redis_client, backtest_id, ["day"])
-    down = await make_gateway(
-        bigquery={
-            "project": PROJECT,
-            "dataset": DATASET,
-            "api_endpoint": f"http://127.0.0.1:{unused_tcp_port}",
-            "query_timeout_s": 2,
-        }
-    )
+    down = await down_warehouse_gateway()
     started = asyncio.get_running_loop().time()
     transcript = await stream(down, backtest_id, token=token(), intervals="day,minute")
     assert asyncio.get_running_loop().time() - started < 10  # never a hang
@@ -206,17 +200,8 @@ async def test_unreachable_warehouse_is_data_error_for_uncached_intervals_only(
     assert transcript.events[-1].payload["completed_intervals"] == ["day"]
 
 
-async def test_unreachable_warehouse_without_cached_metadata_is_connection_error(
-    make_gateway, bq, token, unused_tcp_port
-):
-    down = await make_gateway(
-        bigquery={
-            "project": PROJECT,
-            "dataset": DATASET,
-            "api_endpoint": f"http://127.0.0.1:{unused_tcp_port}",
-            "query_timeout_s": 2,
-        }
-    )
+async def test_unreachable_warehouse_without_cached_metadata_is_connection_error(down_warehouse_gateway, bq, token):
+    down = await down_warehouse_gateway()
     transcript = await stream(down, "bt_1.5", token=token(), intervals="day")
     assert transcript.names == ["error"]
     assert transcript.events[0].payload["error"] == "connection_error"
