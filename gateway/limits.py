@@ -19,7 +19,7 @@ from typing import Final
 
 import redis.asyncio as aioredis
 
-from gateway.errors import TooManyStreams
+from gateway.errors import RedisUnreachable, TooManyStreams, Unavailable
 from gateway.sources import keys
 from gateway.sources.redis_jobs import call_redis
 
@@ -57,7 +57,10 @@ class StreamSlots:
         member = uuid.uuid4().hex
         now = time.time()
         args: list[float | int | str] = [now, now + self._ttl_s, self._max, member, self._ttl_s * 1000]
-        taken = await call_redis(lambda: self._acquire(keys=[key], args=args), "counting open streams")
+        try:
+            taken = await call_redis(lambda: self._acquire(keys=[key], args=args), "counting open streams")
+        except RedisUnreachable as exc:
+            raise Unavailable(exc.message) from exc
         if not taken:
             raise TooManyStreams(f"this user already holds {self._max} open streams", retry_after_s=self._retry_after_s)
         refresher = asyncio.create_task(self._refresh(key, member))

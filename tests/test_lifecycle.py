@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from gateway.app import GATEWAY
 from tests.helpers import expected_points, open_stream, seed_job, stream
@@ -50,10 +51,11 @@ async def test_client_that_disconnects_mid_stream_leaves_no_task_or_connection(c
     assert await _in_use_redis_connections(client) == 0
 
 
-async def test_unreachable_redis_before_the_stream_is_503(make_gateway, token, unused_tcp_port):
+@pytest.mark.parametrize("max_streams", [8, 0])  # the stream slot check, or the job read, meets it first
+async def test_unreachable_redis_before_the_stream_is_503(make_gateway, token, unused_tcp_port, max_streams):
     client = await make_gateway(
         redis={"url": f"redis://127.0.0.1:{unused_tcp_port}", "retries": 0, "connect_timeout_s": 0.5},
-        server={"max_streams_per_user": 0},
+        server={"max_streams_per_user": max_streams},
     )
     response = await open_stream(client, JOB, token=token(), intervals="day")
     assert response.status == 503
