@@ -6,8 +6,11 @@ import asyncio
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.app import GATEWAY
+from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.workers import JobWriter
 from tests.helpers import expected_points, open_stream, seed_job, stream
 from tests.sse_client import SSEParser, Transcript
 
@@ -142,3 +145,29 @@ async def test_a_draining_replica_answers_503(client, writer, token):
     assert response.status == 503
     assert (await response.json())["error"] == "unavailable"
     assert (await client.get("/readyz")).status == 503
+
+
+async def test_redis_lost_mid_stream_ends_it_with_connection_error(make_gateway, token, tmp_path):
+    own = EmbeddedRedis(tmp_path / "lost-valkey")  # a server of this test's own, to stop mid-stream
+    url = own.start()
+    try:
+        client = await make_gateway(
+            redis={"url": url, "retries": 1, "connect_timeout_s": 0.5, "socket_timeout_s": 1},
+            server={"max_streams_per_user": 0},
+        )
+        seeder = aioredis.Redis.from_url(url)
+        await seed_job(JobWriter(seeder, JOB), counts={"minute": 50_000})
+        await seeder.aclose()
+        response = await open_stream(client, JOB, token=token(), intervals="minute", limit=50_000, chunk_size=10)
+        parser, transcript = SSEParser(), Transcript()
+        stopped = False
+        async for chunk in response.content.iter_any():
+            parser.feed(chunk, transcript)
+            if not stopped and len(transcript.events) >= 3:
+                await asyncio.get_running_loop().run_in_executor(None, own.stop)
+                stopped = True
+    finally:
+        own.stop()
+    assert transcript.names[-1] == "error"
+    assert transcript.events[-1].payload["error"] == "connection_error"
+    assert "all_complete" not in transcript.names
