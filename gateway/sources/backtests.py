@@ -22,7 +22,7 @@ from gateway.sources import keys
 from gateway.sources.base import COMPLETED, Chunk, ChunkReader, JobInfo, JobState, ReadPlan, Snapshot
 from gateway.sources.cache import BacktestCache
 from gateway.sources.candles import CandleValidator, ValidatedChunks
-from gateway.sources.lists import ListChunkReader
+from gateway.sources.lists import ListChunkReader, ReadAheadBudget
 from gateway.sources.warehouse import BacktestRecord, CandlePage, Warehouse, WarehouseError, unavailable
 
 _COMPLETED = JobState(status=COMPLETED)
@@ -42,8 +42,10 @@ class BacktestSource:
         record: BacktestRecord | None = None,
         owner: str | None = None,
         validated: ValidatedChunks | None = None,
+        read_ahead: ReadAheadBudget | None = None,
     ) -> None:
         self._validated = validated
+        self._read_ahead = read_ahead
         self._warehouse = warehouse
         self._cache = cache
         self.backtest_id = backtest_id
@@ -133,7 +135,15 @@ class BacktestSource:
             fetch = partial(self._read_cached, interval)
             key = keys.backtest_candles_key(self.backtest_id, interval)
             return ListChunkReader(
-                fetch, interval, start, stop, chunk_size, prefetch=prefetch, key=key, memo=self._validated
+                fetch,
+                interval,
+                start,
+                stop,
+                chunk_size,
+                prefetch=prefetch,
+                key=key,
+                memo=self._validated,
+                budget=self._read_ahead,
             )
         first_page = None
         planned = self._first_pages.pop(interval, None)

@@ -21,7 +21,7 @@ from gateway.params import ID_PATTERN
 from gateway.sources import keys
 from gateway.sources.base import JOB_STATUSES, JobInfo, JobState, ReadPlan, Snapshot
 from gateway.sources.candles import ValidatedChunks
-from gateway.sources.lists import ListChunkReader
+from gateway.sources.lists import ListChunkReader, ReadAheadBudget
 
 _STATE_FIELDS: Final = ("status", "current_bar", "error")
 # The job's state rides along with every this-many chunk reads (the first one
@@ -47,9 +47,16 @@ async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
 class RedisJobSource:
     """A job that workers are writing (or have written) to Redis."""
 
-    def __init__(self, client: aioredis.Redis, job_id: str, validated: ValidatedChunks | None = None) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        job_id: str,
+        validated: ValidatedChunks | None = None,
+        read_ahead: ReadAheadBudget | None = None,
+    ) -> None:
         self._redis = client
         self._validated = validated
+        self._read_ahead = read_ahead
         self.job_id = job_id
         self._job_key = keys.job_key(job_id)
         self._reads = 0
@@ -91,7 +98,15 @@ class RedisJobSource:
         fetch = partial(self.read_range, interval)
         key = keys.candles_key(self.job_id, interval)
         return ListChunkReader(
-            fetch, interval, start, stop, chunk_size, prefetch=prefetch, key=key, memo=self._validated
+            fetch,
+            interval,
+            start,
+            stop,
+            chunk_size,
+            prefetch=prefetch,
+            key=key,
+            memo=self._validated,
+            budget=self._read_ahead,
         )
 
     async def read_range(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState | None]:

@@ -12,6 +12,7 @@ from gateway.sources.backtests import BacktestSource
 from gateway.sources.base import COMPLETED, ChunkReader, ReadPlan, Snapshot, Source
 from gateway.sources.cache import BacktestCache
 from gateway.sources.candles import ValidatedChunks
+from gateway.sources.lists import ReadAheadBudget
 from gateway.sources.redis_jobs import RedisJobSource
 from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError, unavailable
 
@@ -32,11 +33,15 @@ class Sources:
         self._page_rows = page_rows
         # Shared by every stream of this process: each stored chunk is validated once.
         self._validated = ValidatedChunks()
+        self._read_ahead = ReadAheadBudget()
 
     def open(self, request: StreamRequest) -> Source:
         if request.is_backtest:
             return self.backtest(request.id) if self._warehouse else WarehouseNotConfigured()
-        return JobSource(RedisJobSource(self._redis, request.id, self._validated), self if self._warehouse else None)
+        return JobSource(
+            RedisJobSource(self._redis, request.id, self._validated, self._read_ahead),
+            self if self._warehouse else None,
+        )
 
     def backtest(
         self,
@@ -48,9 +53,16 @@ class Sources:
     ) -> BacktestSource:
         assert self._warehouse is not None and self._cache is not None
         return BacktestSource(
-            self._warehouse, self._cache, backtest_id,
-            page_rows=self._page_rows, job_id=job_id, record=record, owner=owner, validated=self._validated,
-        )  # fmt: skip
+            self._warehouse,
+            self._cache,
+            backtest_id,
+            page_rows=self._page_rows,
+            job_id=job_id,
+            record=record,
+            owner=owner,
+            validated=self._validated,
+            read_ahead=self._read_ahead,
+        )
 
     async def backtest_of_job(self, job_id: str) -> BacktestRecord | None:
         assert self._warehouse is not None
