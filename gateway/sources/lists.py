@@ -13,9 +13,10 @@ from gateway.sources.candles import CandleValidator, ValidatedChunks
 # Chunks in flight ahead of the one being sent. Redis answers on its own core
 # while this one validates and writes: a first read of 3 x 50,000 candles took
 # 175 ms with one chunk ahead, 120 ms with two, 115 ms with three or four.
-# Under load the extra reads only add tasks and pool contention (16 streams:
-# 0.99 s -> 1.35 s), so beyond the first they come from a process-wide budget.
+# Under load the extra reads only add tasks and pool contention (16 streams
+# at once got 5-10 % slower), so they are for a process with few readers.
 _READ_AHEAD = 3
+_FEW_READERS = 2
 
 
 class ReadAheadBudget:
@@ -23,6 +24,7 @@ class ReadAheadBudget:
 
     def __init__(self, extra_reads: int = 4) -> None:
         self.free = extra_reads
+        self.readers = 0  # readers that read ahead, open now
 
 
 # Reads ``count`` stored candles from a position, and the job's state if the source has one.
@@ -55,6 +57,10 @@ class ListChunkReader:
         self._requested = start  # position after the last chunk asked for
         self._budget = budget
         self._borrowed = 0  # reads in flight beyond the first, taken from the budget
+        self._counted = prefetch and budget is not None
+        if self._counted:
+            assert budget is not None
+            budget.readers += 1
 
     async def next_chunk(self) -> Chunk:
         if not self._pending:
@@ -75,7 +81,7 @@ class ListChunkReader:
             return True
         if len(self._pending) >= _READ_AHEAD or self._budget is None:
             return False
-        return self._budget.free > 0
+        return self._budget.free > 0 and self._budget.readers <= _FEW_READERS
 
     def _settle_budget(self) -> None:
         """Keep the budget's count true: every pending read but the first is borrowed."""
@@ -98,3 +104,6 @@ class ListChunkReader:
                 await read  # its result or error is no longer wanted
         self._pending.clear()
         self._settle_budget()
+        if self._counted and self._budget is not None:
+            self._budget.readers -= 1
+            self._counted = False
