@@ -294,3 +294,27 @@ async def test_interleaved_order_sends_all_starts_then_one_chunk_per_interval_pe
     assert fourth_chunk["completed_intervals"] == ["day"]
     assert fourth_chunk["overall_progress"]["minute"]["chunks_sent"] == 2
     assert fourth_chunk["overall_progress"]["3minute"]["chunks_sent"] == 1
+
+
+async def test_follow_in_interleaved_order_goes_live_after_every_interval_completes(client, writer, token):
+    w = writer(JOB)
+    await seed_job(w, counts={"day": 2, "minute": 3})
+    response = await open_stream(
+        client, JOB, token=token(), intervals="day,minute", follow="true", order="interleaved", chunk_size=2
+    )
+    next_event = _reader(response)
+    snapshot = await _events(next_event, 7)
+    assert [(e.event, e.payload.get("interval")) for e in snapshot] == [
+        ("interval_start", "day"), ("interval_start", "minute"),
+        ("data_chunk", "day"), ("interval_complete", "day"),
+        ("data_chunk", "minute"), ("data_chunk", "minute"), ("interval_complete", "minute"),
+    ]  # fmt: skip
+    await w.append("minute", make_candles(1, first=3))
+    live = (await _events(next_event, 1))[0]
+    assert (live.event, live.payload["interval"], live.payload["chunk_index"], live.payload["points_sent"]) == (
+        "data_chunk", "minute", 2, 4,
+    )  # fmt: skip
+    await w.update(status="completed")
+    final = (await _events(next_event, 1))[0]
+    assert final.event == "all_complete"
+    assert final.payload["total_points"] == {"day": 2, "minute": 4}
