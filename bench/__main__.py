@@ -42,9 +42,10 @@ from gateway.config import BigQuerySettings
 from gateway.devtools.bigquery_emulator import (
     BigQueryEmulator,
     create_warehouse,
+    emulator_client,
     insert_backtest,
     insert_candles,
-    make_client,
+    loading_client,
 )
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
@@ -250,7 +251,7 @@ async def idle_followers(base: str, token: str, pid: int, count: int) -> float:
 
 def load_backtests(emulator: BigQueryEmulator, count: int, points: int) -> list[str]:
     """``count`` backtests of 3 intervals x ``points`` candles, through the official client."""
-    client = make_client(PROJECT, emulator.endpoint)
+    client = loading_client(PROJECT, emulator.endpoint)
     create_warehouse(client, "backtests")
     start = datetime(2020, 1, 1, tzinfo=UTC)
     steps = {"day": timedelta(days=1), "minute": timedelta(minutes=1), "3minute": timedelta(minutes=3)}
@@ -276,7 +277,7 @@ def load_backtests(emulator: BigQueryEmulator, count: int, points: int) -> list[
 def query_round_trip_ms(emulator: BigQueryEmulator, points: int, runs: int) -> float:
     """Median time of the gateway's own first-page query, straight through the client."""
     settings = BigQuerySettings(project=PROJECT, api_endpoint=emulator.endpoint)
-    warehouse = Warehouse(settings)
+    warehouse = Warehouse(settings, emulator_client(settings))
 
     async def once() -> float:
         started = time.perf_counter()

@@ -52,6 +52,7 @@ class RedisSettings(_Section, frozen=True):
     socket_timeout_s: PositiveSeconds = 5.0
     connect_timeout_s: PositiveSeconds = 2.0
     retries: NonNegativeInt = 2
+    outage_wait_s: Annotated[float, Meta(ge=0)] = 10.0
 
 
 class AuthSettings(_Section, frozen=True):

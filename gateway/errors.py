@@ -17,8 +17,8 @@ turns the stream-level ones into ``error`` events; nothing else does either.
         ├── JobFailed            job_error (fatal)
         ├── SourceUnavailable    connection_error (fatal, resumable)
         │   └── RedisUnreachable  Redis did not answer (503 before the stream starts)
-        ├── IntervalNotFound     interval_not_found (that interval only)
         └── DataError            data_error (that interval only)
+            └── StoredValueMalformed  a Redis key of the wrong type (job_error for the job hash)
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class RequestError(GatewayError):
 
     status = 500
     code = "internal"
+    #: Seconds for the ``Retry-After`` header (429 and 503).
+    retry_after_s: int | None = None
 
 
 class BadRequest(RequestError):
@@ -82,6 +84,10 @@ class Unavailable(RequestError):
     status = 503
     code = "unavailable"
 
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 
 class StreamError(GatewayError):
     """An error reported inside the stream as an ``error`` event."""
@@ -113,15 +119,12 @@ class RedisUnreachable(SourceUnavailable):
     """Redis did not answer: a 503 before the stream starts, connection_error after."""
 
 
-class IntervalNotFound(StreamError):
-    """A requested interval is not among the job's configured intervals."""
-
-    code = "interval_not_found"
-    fatal = False
-
-
 class DataError(StreamError):
     """Reading or decoding one interval failed; the stream goes on."""
 
     code = "data_error"
     fatal = False
+
+
+class StoredValueMalformed(DataError):
+    """A Redis key holds another type than the worker contract says (``WRONGTYPE``)."""

@@ -1,9 +1,12 @@
 """The per-user limit on open streams, shared by all replicas through Redis.
 
 Each open stream holds a slot: a member of the user's sorted set whose score
-is its expiry time. A live stream pushes its expiry forward well within
-``ttl``; a replica that dies without releasing its slots frees them when they
-expire, so a crash never locks a user out for longer than ``ttl``.
+is its expiry time. One task per process pushes the expiry of every slot it
+holds (and of each set's key) forward well within ``ttl``, so a stream keeps
+its slot however long it lives, while a replica that dies without releasing
+its slots frees them when they expire. A slot is released however its
+stream ends (cancellation included); a release that fails because Redis is
+away is retried in the background until it succeeds or the slot expired.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Final
 
+import msgspec
 import redis.asyncio as aioredis
 
-from gateway.errors import RedisUnreachable, TooManyStreams, Unavailable
+from gateway.errors import GatewayError, TooManyStreams
+from gateway.redis_client import call_redis
 from gateway.sources import keys
-from gateway.sources.redis_jobs import call_redis
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,14 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+_RELEASE_RETRY_S: Final = (0.2, 5.0)  # first and longest pause between release attempts
+
+
+class Slot(msgspec.Struct, frozen=True):
+    """One held slot: the user's set and this stream's member in it."""
+
+    key: str
+    member: str
 
 
 class StreamSlots:
@@ -46,43 +57,92 @@ class StreamSlots:
         self._ttl_s = ttl_s
         self._retry_after_s = retry_after_s
         self._acquire = client.register_script(_ACQUIRE)
+        self._held: dict[str, set[str]] = {}  # set key -> members held by this process
+        self._refresher: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[None]] = set()
 
-    @contextlib.asynccontextmanager
-    async def hold(self, user_id: str) -> AsyncIterator[None]:
-        """Hold one slot of ``user_id`` for the body; ``TooManyStreams`` if none is free."""
+    @property
+    def held(self) -> int:
+        """Slots this process holds now."""
+        return sum(map(len, self._held.values()))
+
+    async def acquire(self, user_id: str) -> Slot | None:
+        """Take one slot of ``user_id`` (None when the limit is off); ``TooManyStreams`` if none is free.
+
+        Raises ``RedisUnreachable`` when Redis does not answer.
+        """
         if self._max == 0:
-            yield
-            return
-        key = keys.user_streams_key(user_id)
-        member = uuid.uuid4().hex
+            return None
+        slot = Slot(keys.user_streams_key(user_id), uuid.uuid4().hex)
         now = time.time()
-        args: list[float | int | str] = [now, now + self._ttl_s, self._max, member, self._ttl_s * 1000]
-        try:
-            taken = await call_redis(lambda: self._acquire(keys=[key], args=args), "counting open streams")
-        except RedisUnreachable as exc:
-            raise Unavailable(exc.message) from exc
+        args: list[float | int | str] = [now, now + self._ttl_s, self._max, slot.member, self._ttl_s * 1000]
+        taken = await call_redis(lambda: self._acquire(keys=[slot.key], args=args), "counting open streams")
         if not taken:
             raise TooManyStreams(f"this user already holds {self._max} open streams", retry_after_s=self._retry_after_s)
-        refresher = asyncio.create_task(self._refresh(key, member))
-        try:
-            yield
-        finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
-            try:
-                await self._redis.zrem(key, member)
-            except Exception:  # the slot expires by itself; a failed release must not mask the stream's end
-                log.warning("could not release a stream slot; it expires within %ss", self._ttl_s)
+        self._held.setdefault(slot.key, set()).add(slot.member)
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.create_task(self._refresh_forever(), name="stream-slot-refresh")
+        return slot
 
-    async def _refresh(self, key: str, member: str) -> None:
-        period = self._ttl_s / 3
+    def release(self, slot: Slot | None) -> None:
+        """Give the slot back, now or (Redis away) as soon as Redis answers; never raises, never waits.
+
+        Synchronous on purpose: it is called from ``finally`` blocks of
+        handlers that may be being cancelled, where an ``await`` could be cut short.
+        """
+        if slot is None:
+            return
+        members = self._held.get(slot.key)
+        if members is not None:
+            members.discard(slot.member)
+            if not members:
+                del self._held[slot.key]
+        task = asyncio.get_running_loop().create_task(self._release(slot), name="stream-slot-release")
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, slot: Slot) -> None:
+        deadline = time.monotonic() + self._ttl_s  # past it the slot has expired by itself
+        pause, longest = _RELEASE_RETRY_S
         while True:
+            try:
+                await call_redis(lambda: self._redis.zrem(slot.key, slot.member), "releasing a stream slot")
+                return
+            except GatewayError as exc:
+                if time.monotonic() + pause > deadline:
+                    log.warning("gave up releasing a stream slot (%s); it has expired by now", exc.message)
+                    return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest)
+
+    async def _refresh_forever(self) -> None:
+        period = self._ttl_s / 3
+        while self._held:
             await asyncio.sleep(period)
             try:
-                await self._redis.zadd(key, {member: time.time() + self._ttl_s}, xx=True)
-            except Exception:  # keep streaming; the next refresh may succeed
-                log.warning("could not refresh a stream slot", exc_info=True)
+                await call_redis(self._refresh_all, "refreshing stream slots")
+            except GatewayError as exc:  # keep streaming; the next refresh may succeed
+                log.warning("could not refresh stream slots: %s", exc.message)
+
+    async def _refresh_all(self) -> None:
+        expires_at = time.time() + self._ttl_s
+        pipe = self._redis.pipeline(transaction=False)
+        for key, members in list(self._held.items()):
+            pipe.zadd(key, dict.fromkeys(members, expires_at), xx=True)
+            # The set's own expiry too, or a long-lived set would vanish under live streams.
+            pipe.pexpire(key, self._ttl_s * 1000)
+        await pipe.execute()
+
+    async def aclose(self) -> None:
+        """Stop refreshing; give pending releases a moment to land (the rest expire)."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        if self._releases:
+            await asyncio.wait(self._releases, timeout=1.0)
+            for task in self._releases:
+                task.cancel()
 
 
 def retry_after_seconds(retry_ms: int) -> int:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from aiohttp import web
 
-from gateway.app import RedactingAccessLogger, create_app
-from gateway.config import Settings
+from gateway.access_log import RedactingAccessLogger
+from gateway.app import create_app
+from gateway.config import Settings, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +37,31 @@ def runner_options(settings: Settings) -> dict[str, object]:
     }
 
 
+@contextlib.contextmanager
+def redis_for(settings: Settings) -> Iterator[Settings]:
+    """``settings`` with a Redis to talk to: the configured one, or (empty ``redis.url``) an embedded one."""
+    if settings.redis.url:
+        yield settings
+        return
+    # Development only: the embedded server's package is not a production requirement.
+    from gateway.devtools.embedded_redis import EmbeddedRedis
+
+    embedded = EmbeddedRedis()
+    url = embedded.start()
+    try:
+        yield with_overrides(settings, redis={"url": url})
+    finally:
+        embedded.stop()
+
+
 def serve(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM; open streams get ``shutdown_grace_s`` to finish."""
     install_uvloop()
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        print=lambda text: log.info("%s", text.strip()),
-        **runner_options(settings),  # type: ignore[arg-type]
-    )
+    with redis_for(settings) as ready:
+        web.run_app(
+            create_app(ready),
+            host=ready.server.host,
+            port=ready.server.port,
+            print=lambda text: log.info("%s", text.strip()),
+            **runner_options(ready),  # type: ignore[arg-type]
+        )

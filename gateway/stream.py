@@ -10,17 +10,15 @@ HTTP (it hands finished frames to ``send``).
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from functools import partial
-from typing import Protocol, TypeVar
 
 import msgspec
 
 from gateway import protocol
 from gateway.errors import DataError, JobFailed, StreamError
-from gateway.params import Order, StreamRequest
+from gateway.params import StreamRequest
+from gateway.policy import Complete, SendChunk, Start, next_action
 from gateway.position import IntervalPosition, Phase, StreamPosition
 from gateway.protocol import (
     AllComplete,
@@ -36,19 +34,6 @@ from gateway.protocol import (
 from gateway.sources.base import Chunk, ChunkReader, JobState, ReadPlan, Snapshot, Source
 
 Send = Callable[[bytes], Awaitable[None]]
-T = TypeVar("T")
-
-
-class LiveFeed(Protocol):
-    """What follow mode needs: wait for the job to change, then look again."""
-
-    async def wait_for_change(self) -> None:
-        """Return when a worker note arrives or the re-check timer fires."""
-        ...
-
-    async def shared(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
-        """``read()``, or an identical read that another follower of the job started since the last wake-up."""
-        ...
 
 
 class CandleStream:
@@ -63,21 +48,16 @@ class CandleStream:
         send: Send,
         *,
         retry_ms: int | None,
-        live: LiveFeed | None = None,
-        status_min_interval_s: float = 0.25,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._request = request
+        self.request = request
         job = snapshot.job
         self._job = job
         self._state = job.state
         self._failures = snapshot.failures
         self._source = source
-        self._position = position
+        self.position = position
         self._send = send
         self._retry_ms = retry_ms
-        self._live = live
-        self._status_min_interval_s = status_min_interval_s
         self._chunk_size = request.chunk_size
         self._names = request.intervals
         self._exists = [name in job.intervals for name in request.intervals]
@@ -88,73 +68,44 @@ class CandleStream:
         self._readers: dict[int, ChunkReader] = {}
         # Time of the last candle sent per interval: live chunks must come after it.
         self._last_times: dict[int, datetime] = {}
-        self._clock = clock
 
-    async def run(self) -> None:
-        """Send every event this stream still owes; a fatal error ends it with an ``error`` event."""
+    @property
+    def state(self) -> JobState:
+        """The job's state as last read."""
+        return self._state
+
+    async def run(self, live_tail: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Send every event this stream still owes; a fatal error ends it with an ``error`` event.
+
+        ``live_tail`` (follow mode) runs between the snapshot and ``all_complete``.
+        """
         try:
-            self._observe(self._state)
-            while (step := self._next_step()) is not None:
-                await step
-            if self._live is not None and self._position.is_partial:
-                await self._follow()
+            self.check_state(self._state)
+            while (action := next_action(self.position, self.request.order)) is not None:
+                match action:
+                    case Start(index):
+                        await self._start(index)
+                    case SendChunk(index, prefetch):
+                        await self._chunk(index, prefetch=prefetch)
+                    case Complete(index):
+                        await self._complete(index)
+            if live_tail is not None and self.position.is_partial:
+                await live_tail()
             await self._finish()
         except StreamError as exc:
-            if exc.fatal:
-                await self._error(exc, interval=None)
-            else:
+            if not exc.fatal:
                 raise
+            await self._error(exc, interval=None)
         finally:
             for reader in self._readers.values():
                 await reader.aclose()
             self._readers.clear()
 
-    # -- choosing the next event ------------------------------------------
-
-    def _next_step(self) -> Awaitable[None] | None:
-        """The coroutine that sends the next snapshot event, or None when the snapshot is done."""
-        if self._request.order is Order.SEQUENTIAL:
-            return self._next_sequential()
-        return self._next_interleaved()
-
-    def _next_sequential(self) -> Awaitable[None] | None:
-        for index, interval in enumerate(self._position.intervals):
-            if interval.phase is Phase.PENDING:
-                return self._start(index)
-            if interval.phase is Phase.STARTED:
-                if interval.points_sent < interval.total_points:
-                    return self._chunk(index, prefetch=True)
-                return self._complete(index)
-        return None
-
-    def _next_interleaved(self) -> Awaitable[None] | None:
-        intervals = self._position.intervals
-        # First every interval_start (or interval_not_found), in request order.
-        for index, interval in enumerate(intervals):
-            if interval.phase is Phase.PENDING:
-                return self._start(index)
-        started = [i for i, interval in enumerate(intervals) if interval.phase is Phase.STARTED]
-        if not started:
-            return None
-        # An interval whose last chunk just went out completes before anything else.
-        for index in started:
-            interval = intervals[index]
-            if interval.chunks_sent and interval.points_sent >= interval.total_points:
-                return self._complete(index)
-        # Round robin: unfinished intervals have sent r or r + 1 chunks; the
-        # first (in request order) still at r is next.
-        fewest = min(intervals[index].chunks_sent for index in started)
-        index = next(i for i in started if intervals[i].chunks_sent == fewest)
-        if intervals[index].points_sent < intervals[index].total_points:
-            # No read-ahead: the next chunk of this interval is a whole round away.
-            return self._chunk(index, prefetch=False)
-        return self._complete(index)
-
     # -- the snapshot events ----------------------------------------------
 
     async def _start(self, index: int) -> None:
         name = self._names[index]
-        interval = self._position.intervals[index]
+        interval = self.position.intervals[index]
         if not self._exists[index]:
             interval.phase = Phase.FAILED
             kind = "backtest" if self._job.job_id is None else "job"
@@ -169,7 +120,7 @@ class CandleStream:
         except DataError as exc:
             await self._fail(index, exc)
             return
-        total = min(stored, self._request.limit)
+        total = min(stored, self.request.limit)
         interval.phase = Phase.STARTED
         interval.total_points = total
         job = self._job
@@ -186,7 +137,7 @@ class CandleStream:
                 job_id=job.job_id,
                 symbol=job.symbol,
                 exchange=job.exchange,
-                is_partial=self._position.is_partial,
+                is_partial=self.position.is_partial,
                 current_bar=self._state.current_bar,
                 job_status=self._state.status,
             ),
@@ -203,7 +154,7 @@ class CandleStream:
 
     async def _chunk(self, index: int, *, prefetch: bool) -> None:
         name = self._names[index]
-        interval = self._position.intervals[index]
+        interval = self.position.intervals[index]
         reader = self._readers.get(index)
         if reader is None:
             reader = self._source.reader(
@@ -224,7 +175,7 @@ class CandleStream:
         await self._emit_chunk(index, chunk.points, is_last=is_last)
 
     async def _emit_chunk(self, index: int, points: bytes, *, is_last: bool) -> None:
-        interval = self._position.intervals[index]
+        interval = self.position.intervals[index]
         await self._emit(
             protocol.DATA_CHUNK,
             DataChunk(
@@ -234,7 +185,7 @@ class CandleStream:
                 total_points=interval.total_points,
                 chunk_index=interval.chunks_sent - 1,
                 is_last_chunk=is_last,
-                is_partial=self._position.is_partial,
+                is_partial=self.position.is_partial,
                 current_bar=self._state.current_bar,
                 job_status=self._state.status,
                 progress=self._progress(self._names[index]),
@@ -242,7 +193,7 @@ class CandleStream:
         )
 
     async def _complete(self, index: int) -> None:
-        interval = self._position.intervals[index]
+        interval = self.position.intervals[index]
         interval.phase = Phase.COMPLETE
         await self._emit(
             protocol.INTERVAL_COMPLETE,
@@ -252,13 +203,13 @@ class CandleStream:
                 points_sent=interval.points_sent,
                 backtest_id=self._job.backtest_id,
                 job_id=self._job.job_id,
-                is_partial=self._position.is_partial,
+                is_partial=self.position.is_partial,
                 job_status=self._state.status,
             ),
         )
 
     async def _finish(self) -> None:
-        self._position.finished = True
+        self.position.finished = True
         await self._emit(
             protocol.ALL_COMPLETE,
             AllComplete(
@@ -273,68 +224,42 @@ class CandleStream:
             ),
         )
 
-    # -- follow mode (SPEC 6) ----------------------------------------------
+    # -- what follow mode (follow.py) drives ----------------------------------
 
-    async def _follow(self) -> None:
-        """After the snapshot: send what workers append until the job completes or fails."""
-        assert self._live is not None
-        last_status_at = -math.inf
-        if self._position.job_status is None:
-            # The snapshot's events already told the client this state.
-            self._position.job_status = self._state.status
-            self._position.current_bar = self._state.current_bar
-        while True:
-            # Every follower of the job woken by the same note shares this read.
-            snapshot = await self._live.shared(("snapshot", self._names), partial(self._source.snapshot, self._names))
-            self._observe(snapshot.job.state)
-            for index, name in enumerate(self._names):
-                await self._send_live_points(index, snapshot.lengths.get(name, 0))
-            if not self._state.is_active:
-                return  # completed: everything stored has been sent
-            now = self._clock()
-            if self._status_changed() and now - last_status_at >= self._status_min_interval_s:
-                last_status_at = now
-                await self._job_status()
-            await self._live.wait_for_change()
-
-    async def _send_live_points(self, index: int, stored: int) -> None:
-        assert self._live is not None
+    async def send_live_chunk(self, index: int, chunk: Chunk) -> None:
+        """A chunk appended after the snapshot: counts continue, ``total_points`` grows with them."""
         name = self._names[index]
-        interval = self._position.intervals[index]
-        stop = min(stored, self._request.limit)
-        while interval.phase is Phase.COMPLETE and interval.points_sent < stop:
-            start = interval.points_sent
-            count = min(self._chunk_size, stop - start)
-            try:
-                chunk = await self._live.shared(
-                    ("chunk", name, start, count), partial(self._read_once, name, start, count)
-                )
-                last = self._last_times.get(index)
-                if last is not None and chunk.first_time is not None and chunk.first_time <= last:
-                    raise DataError(f"candle {start} of interval '{name}' is not after the one before it")
-            except DataError as exc:
-                await self._fail(index, exc)
-                return
-            self._account(index, chunk)
-            interval.total_points = interval.points_sent
-            await self._emit_chunk(index, chunk.points, is_last=False)
+        interval = self.position.intervals[index]
+        last = self._last_times.get(index)
+        if last is not None and chunk.first_time is not None and chunk.first_time <= last:
+            await self.fail_live(
+                index, DataError(f"candle {interval.points_sent} of interval '{name}' is not after the one before it")
+            )
+            return
+        self._account(index, chunk)
+        interval.total_points = interval.points_sent
+        await self._emit_chunk(index, chunk.points, is_last=False)
 
-    async def _read_once(self, name: str, start: int, count: int) -> Chunk:
-        reader = self._source.reader(name, start, start + count, count, prefetch=False)
-        try:
-            return await reader.next_chunk()
-        finally:
-            await reader.aclose()
+    async def fail_live(self, index: int, exc: DataError) -> None:
+        """A data_error for an interval being followed: no more points for it."""
+        await self._fail(index, exc)
 
-    def _status_changed(self) -> bool:
-        return (self._position.job_status, self._position.current_bar) != (
+    def mark_status_sent_with_snapshot(self) -> None:
+        """The snapshot's events already told the client the job's state: no job_status for it."""
+        if self.position.job_status is None:
+            self.position.job_status = self._state.status
+            self.position.current_bar = self._state.current_bar
+
+    def status_changed(self) -> bool:
+        """Whether the job's status or bar differ from what the client was last told."""
+        return (self.position.job_status, self.position.current_bar) != (
             self._state.status,
             self._state.current_bar,
         )
 
-    async def _job_status(self) -> None:
-        self._position.job_status = self._state.status
-        self._position.current_bar = self._state.current_bar
+    async def send_job_status(self) -> None:
+        self.position.job_status = self._state.status
+        self.position.current_bar = self._state.current_bar
         await self._emit(
             protocol.JOB_STATUS,
             JobStatusEvent(
@@ -351,20 +276,20 @@ class CandleStream:
     def _account(self, index: int, chunk: Chunk) -> None:
         """Adopt what a chunk says of the job, and count it as sent."""
         if chunk.state is not None:
-            self._observe(chunk.state)
+            self.check_state(chunk.state)
         if chunk.last_time is not None:
             self._last_times[index] = chunk.last_time
-        interval = self._position.intervals[index]
+        interval = self.position.intervals[index]
         interval.points_sent += chunk.count
         interval.chunks_sent += 1
 
     async def _fail(self, index: int, exc: DataError) -> None:
         """A data_error for one interval: it is done, the stream goes on."""
-        interval = self._position.intervals[index]
+        interval = self.position.intervals[index]
         interval.phase = Phase.FAILED
         await self._error(exc, interval=self._names[index], points_sent=interval.points_sent)
 
-    def _observe(self, state: JobState) -> None:
+    def check_state(self, state: JobState) -> None:
         """Adopt the job's latest state; a failed or cancelled job ends the stream."""
         self._state = state
         if state.has_failed:
@@ -377,7 +302,7 @@ class CandleStream:
             if not exists:
                 continue
             if interval.phase is Phase.PENDING:
-                total = min(self._lengths.get(name, 0), self._request.limit)
+                total = min(self._lengths.get(name, 0), self.request.limit)
                 overall[name] = IntervalProgress(total, math.ceil(total / self._chunk_size), 0, 0)
             else:
                 total_chunks = (
@@ -399,7 +324,7 @@ class CandleStream:
         return [name for name, interval, _ in self._each_interval() if interval.phase is Phase.COMPLETE]
 
     def _each_interval(self) -> list[tuple[str, IntervalPosition, bool]]:
-        return list(zip(self._names, self._position.intervals, self._exists, strict=True))
+        return list(zip(self._names, self.position.intervals, self._exists, strict=True))
 
     async def _close_reader(self, index: int) -> None:
         reader = self._readers.pop(index, None)
@@ -427,7 +352,7 @@ class CandleStream:
         )
 
     async def _emit(self, event: bytes, payload: Payload) -> None:
-        frame = protocol.frame(event, payload, self._position.encode(), self._retry_ms)
+        frame = protocol.frame(event, payload, self.position.encode(), self._retry_ms)
         self._retry_ms = None  # only the first event of a connection carries retry
         await self._send(frame)
 
@@ -440,7 +365,7 @@ def read_plan(request: StreamRequest, position: StreamPosition | None) -> ReadPl
     return ReadPlan(limit=request.limit, chunk_size=request.chunk_size, starts=starts)
 
 
-async def send_fatal(
+async def send_start_error(
     exc: StreamError,
     request: StreamRequest,
     position: StreamPosition,
@@ -448,7 +373,7 @@ async def send_fatal(
     *,
     retry_ms: int | None,
 ) -> None:
-    """An ``error`` event for a stream that could not even start (job not found, ...)."""
+    """The one ``error`` event of a stream that could not start (job not found, ...)."""
     is_backtest = request.is_backtest
     payload = ErrorEvent(
         error=exc.code,

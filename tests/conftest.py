@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings, with_overrides
+from gateway.devtools.bigquery_emulator import emulator_client
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.workers import JobWriter
@@ -65,7 +66,9 @@ def make_gateway(aiohttp_client: Any, settings: Settings, redis_client: aioredis
     """Start the real app (through its factory) on a free port; returns a real HTTP client."""
 
     async def make(**sections: dict[str, Any]) -> TestClient:
-        return await aiohttp_client(create_app(with_overrides(settings, **sections)))  # type: ignore[no-any-return]
+        # The emulator's client raises for failed queries, as BigQuery does.
+        app = create_app(with_overrides(settings, **sections), bigquery_client=emulator_client)
+        return await aiohttp_client(app)  # type: ignore[no-any-return]
 
     return make
 

@@ -14,7 +14,7 @@ from gateway.devtools.bigquery_emulator import (
     create_warehouse,
     insert_backtest,
     insert_candles,
-    make_client,
+    loading_client,
 )
 from gateway.sources import keys
 from tests.conftest import PROJECT
@@ -27,13 +27,13 @@ _ids = itertools.count(1)
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmulator]:
     with BigQueryEmulator(tmp_path_factory.mktemp("bqemulator"), project=PROJECT) as running:
-        create_warehouse(make_client(PROJECT, running.endpoint), DATASET)
+        create_warehouse(loading_client(PROJECT, running.endpoint), DATASET)
         yield running
 
 
 @pytest.fixture(scope="session")
 def bq(emulator):
-    return make_client(PROJECT, emulator.endpoint)
+    return loading_client(PROJECT, emulator.endpoint)
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.app import GATEWAY
 from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.resources import LIFECYCLE, REDIS
 from gateway.workers import JobWriter
 from tests.helpers import expected_points, open_stream, seed_job, stream
 from tests.sse_client import SSEParser, Transcript
@@ -30,7 +30,7 @@ async def test_fifty_concurrent_streams_each_get_the_whole_stream(make_gateway, 
 
 
 async def _in_use_redis_connections(client) -> int:
-    pool = client.server.app[GATEWAY].redis.connection_pool
+    pool = client.server.app[REDIS].connection_pool
     return len(pool._in_use_connections)  # no public counter; the pool's own bookkeeping
 
 
@@ -140,7 +140,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_can_resume(make_gatewa
 
 async def test_a_draining_replica_answers_503(client, writer, token):
     await seed_job(writer(JOB), counts={"minute": 1})
-    client.server.app[GATEWAY].draining = True
+    client.server.app[LIFECYCLE].draining = True
     response = await open_stream(client, JOB, token=token(), intervals="minute")
     assert response.status == 503
     assert (await response.json())["error"] == "unavailable"

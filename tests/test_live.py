@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.app import GATEWAY
+from gateway.resources import NOTES
 from tests.helpers import expected_points, make_candles, open_stream, seed_job, stream
 from tests.sse_client import SSEParser, Transcript
 
@@ -234,7 +234,7 @@ async def test_many_followers_of_one_job_share_one_subscription(make_gateway, wr
     readers = [_reader(r) for r in responses]
     for next_event in readers:
         await _events(next_event, 3)
-    notes = client.server.app[GATEWAY].notes
+    notes = client.server.app[NOTES]
     assert notes.subscribed_jobs == 1
     channel = f"job:{{{JOB}}}:events"
     assert dict(await redis_client.pubsub_numsub(channel)) == {channel.encode(): 1}

@@ -31,6 +31,9 @@ from google.api_core import exceptions as google_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
+from gateway.config import BigQuerySettings
+from gateway.sources.warehouse import make_client as gateway_client
+
 log = logging.getLogger(__name__)
 
 BACKTESTS_SCHEMA: Final = (
@@ -168,13 +171,23 @@ class BigQueryEmulator:
         raise TimeoutError(f"the BigQuery emulator did not answer in time:\n{_tail(self.log_path)}")
 
 
-def make_client(project: str, endpoint: str) -> bigquery.Client:
+def loading_client(project: str, endpoint: str) -> bigquery.Client:
     """A client for the emulator: anonymous, pointed at ``endpoint`` only, failed queries raising."""
     client = bigquery.Client(
         project=project,
         credentials=AnonymousCredentials(),
         client_options={"api_endpoint": endpoint},
     )
+    raise_query_errors(client)
+    return client
+
+
+def emulator_client(settings: BigQuerySettings) -> bigquery.Client:
+    """The gateway's own client, made to raise for failed queries as BigQuery does.
+
+    For ``create_app(settings, bigquery_client=emulator_client)``.
+    """
+    client = gateway_client(settings)
     raise_query_errors(client)
     return client
 

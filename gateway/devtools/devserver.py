@@ -24,9 +24,10 @@ from gateway.config import Settings, with_overrides
 from gateway.devtools.bigquery_emulator import (
     BigQueryEmulator,
     create_warehouse,
+    emulator_client,
     insert_backtest,
     insert_candles,
-    make_client,
+    loading_client,
 )
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
@@ -102,7 +103,7 @@ async def _bigquery_emulator(state_dir: Path, settings: Settings) -> AsyncIterat
 def load_demo_backtest(emulator: BigQueryEmulator, settings: Settings) -> None:
     """A completed backtest of 10 trading days, as the warehouse would hold it."""
     bigquery = settings.bigquery
-    client = make_client(emulator.project, emulator.endpoint)
+    client = loading_client(emulator.project, emulator.endpoint)
     create_warehouse(client, bigquery.dataset, bigquery.backtests_table, bigquery.candles_table)
     insert_backtest(client, bigquery.dataset, bigquery.backtests_table, {
         "backtest_id": DEMO_BACKTEST, "user_id": DEMO_USER, "symbol": "LTF", "exchange": "NSE",
@@ -142,7 +143,8 @@ async def _certificate_endpoint(key: DevSigningKey) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def _gateway(settings: Settings, page: str) -> AsyncIterator[str]:
-    app = create_app(settings)
+    # The emulator's client raises for failed queries, as BigQuery does.
+    app = create_app(settings, bigquery_client=emulator_client)
 
     async def demo(request: web.Request) -> web.Response:
         return web.Response(text=page, content_type="text/html")

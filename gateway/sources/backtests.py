@@ -1,12 +1,13 @@
 """Completed backtests: from the Redis cache when it has them, else from the warehouse.
 
-A cold stream asks for everything at once: the metadata and, for every
-requested interval, its first page (which also counts the interval's rows,
-``COUNT(*) OVER ()``). So the first chunk waits for one query round trip,
-however many intervals there are, while intervals are still emitted in
-order. Each interval holds at most two pages (the one being sent and the
-next one in flight), so memory is bounded by ``bigquery.page_rows``, not by
-the backtest. Whatever was not cached is cached in the background.
+A stream first reads the metadata alone (cache, else warehouse): nothing
+else is queried before the caller is authorized. Then it asks, for every
+requested interval at once, its first page (which also counts the
+interval's rows, ``COUNT(*) OVER ()``), so the first chunk waits for one
+more query round trip however many intervals there are. Each interval
+holds at most two pages (the one being sent and the next one in flight),
+so memory is bounded by ``bigquery.page_rows``, not by the backtest.
+Whatever was not cached is cached in the background.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from gateway.errors import DataError, JobNotFound
 from gateway.sources import keys
 from gateway.sources.base import COMPLETED, Chunk, ChunkReader, JobInfo, JobState, ReadPlan, Snapshot
 from gateway.sources.cache import BacktestCache
-from gateway.sources.candles import CandleValidator, ValidatedChunks
-from gateway.sources.lists import ListChunkReader, ReadAheadBudget
+from gateway.sources.candles import CandleValidator
+from gateway.sources.lists import ListReads
 from gateway.sources.warehouse import BacktestRecord, CandlePage, Warehouse, WarehouseError, unavailable
 
 _COMPLETED = JobState(status=COMPLETED)
@@ -38,14 +39,11 @@ class BacktestSource:
         backtest_id: str,
         *,
         page_rows: int,
+        lists: ListReads,
         job_id: str | None = None,
         record: BacktestRecord | None = None,
-        owner: str | None = None,
-        validated: ValidatedChunks | None = None,
-        read_ahead: ReadAheadBudget | None = None,
     ) -> None:
-        self._validated = validated
-        self._read_ahead = read_ahead
+        self._lists = lists
         self._warehouse = warehouse
         self._cache = cache
         self.backtest_id = backtest_id
@@ -53,43 +51,46 @@ class BacktestSource:
         # Set when a completed job is served from the warehouse under its job id.
         self._job_id = job_id
         self._record = record
-        self._owner = owner
+        self._opened: Snapshot | None = None
         self._cached: dict[str, int] = {}
         self._counts: dict[str, int] = {}
         self._failures: dict[str, str] = {}
         self._first_pages: dict[str, tuple[int, asyncio.Task[CandlePage]]] = {}
 
-    async def snapshot(self, intervals: Sequence[str], plan: ReadPlan | None = None) -> Snapshot:
-        # Cached intervals need no query; the others' first pages are asked for
-        # at once, together with the metadata when that is not cached either,
-        # so a cold stream waits for one round of queries, not two.
-        self._cached = await self._cache.lengths(self.backtest_id, intervals)
-        missing = [interval for interval in intervals if interval not in self._cached]
-        record = self._record or await self._cache.record(self.backtest_id)
-        if record is not None:
-            missing = [interval for interval in missing if interval in record.intervals]
-        self._start_first_pages(missing, plan)
-        if record is None:
-            record = await self._record_from_warehouse()
-            for interval in [i for i in missing if i not in record.intervals]:
-                self._first_pages.pop(interval)[1].cancel()
-                missing.remove(interval)
+    async def describe(self, intervals: Sequence[str]) -> JobInfo:
+        # The metadata alone: no candle query before the caller is authorized.
+        record = self._record or await self._cache.record(self.backtest_id) or await self._record_from_warehouse()
         self._record = record
-        if missing:
-            await self._count_from_first_pages()
-            self._cache.fill_later(self.backtest_id, [i for i in missing if i not in self._failures])
-        job = JobInfo(
+        return JobInfo(
             # A backtest made by a job names it: both ids apply (SPEC 3).
             job_id=self._job_id or record.job_id,
             backtest_id=self.backtest_id,
-            user_id=self._owner or record.user_id,
+            # The warehouse row's owner is the authority for warehouse data.
+            user_id=record.user_id,
             symbol=record.symbol,
             exchange=record.exchange,
             intervals=record.intervals,
             state=_COMPLETED,
         )
-        lengths = {name: n for name, n in {**self._counts, **self._cached}.items() if name in record.intervals}
-        return Snapshot(job=job, lengths=lengths, failures=dict(self._failures))
+
+    async def open(self, intervals: Sequence[str], plan: ReadPlan) -> Snapshot:
+        # Cached intervals need no query; the others' first pages are asked
+        # for at once, so a cold stream waits for one round of queries.
+        job = await self.describe(intervals)
+        self._cached = await self._cache.lengths(self.backtest_id, intervals)
+        missing = [interval for interval in intervals if interval not in self._cached and interval in job.intervals]
+        self._start_first_pages(missing, plan)
+        if missing:
+            await self._count_from_first_pages()
+            self._cache.fill_later(self.backtest_id, [i for i in missing if i not in self._failures])
+        lengths = {name: n for name, n in {**self._counts, **self._cached}.items() if name in job.intervals}
+        self._opened = Snapshot(job=job, lengths=lengths, failures=dict(self._failures))
+        return self._opened
+
+    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
+        """Backtests never change: what ``open`` counted stays true."""
+        assert self._opened is not None, "open() first"
+        return self._opened
 
     async def _record_from_warehouse(self) -> BacktestRecord:
         try:
@@ -101,13 +102,11 @@ class BacktestSource:
         await self._cache.store_record(record)
         return record
 
-    def _start_first_pages(self, intervals: Sequence[str], plan: ReadPlan | None) -> None:
-        limit = plan.limit if plan else 50_000
-        chunk_size = plan.chunk_size if plan else self._page_rows
+    def _start_first_pages(self, intervals: Sequence[str], plan: ReadPlan) -> None:
         for interval in intervals:
-            start = plan.starts.get(interval, 0) if plan else 0
+            start = plan.starts.get(interval, 0)
             # Small enough to hold for every interval at once, big enough for a fast start.
-            rows = max(1, min(limit - start, 2 * chunk_size, self._page_rows))
+            rows = max(1, min(plan.limit - start, 2 * plan.chunk_size, self._page_rows))
             task = asyncio.create_task(self._warehouse.first_page(self.backtest_id, interval, start, rows))
             self._first_pages[interval] = (start, task)
 
@@ -134,17 +133,7 @@ class BacktestSource:
         if interval in self._cached:
             fetch = partial(self._read_cached, interval)
             key = keys.backtest_candles_key(self.backtest_id, interval)
-            return ListChunkReader(
-                fetch,
-                interval,
-                start,
-                stop,
-                chunk_size,
-                prefetch=prefetch,
-                key=key,
-                memo=self._validated,
-                budget=self._read_ahead,
-            )
+            return self._lists.reader(fetch, key, interval, start, stop, chunk_size, prefetch=prefetch)
         first_page = None
         planned = self._first_pages.pop(interval, None)
         if planned is not None and planned[0] == start:

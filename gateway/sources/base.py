@@ -92,10 +92,24 @@ class ChunkReader(Protocol):
 
 
 class Source(Protocol):
-    """A job in Redis, a backtest in the warehouse, or one served from the cache."""
+    """A job in Redis, a backtest in the warehouse, or one served from the cache.
 
-    async def snapshot(self, intervals: Sequence[str], plan: ReadPlan | None = None) -> Snapshot:
-        """Describe the job and count stored points; raises ``JobNotFound`` and friends."""
+    A stream asks in three steps, so that nothing costly happens for a caller
+    who may not read the id: ``describe`` (one cheap read: the owner, the
+    configured intervals, the state), then the caller authorizes, then
+    ``open`` (counts, first pages, read-ahead, cache fills).
+    """
+
+    async def describe(self, intervals: Sequence[str]) -> JobInfo:
+        """Who owns the id and what it holds; raises ``JobNotFound`` or ``SourceUnavailable``."""
+        ...
+
+    async def open(self, intervals: Sequence[str], plan: ReadPlan) -> Snapshot:
+        """After authorization: count stored points and start reading; only after ``describe``."""
+        ...
+
+    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
+        """The job and its stored counts read again now (follow mode's look at a running job)."""
         ...
 
     async def length(self, interval: str) -> int:

@@ -31,6 +31,31 @@ class ReadAheadBudget:
 RangeFetch = Callable[[int, int], Awaitable[tuple[list[bytes], JobState | None]]]
 
 
+class ListReads:
+    """What every list reader of a process shares: the validated-chunk memo and the read-ahead budget."""
+
+    def __init__(self) -> None:
+        # Each stored chunk is validated once per process, whoever reads it.
+        self.validated = ValidatedChunks()
+        self.read_ahead = ReadAheadBudget()
+
+    def reader(
+        self, fetch: RangeFetch, key: str, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool
+    ) -> ListChunkReader:
+        """A reader of list ``key`` (one interval's candles) from ``start`` to ``stop``."""
+        return ListChunkReader(
+            fetch,
+            interval,
+            start,
+            stop,
+            chunk_size,
+            prefetch=prefetch,
+            key=key,
+            memo=self.validated,
+            budget=self.read_ahead,
+        )
+
+
 class ListChunkReader:
     """Chunks of one list from ``start`` to ``stop``, the next one already in flight if asked."""
 

@@ -9,105 +9,100 @@ were built, and a job that fails mid-stream ends the stream promptly.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from gateway.errors import DataError, JobNotFound, RedisUnreachable
+from gateway.errors import JobNotFound, StoredValueMalformed
 from gateway.params import ID_PATTERN
+from gateway.redis_client import call_redis, response_error
 from gateway.sources import keys
 from gateway.sources.base import JOB_STATUSES, JobInfo, JobState, ReadPlan, Snapshot
-from gateway.sources.candles import ValidatedChunks
-from gateway.sources.lists import ListChunkReader, ReadAheadBudget
+from gateway.sources.lists import ListChunkReader, ListReads
 
 _STATE_FIELDS: Final = ("status", "current_bar", "error")
 # The job's state rides along with every this-many chunk reads (the first one
 # included): fresh to within a few milliseconds of streaming, for a fraction
 # of a pipeline's cost per chunk.
 _STATE_EVERY: Final = 8
-T = TypeVar("T")
 
 
-def not_found(job_id: str) -> JobNotFound:
-    """The one answer for a job that does not exist and one the user may not read."""
+def job_not_found(job_id: str) -> JobNotFound:
+    """The one answer for a job that does not exist, no longer exists, or that the user may not read."""
     return JobNotFound(f"Job '{job_id}' not found")
-
-
-async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
-    """Run one Redis call, turning "the store is unreachable" into ``RedisUnreachable``."""
-    try:
-        return await operation()
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise RedisUnreachable(f"Redis unreachable while {what}") from exc
 
 
 class RedisJobSource:
     """A job that workers are writing (or have written) to Redis."""
 
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        job_id: str,
-        validated: ValidatedChunks | None = None,
-        read_ahead: ReadAheadBudget | None = None,
-    ) -> None:
+    def __init__(self, client: aioredis.Redis, job_id: str, lists: ListReads) -> None:
         self._redis = client
-        self._validated = validated
-        self._read_ahead = read_ahead
+        self._lists = lists
         self.job_id = job_id
         self._job_key = keys.job_key(job_id)
         self._reads = 0
+        self._described: Snapshot | None = None
 
-    async def snapshot(self, intervals: Sequence[str], plan: ReadPlan | None = None) -> Snapshot:
+    async def describe(self, intervals: Sequence[str]) -> JobInfo:
+        # The counts ride in the same round trip: they cost Redis next to nothing.
+        self._described = await self.snapshot(intervals)
+        return self._described.job
+
+    async def open(self, intervals: Sequence[str], plan: ReadPlan) -> Snapshot:
+        assert self._described is not None, "describe() first"
+        return self._described
+
+    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
+        """The job hash and the length of every requested list, in one pipeline."""
+
         async def read() -> list[Any]:
             pipe = self._redis.pipeline(transaction=False)
             pipe.hgetall(self._job_key)
             for interval in intervals:
                 pipe.llen(keys.candles_key(self.job_id, interval))
-            return await pipe.execute()
+            return await pipe.execute(raise_on_error=False)
 
         replies = await call_redis(read, "reading the job")
-        fields: dict[bytes, bytes] = replies[0]
+        fields = replies[0]
+        if isinstance(fields, redis.exceptions.ResponseError):
+            error = response_error(fields, "reading the job record")
+            if not isinstance(error, StoredValueMalformed):
+                raise error
+            # No owner can be read: only an admin gets past authorization to see why.
+            job = JobInfo(self.job_id, None, "", "", "", (), JobState("failed", error="job record is not a hash"))
+            return Snapshot(job=job, lengths={})
         if not fields:
-            raise not_found(self.job_id)
+            raise job_not_found(self.job_id)
         job = parse_job_hash(self.job_id, fields)
-        lengths = {
-            interval: length
-            for interval, length in zip(intervals, replies[1:], strict=True)
-            if interval in job.intervals
-        }
-        return Snapshot(job=job, lengths=lengths)
+        lengths: dict[str, int] = {}
+        failures: dict[str, str] = {}
+        for interval, length in zip(intervals, replies[1:], strict=True):
+            if interval not in job.intervals:
+                continue
+            if isinstance(length, redis.exceptions.ResponseError):
+                error = response_error(length, f"counting interval '{interval}'")
+                if not isinstance(error, StoredValueMalformed):
+                    raise error
+                failures[interval] = f"interval '{interval}' is not stored as a list"
+            else:
+                lengths[interval] = length
+        return Snapshot(job=job, lengths=lengths, failures=failures)
 
     async def length(self, interval: str) -> int:
         key = keys.candles_key(self.job_id, interval)
-        length: int = await call_redis(lambda: self._redis.llen(key), "counting candles")
+        try:
+            length: int = await call_redis(lambda: self._redis.llen(key), f"counting interval '{interval}'")
+        except StoredValueMalformed as exc:
+            raise StoredValueMalformed(f"interval '{interval}' is not stored as a list") from exc
         return length
 
-    async def has_candles(self, intervals: Sequence[str]) -> bool:
-        """Whether any of these intervals still has a list (a completed job's may expire)."""
-        names = [keys.candles_key(self.job_id, interval) for interval in intervals]
-        if not names:
-            return False
-        count: int = await call_redis(lambda: self._redis.exists(*names), "checking candles")
-        return count > 0
-
     def reader(self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool) -> ListChunkReader:
-        fetch = partial(self.read_range, interval)
         key = keys.candles_key(self.job_id, interval)
-        return ListChunkReader(
-            fetch,
-            interval,
-            start,
-            stop,
-            chunk_size,
-            prefetch=prefetch,
-            key=key,
-            memo=self._validated,
-            budget=self._read_ahead,
-        )
+        fetch = partial(self.read_range, interval)
+        return self._lists.reader(fetch, key, interval, start, stop, chunk_size, prefetch=prefetch)
 
     async def read_range(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState | None]:
         """``count`` stored candles from ``start``, and every few chunks the job's state read with them."""
@@ -125,19 +120,27 @@ class RedisJobSource:
 
         try:
             stored, state_values = await call_redis(read, f"reading interval '{interval}'")
-        except redis.exceptions.ResponseError as exc:
-            raise DataError(f"interval '{interval}' is not stored as a list: {exc}") from exc
+        except StoredValueMalformed as exc:
+            raise StoredValueMalformed(f"interval '{interval}' is not stored as a list") from exc
         if isinstance(stored, redis.exceptions.ResponseError):
-            raise DataError(f"interval '{interval}' is not stored as a list: {stored}")
+            error = response_error(stored, f"reading interval '{interval}'")
+            if isinstance(error, StoredValueMalformed):
+                raise StoredValueMalformed(f"interval '{interval}' is not stored as a list")
+            raise error
         if len(stored) != count:
-            raise DataError(
+            raise StoredValueMalformed(
                 f"interval '{interval}' holds {start + len(stored)} points,"
-                f" fewer than the {start + count} it held when the stream started"
+                f" fewer than the {start + count} this stream counted: the list was cut or rewritten"
             )
         if state_values is None:
             return stored, None
         if isinstance(state_values, redis.exceptions.ResponseError):
-            raise DataError(f"job record of '{self.job_id}' is not a hash: {state_values}")
+            error = response_error(state_values, "reading the job record")
+            if not isinstance(error, StoredValueMalformed):
+                raise error
+            return stored, JobState("failed", error="job record is not a hash")
+        if all(value is None for value in state_values):
+            raise job_not_found(self.job_id)  # the hash is gone: as a new request would be told
         return stored, parse_job_state(dict(zip(_STATE_FIELDS, state_values, strict=True)))
 
     async def aclose(self) -> None:

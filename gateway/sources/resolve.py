@@ -1,4 +1,4 @@
-"""Which source serves an id: a job in Redis, or a backtest from the cache or warehouse."""
+"""Which source serves an id, and the authorization step every source goes through."""
 
 from __future__ import annotations
 
@@ -6,85 +6,92 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
+from gateway.auth import User
 from gateway.errors import JobNotFound, SourceUnavailable
 from gateway.params import StreamRequest
 from gateway.sources.backtests import BacktestSource
-from gateway.sources.base import COMPLETED, ChunkReader, ReadPlan, Snapshot, Source
+from gateway.sources.base import COMPLETED, ChunkReader, JobInfo, ReadPlan, Snapshot, Source
 from gateway.sources.cache import BacktestCache
-from gateway.sources.candles import ValidatedChunks
-from gateway.sources.lists import ReadAheadBudget
-from gateway.sources.redis_jobs import RedisJobSource
+from gateway.sources.lists import ListReads
+from gateway.sources.redis_jobs import RedisJobSource, job_not_found
 from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError, unavailable
 
 
+class Warehoused:
+    """The warehouse and its Redis cache: present when ``bigquery.project`` is set."""
+
+    def __init__(self, warehouse: Warehouse, cache: BacktestCache, page_rows: int) -> None:
+        self.warehouse = warehouse
+        self.cache = cache
+        self.page_rows = page_rows
+
+
 class Sources:
-    """Opens the right source for a request; one per application."""
+    """Opens the right source for a request, for a user who may read it; one per application."""
 
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        warehouse: Warehouse | None = None,
-        cache: BacktestCache | None = None,
-        page_rows: int = 10_000,
-    ) -> None:
+    def __init__(self, client: aioredis.Redis, warehoused: Warehoused | None = None) -> None:
         self._redis = client
-        self._warehouse = warehouse
-        self._cache = cache
-        self._page_rows = page_rows
-        # Shared by every stream of this process: each stored chunk is validated once.
-        self._validated = ValidatedChunks()
-        self._read_ahead = ReadAheadBudget()
+        self._warehoused = warehoused
+        self._lists = ListReads()
 
-    def open(self, request: StreamRequest) -> Source:
+    async def open_for(self, user: User, request: StreamRequest, plan: ReadPlan) -> tuple[Source, Snapshot]:
+        """Describe the id, authorize ``user``, and only then open it (counts, reads, fills)."""
+        source = self._source(request)
+        try:
+            job = await source.describe(request.intervals)
+            if not may_read(user, job):
+                raise job_not_found(request.id)
+            snapshot = await source.open(request.intervals, plan)
+        except BaseException:
+            await source.aclose()
+            raise
+        return source, snapshot
+
+    def _source(self, request: StreamRequest) -> Source:
         if request.is_backtest:
-            return self.backtest(request.id) if self._warehouse else WarehouseNotConfigured()
-        return JobSource(
-            RedisJobSource(self._redis, request.id, self._validated, self._read_ahead),
-            self if self._warehouse else None,
-        )
+            return self.backtest(request.id) if self._warehoused else WarehouseNotConfigured()
+        return JobSource(RedisJobSource(self._redis, request.id, self._lists), self if self._warehoused else None)
 
-    def backtest(
-        self,
-        backtest_id: str,
-        *,
-        job_id: str | None = None,
-        record: BacktestRecord | None = None,
-        owner: str | None = None,
-    ) -> BacktestSource:
-        assert self._warehouse is not None and self._cache is not None
+    def backtest(self, backtest_id: str, *, job_id: str | None = None, record: BacktestRecord | None = None) -> Source:
+        assert self._warehoused is not None
         return BacktestSource(
-            self._warehouse,
-            self._cache,
+            self._warehoused.warehouse,
+            self._warehoused.cache,
             backtest_id,
-            page_rows=self._page_rows,
+            page_rows=self._warehoused.page_rows,
             job_id=job_id,
             record=record,
-            owner=owner,
-            validated=self._validated,
-            read_ahead=self._read_ahead,
+            lists=self._lists,
         )
 
     async def backtest_of_job(self, job_id: str) -> BacktestRecord | None:
-        assert self._warehouse is not None
+        assert self._warehoused is not None
         try:
-            return await self._warehouse.backtest_of_job(job_id)
+            return await self._warehoused.warehouse.backtest_of_job(job_id)
         except WarehouseError as exc:
             raise unavailable(exc) from exc
 
 
+def may_read(user: User, job: JobInfo) -> bool:
+    """Owners read their jobs, admins read all; anyone else sees job_not_found."""
+    return user.is_admin or (bool(job.user_id) and job.user_id == user.uid)
+
+
 class JobSource:
-    """A job in Redis; once it completed and its Redis keys expired, its backtest in the warehouse (SPEC 6)."""
+    """A job in Redis; once it completed and its Redis keys expired, its backtest in the warehouse (SPEC 6).
+
+    When the warehouse serves it, the warehouse row's owner is the authority:
+    a job hash naming someone else's backtest hands over nothing.
+    """
 
     def __init__(self, jobs: RedisJobSource, backtests: Sources | None) -> None:
         self._jobs = jobs
         self._backtests = backtests
         self._current: Source = jobs
 
-    async def snapshot(self, intervals: Sequence[str], plan: ReadPlan | None = None) -> Snapshot:
-        if self._current is not self._jobs:
-            return await self._current.snapshot(intervals, plan)
+    async def describe(self, intervals: Sequence[str]) -> JobInfo:
         try:
-            snapshot = await self._jobs.snapshot(intervals, plan)
+            job = await self._jobs.describe(intervals)
         except JobNotFound:
             if self._backtests is None:
                 raise
@@ -92,17 +99,23 @@ class JobSource:
             if record is None:
                 raise
             self._current = self._backtests.backtest(record.backtest_id, job_id=self._jobs.job_id, record=record)
-            return await self._current.snapshot(intervals, plan)
-        job = snapshot.job
+            return await self._current.describe(intervals)
         if (
             self._backtests is not None
             and job.state.status == COMPLETED
             and job.backtest_id is not None
-            and not await self._jobs.has_candles(list(snapshot.lengths))
+            and not any((await self._jobs.open(intervals, _NO_PLAN)).lengths.values())
         ):
-            self._current = self._backtests.backtest(job.backtest_id, job_id=job.job_id, owner=job.user_id)
-            return await self._current.snapshot(intervals, plan)
-        return snapshot
+            # Redis has no empty lists: no length means the lists expired.
+            self._current = self._backtests.backtest(job.backtest_id, job_id=job.job_id)
+            return await self._current.describe(intervals)
+        return job
+
+    async def open(self, intervals: Sequence[str], plan: ReadPlan) -> Snapshot:
+        return await self._current.open(intervals, plan)
+
+    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
+        return await self._current.snapshot(intervals)
 
     async def length(self, interval: str) -> int:
         return await self._current.length(interval)
@@ -114,12 +127,21 @@ class JobSource:
         await self._current.aclose()
 
 
+_NO_PLAN = ReadPlan(limit=0, chunk_size=1, starts={})
+
+
 class WarehouseNotConfigured:
     """The source of every ``bt_`` id when ``bigquery.project`` is empty (SPEC 9)."""
 
     _MESSAGE = "the warehouse is not configured (bigquery.project is empty)"
 
-    async def snapshot(self, intervals: Sequence[str], plan: ReadPlan | None = None) -> Snapshot:
+    async def describe(self, intervals: Sequence[str]) -> JobInfo:
+        raise SourceUnavailable(self._MESSAGE)
+
+    async def open(self, intervals: Sequence[str], plan: ReadPlan) -> Snapshot:
+        raise SourceUnavailable(self._MESSAGE)
+
+    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
         raise SourceUnavailable(self._MESSAGE)
 
     async def length(self, interval: str) -> int:

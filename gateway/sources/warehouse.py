@@ -69,12 +69,12 @@ class CandlePage(msgspec.Struct, frozen=True):
 class Warehouse:
     """The BigQuery client, its thread pool and the SQL; one per application."""
 
-    def __init__(self, settings: BigQuerySettings) -> None:
+    def __init__(self, settings: BigQuerySettings, client: bigquery.Client) -> None:
         for name in ("project", "dataset", "backtests_table", "candles_table"):
             if not _IDENTIFIER.fullmatch(getattr(settings, name)):
                 raise ConfigError(f"bigquery.{name}", "must be a BigQuery identifier ([A-Za-z0-9_-])")
         self._settings = settings
-        self._client = make_client(settings)
+        self._client = client
         self._executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="bigquery")
         prefix = f"{settings.project}.{settings.dataset}"
         self._backtests = f"`{prefix}.{settings.backtests_table}`"
@@ -183,21 +183,16 @@ class Warehouse:
 
 
 def make_client(settings: BigQuerySettings) -> bigquery.Client:
-    """The BigQuery client: Google's endpoint with default credentials, or an emulator anonymously."""
+    """The BigQuery client: Google's endpoint with default credentials, or ``api_endpoint`` anonymously."""
     options: dict[str, Any] = {"default_job_creation_mode": JobCreationMode.JOB_CREATION_OPTIONAL}
     if not settings.api_endpoint:
         return bigquery.Client(project=settings.project, **options)
-    from gateway.devtools.bigquery_emulator import raise_query_errors
-
-    client = bigquery.Client(
+    return bigquery.Client(
         project=settings.project,
         client_options={"api_endpoint": settings.api_endpoint},
         credentials=AnonymousCredentials(),
         **options,
     )
-    # The emulator answers a failed query as an empty result; make it raise as BigQuery does.
-    raise_query_errors(client)
-    return client
 
 
 def unavailable(exc: WarehouseError) -> SourceUnavailable:

@@ -1,0 +1,167 @@
+"""The HTTP handlers: the candle stream, liveness and readiness.
+
+The data path of a stream reads top to bottom in ``stream_candles``:
+validated parameters -> resume position -> authenticated user -> stream slot
+-> source, described, authorized, opened -> events -> bytes. Request-level
+errors are raised as ``RequestError`` (``app.error_middleware`` answers
+them); stream-level ones become ``error`` events in ``stream.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.errors import RedisUnreachable, StreamError, Unauthenticated, Unavailable
+from gateway.follow import LiveTail
+from gateway.lifecycle import Lifecycle
+from gateway.params import StreamRequest, parse_stream_request
+from gateway.position import StreamPosition, decode_position
+from gateway.redis_client import call_redis
+from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, VERIFIER
+from gateway.sources.base import Snapshot, Source
+from gateway.sse import CandleEventResponse
+from gateway.stream import CandleStream, read_plan, send_start_error
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_OUTAGE_FIRST_PAUSE_S = 0.1
+_OUTAGE_LONGEST_PAUSE_S = 1.0
+
+
+async def stream_candles(request: web.Request) -> web.StreamResponse:
+    """``GET /api/sse/backtest/{id}/data/multi``: the candle stream (SPEC 2)."""
+    app = request.app
+    settings = app[SETTINGS]
+    lifecycle = app[LIFECYCLE]
+    if lifecycle.draining:
+        raise Unavailable("this replica is shutting down; reconnect to another")
+    params = parse_stream_request(request.match_info["id"], request.query, request.headers)
+    position = decode_position(params.last_event_id, params) if params.last_event_id else None
+    if params.token is None:
+        raise Unauthenticated("no token: send 'Authorization: Bearer <token>' or the token parameter")
+    user = await app[VERIFIER].verify(params.token)
+    if position is not None and position.finished:
+        # 204 tells EventSource to stop reconnecting (HTML standard).
+        return web.Response(status=204)
+
+    slots = app[SLOTS]
+    slot = await _riding_out_outage(lambda: slots.acquire(user.uid), settings, lifecycle)
+    try:
+        source: Source | None = None
+        snapshot: Snapshot | None = None
+        failure: StreamError | None = None
+        try:
+            plan = read_plan(params, position)
+            source, snapshot = await _riding_out_outage(
+                lambda: app[SOURCES].open_for(user, params, plan), settings, lifecycle
+            )
+        except StreamError as exc:
+            failure = exc
+        try:
+            return await _respond(request, settings, params, position, source, snapshot, failure)
+        finally:
+            if source is not None:
+                await source.aclose()
+    finally:
+        slots.release(slot)
+
+
+async def _riding_out_outage(step: Callable[[], Awaitable[T]], settings: Settings, lifecycle: Lifecycle) -> T:
+    """``step()``, tried again while Redis is unreachable, for up to ``redis.outage_wait_s``.
+
+    A reconnecting EventSource stops for good on a 503, so a Redis restart is
+    better ridden out inside the request than answered at once; past the
+    bounded wait the answer is a 503 with ``Retry-After`` for the clients
+    that can use it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.redis.outage_wait_s
+    pause = _OUTAGE_FIRST_PAUSE_S
+    while True:
+        try:
+            return await step()
+        except RedisUnreachable as exc:
+            if lifecycle.draining or loop.time() + pause > deadline:
+                raise Unavailable(exc.message, retry_after_s=_retry_after_s(settings)) from exc
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, _OUTAGE_LONGEST_PAUSE_S)
+
+
+def _retry_after_s(settings: Settings) -> int:
+    return max(1, round(settings.server.retry_ms / 1000))
+
+
+async def _respond(
+    request: web.Request,
+    settings: Settings,
+    params: StreamRequest,
+    position: StreamPosition | None,
+    source: Source | None,
+    snapshot: Snapshot | None,
+    failure: StreamError | None,
+) -> web.StreamResponse:
+    server = settings.server
+    response = CandleEventResponse(ping_interval=server.ping_interval_s, send_timeout=server.send_timeout_s)
+    await response.prepare(request)
+    if position is None:
+        is_partial = snapshot is not None and snapshot.job.state.is_active
+        position = StreamPosition.start(params, is_partial=is_partial)
+    try:
+        if source is None or snapshot is None:
+            assert failure is not None
+            await send_start_error(failure, params, position, response.send_frame, retry_ms=server.retry_ms)
+        else:
+            await _run_stream(request, settings, params, position, source, snapshot, response)
+        await response.write_eof()
+    except (ConnectionResetError, TimeoutError):
+        # The client went away or stopped reading; it may reconnect and resume.
+        log.info("stream of %s ended early: client gone or too slow", params.id)
+    finally:
+        response.stop_streaming()
+        with contextlib.suppress(asyncio.CancelledError):
+            await response.wait()
+    return response
+
+
+async def _run_stream(
+    request: web.Request,
+    settings: Settings,
+    params: StreamRequest,
+    position: StreamPosition,
+    source: Source,
+    snapshot: Snapshot,
+    response: CandleEventResponse,
+) -> None:
+    stream = CandleStream(params, snapshot, source, position, response.send_frame, retry_ms=settings.server.retry_ms)
+    job_id = snapshot.job.job_id
+    if not (params.follow and position.is_partial and job_id is not None):
+        await stream.run()
+        return
+    async with request.app[NOTES].follow(job_id) as feed:
+        tail = LiveTail(stream, source, feed, status_min_interval_s=settings.follow.status_min_interval_s)
+        await stream.run(live_tail=tail.run)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: not draining and Redis answers."""
+    if request.app[LIFECYCLE].draining:
+        raise Unavailable("draining for shutdown")
+    client = request.app[REDIS]
+    try:
+        await call_redis(client.ping, "checking readiness")
+    except RedisUnreachable as exc:
+        raise Unavailable(exc.message) from exc
+    return web.json_response({"status": "ready"})
