@@ -75,6 +75,9 @@ class BigQuerySettings(_Section, frozen=True):
     query_timeout_s: PositiveSeconds = 30.0
     max_workers: PositiveInt = 8
     page_rows: Annotated[int, Meta(ge=100, le=100_000)] = 10_000
+    missing_ttl_s: PositiveInt = 60
+    max_lookups_per_user_per_s: NonNegativeInt = 10
+    fill_lock_ttl_s: Annotated[float, Meta(ge=0.5)] = 5.0
 
 
 class CacheSettings(_Section, frozen=True):

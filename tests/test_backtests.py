@@ -156,14 +156,20 @@ async def test_partly_written_cache_is_never_served(bt_client, bq, token, redis_
     assert transcript.named("data_chunk")[0].payload["data_points"] == expected_points(stored["day"])
 
 
-async def test_cache_failure_falls_back_to_the_warehouse(make_gateway, bt_settings, bq, token, unused_tcp_port):
+async def test_unreachable_cache_is_503_and_asks_the_warehouse_nothing(
+    make_gateway, bt_settings, bq, token, unused_tcp_port
+):
+    # Every candle goes through the cache now (that is how one read is shared),
+    # so without Redis a backtest is as unavailable as a running job.
     client = await make_gateway(
-        redis={"url": f"redis://127.0.0.1:{unused_tcp_port}", "retries": 0, "connect_timeout_s": 0.2},
+        redis={"url": f"redis://127.0.0.1:{unused_tcp_port}", "retries": 0, "connect_timeout_s": 0.2,
+               "outage_wait_s": 0.3},
         server={"max_streams_per_user": 0}, **bt_settings,
     )  # fmt: skip
-    backtest_id, stored = new_backtest(bq, {"day": 6})
-    transcript = await stream(client, backtest_id, token=token(), intervals="day")
-    assert transcript.named("data_chunk")[0].payload["data_points"] == expected_points(stored["day"])
+    backtest_id, _ = new_backtest(bq, {"day": 6})
+    response = await open_stream(client, backtest_id, token=token(), intervals="day")
+    assert response.status == 503
+    assert (await response.json())["error"] == "unavailable"
 
 
 async def test_unknown_or_foreign_backtest_is_job_not_found(bt_client, bq, token):

@@ -1,60 +1,213 @@
-"""The Redis cache of completed backtests: metadata and one candle list per interval.
+"""The Redis cache of completed backtests, and the one warehouse read per interval that fills it.
 
-Completed backtests never change, so an interval read from the warehouse
-once can be served from Redis by every replica afterwards. A cached list is
-written under a staging key and renamed into place only when complete, so a
-partly written entry is never served; the fill runs in the background, one
-page at a time, and never slows the stream that triggered it. Any Redis
-failure here is a cache miss: the warehouse still answers.
+Completed backtests never change, so each interval is read from the
+warehouse once, by one replica, and every stream of it on every replica
+reads the same Redis list:
+
+- The first stream of an uncached interval takes a short lock (refreshed
+  while the read goes on, so a dead replica's lapses within
+  ``bigquery.fill_lock_ttl_s``) and reads the warehouse page by page into
+  the staging list. The first page's ``COUNT(*) OVER ()`` lands in the fill
+  hash together with the first rows, so every reader knows the interval's
+  total before its ``interval_start``.
+- Every stream of the interval, the filler's own included, reads
+  chunk-sized ``LRANGE``s of the staging list as it grows (polling, with a
+  bound on how long it may stall), as a follower reads a running job.
+- The last page renames staging into place and marks the interval complete
+  in one script, so a partial list is never taken for a complete one; later
+  streams read the final list alone, with no query at all.
+
+A filler that fails records the error (its readers report a data_error) and
+lets go of the lock; one that dies lets the lock lapse. Either way the next
+reader that finds no lock takes over, after the rows already staged. Every
+write checks the lock inside its script, so two fillers never append. All
+keys of a backtest share its hash tag: every script stays in one slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Final
+from typing import Any, Final, NamedTuple, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from gateway.errors import DataError
+from gateway.errors import DataError, GatewayError
+from gateway.redis_client import call_redis
 from gateway.sources import keys
-from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError
+from gateway.sources.candles import Candle
+from gateway.sources.warehouse import BacktestRecord, CandlePage, Warehouse, WarehouseError
 
 log = logging.getLogger(__name__)
 
-# A fill that has not finished by then is presumed dead; another may start.
-_FILL_LOCK_TTL_S: Final = 600
-# Fills running at once per replica: they share the warehouse thread pool with streams.
-_MAX_CONCURRENT_FILLS: Final = 2
+T = TypeVar("T")
+
+# Rows of a read's first page: few, so the count and the first chunks come soon.
+_FIRST_PAGE_ROWS: Final = 1000
+# A dead filler's staging list and fill hash stay this long for the next filler to resume.
+_STAGING_TTL_S: Final = 600
+# Readers look at the staging list this often at first, backing off to the longest.
+_POLL_FIRST_S: Final = 0.002
+_POLL_LONGEST_S: Final = 0.025
+# Beyond the query timeout and the lock's TTL: how long a reader waits for rows that do not come.
+_STALL_SLACK_S: Final = 5.0
 
 _encode_record = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(BacktestRecord).decode
+_decode_candle = msgspec.json.Decoder(Candle).decode
+
+# KEYS: lock, fill hash. ARGV: writer, lock TTL (ms). A new filler clears the last one's error.
+_ACQUIRE: Final = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('HDEL', KEYS[2], 'error')
+  return 1
+end
+return 0
+"""
+# KEYS: lock, staging, fill hash. ARGV: writer, lock TTL (ms), staging TTL (s).
+_REFRESH: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return 1
+"""
+# KEYS: lock, staging, fill hash. ARGV: writer, staged length expected, count, staging TTL, rows...
+# Lua's unpack() stops near 8,000 values, hence the batches.
+_APPEND: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local expected = tonumber(ARGV[2])
+if expected == 0 then
+  redis.call('DEL', KEYS[2])
+elseif redis.call('LLEN', KEYS[2]) ~= expected then
+  return -2
+end
+redis.call('HSET', KEYS[3], 'count', ARGV[3])
+for i = 5, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return redis.call('LLEN', KEYS[2])
+"""
+# KEYS: lock, staging, final, complete hash, fill hash. ARGV: writer, interval, count, cache TTL (s).
+_FINISH: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local count = tonumber(ARGV[3])
+if redis.call('LLEN', KEYS[2]) ~= count then return -2 end
+if count > 0 then
+  redis.call('RENAME', KEYS[2], KEYS[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+else
+  redis.call('DEL', KEYS[3])
+end
+redis.call('HSET', KEYS[4], ARGV[2], count)
+redis.call('EXPIRE', KEYS[4], ARGV[4])
+redis.call('DEL', KEYS[5], KEYS[1])
+return 1
+"""
+# KEYS: lock, fill hash. ARGV: writer, error text, staging TTL (s).
+_FAIL: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], 'error', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+# KEYS: lock. ARGV: writer.
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class _LostLock(Exception):
+    """Another filler holds the interval now (ours lapsed): stop writing."""
+
+
+class _FillKeys(NamedTuple):
+    lock: str
+    staging: str
+    fill: str
+    final: str
+    complete: str
+
+    @classmethod
+    def of(cls, backtest_id: str, interval: str) -> _FillKeys:
+        return cls(
+            keys.backtest_fill_lock_key(backtest_id, interval),
+            keys.backtest_staging_key(backtest_id, interval),
+            keys.backtest_fill_key(backtest_id, interval),
+            keys.backtest_candles_key(backtest_id, interval),
+            keys.backtest_complete_key(backtest_id),
+        )
+
+
+class _Look(NamedTuple):
+    """One look at an interval being filled: the range asked for, and where the read stands."""
+
+    staged: list[bytes]
+    final: list[bytes]
+    staged_length: int
+    final_length: int
+    complete: int | None  # the completion mark
+    rows: int | None  # the interval's rows, once the read knows them
+    error: str | None
+    locked: bool
+
+    @property
+    def is_complete(self) -> bool:
+        return self.complete is not None and self.complete == self.final_length
 
 
 class BacktestCache:
-    """Reads and fills the cache; one per application."""
+    """Reads the cache and runs this replica's share of the fills; one per application."""
 
     def __init__(self, client: aioredis.Redis, warehouse: Warehouse, ttl_s: int, page_rows: int) -> None:
+        settings = warehouse.settings
         self._redis = client
         self._warehouse = warehouse
         self._ttl_s = ttl_s
         self._page_rows = page_rows
+        self._missing_ttl_s = settings.missing_ttl_s
+        self._lock_ttl_ms = max(500, round(settings.fill_lock_ttl_s * 1000))
+        # A page takes at most the query timeout; a dead filler's lock lapses within its TTL.
+        self._stall_s = settings.query_timeout_s + settings.fill_lock_ttl_s + _STALL_SLACK_S
         self._fills: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._fill_slots = asyncio.Semaphore(_MAX_CONCURRENT_FILLS)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._refresh = client.register_script(_REFRESH)
+        self._append = client.register_script(_APPEND)
+        self._finish = client.register_script(_FINISH)
+        self._fail = client.register_script(_FAIL)
+        self._release = client.register_script(_RELEASE)
 
-    async def record(self, backtest_id: str) -> BacktestRecord | None:
-        """The cached metadata, or None on a miss (or an unreachable cache)."""
+    # -- metadata, and what the warehouse said it does not have --------------
+
+    async def record(self, backtest_id: str) -> tuple[BacktestRecord | None, bool]:
+        """The cached metadata (None on a miss), and whether the warehouse lately said the id does not exist.
+
+        ``RedisUnreachable`` if the cache does not answer: every candle goes
+        through it, so the warehouse is not asked for what could not be served.
+        """
+
+        async def read() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(keys.backtest_meta_key(backtest_id))
+            pipe.exists(keys.backtest_missing_key(backtest_id))
+            return await pipe.execute()
+
+        blob, missing = await call_redis(read, "reading the backtest cache")
         try:
-            blob = await self._redis.get(keys.backtest_meta_key(backtest_id))
-            return _decode_record(blob) if blob else None
-        except (redis.exceptions.RedisError, msgspec.DecodeError):
-            log.warning("backtest cache unreadable for %s; asking the warehouse", backtest_id)
-            return None
+            return (_decode_record(blob) if blob else None), bool(missing)
+        except msgspec.DecodeError:
+            log.warning("cached metadata of %s does not decode; asking the warehouse", backtest_id)
+            return None, False
 
     async def store_record(self, record: BacktestRecord) -> None:
         try:
@@ -62,19 +215,35 @@ class BacktestCache:
         except redis.exceptions.RedisError:
             log.warning("could not cache backtest %s", record.backtest_id)
 
+    async def is_missing(self, key: str) -> bool:
+        """Whether a miss was remembered under ``key`` (``keys.*_missing_key``)."""
+        try:
+            return bool(await self._redis.exists(key))
+        except redis.exceptions.RedisError:
+            return False
+
+    async def remember_missing(self, key: str) -> None:
+        """Remember a warehouse miss for ``bigquery.missing_ttl_s``."""
+        try:
+            await self._redis.set(key, b"1", ex=self._missing_ttl_s)
+        except redis.exceptions.RedisError:
+            log.warning("could not remember a warehouse miss")
+
+    # -- complete intervals ----------------------------------------------------
+
     async def lengths(self, backtest_id: str, intervals: Sequence[str]) -> dict[str, int]:
         """Candles cached per interval, for the intervals whose cache is complete only."""
         if not intervals:
             return {}
-        try:
+
+        async def read() -> list[Any]:
             pipe = self._redis.pipeline(transaction=False)
             pipe.hmget(keys.backtest_complete_key(backtest_id), list(intervals))
             for interval in intervals:
                 pipe.llen(keys.backtest_candles_key(backtest_id, interval))
-            complete, *lengths = await pipe.execute()
-        except redis.exceptions.RedisError:
-            log.warning("backtest cache unreachable for %s; asking the warehouse", backtest_id)
-            return {}
+            return await pipe.execute()
+
+        complete, *lengths = await call_redis(read, "reading the backtest cache")
         # Complete means: marked complete, and the list (which may expire alone) still whole.
         return {
             interval: length
@@ -85,22 +254,113 @@ class BacktestCache:
     async def read_range(self, backtest_id: str, interval: str, start: int, count: int) -> list[bytes]:
         """``count`` cached candles from ``start``."""
         key = keys.backtest_candles_key(backtest_id, interval)
-        try:
-            stored: list[bytes] = await self._redis.lrange(key, start, start + count - 1)  # type: ignore[assignment]
-        except redis.exceptions.RedisError as exc:
-            raise DataError(f"cached interval '{interval}' became unreadable: {exc}") from exc
+        stored: list[bytes] = await call_redis(
+            lambda: self._redis.lrange(key, start, start + count - 1),  # type: ignore[arg-type,return-value]
+            f"reading cached interval '{interval}'",
+        )
         if len(stored) != count:
             raise DataError(f"cached interval '{interval}' expired while it was read; reconnect to resume")
         return stored
 
-    def fill_later(self, backtest_id: str, intervals: Sequence[str]) -> None:
-        """Start filling these intervals in the background (once per replica, see the lock)."""
-        for interval in intervals:
-            key = (backtest_id, interval)
-            if key not in self._fills:
-                task = asyncio.create_task(self._fill(backtest_id, interval), name=f"cache-fill {key}")
-                self._fills[key] = task
-                task.add_done_callback(partial(self._forget_fill, key))
+    # -- intervals being filled --------------------------------------------------
+
+    async def count(self, backtest_id: str, interval: str) -> int:
+        """The interval's rows, once the one read of it knows them; starts that read if none runs.
+
+        ``DataError`` if the read failed, or knew nothing for too long.
+        """
+        await self._claim(backtest_id, interval)
+        look = await self._wait(backtest_id, interval, 0, 0, lambda look: look.rows is not None or look.is_complete)
+        if look.is_complete:
+            assert look.complete is not None
+            return look.complete
+        assert look.rows is not None
+        return look.rows
+
+    async def read_filling(self, backtest_id: str, interval: str, start: int, count: int) -> list[bytes]:
+        """``count`` candles from ``start`` of an interval being filled, as soon as they are staged."""
+
+        def arrived(look: _Look) -> bool:
+            return (len(look.final) == count and look.is_complete) or len(look.staged) == count
+
+        look = await self._wait(backtest_id, interval, start, count, arrived)
+        if len(look.final) == count and look.is_complete:
+            return look.final
+        return look.staged
+
+    async def _wait(
+        self, backtest_id: str, interval: str, start: int, count: int, done: Callable[[_Look], bool]
+    ) -> _Look:
+        loop = asyncio.get_running_loop()
+        progress_at = loop.time()
+        staged = -1
+        pause = _POLL_FIRST_S
+        while True:
+            look = await self._look(backtest_id, interval, start, count)
+            if done(look):
+                return look
+            if look.is_complete:
+                assert look.complete is not None
+                raise DataError(
+                    f"interval '{interval}' holds {look.complete} points, fewer than the {start + count} counted"
+                )
+            if look.error is not None:
+                raise DataError(look.error)
+            if not look.locked:
+                await self._claim(backtest_id, interval)  # the filler died: take over
+            if look.staged_length != staged:
+                staged, progress_at, pause = look.staged_length, loop.time(), _POLL_FIRST_S
+            elif loop.time() - progress_at > self._stall_s:
+                raise DataError(f"reading interval '{interval}' from the warehouse stalled; reconnect to resume")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _POLL_LONGEST_S)
+
+    async def _look(self, backtest_id: str, interval: str, start: int, count: int) -> _Look:
+        k = _FillKeys.of(backtest_id, interval)
+
+        async def read() -> list[Any]:
+            # Staging before final: the rename happens between two reads at worst, and
+            # then the staging range was already whole, or the final one is.
+            pipe = self._redis.pipeline(transaction=False)
+            if count:
+                pipe.lrange(k.staging, start, start + count - 1)
+                pipe.lrange(k.final, start, start + count - 1)
+            pipe.llen(k.staging)
+            pipe.llen(k.final)
+            pipe.hget(k.complete, interval)
+            pipe.hmget(k.fill, ["count", "error"])
+            pipe.exists(k.lock)
+            return await pipe.execute()
+
+        replies = await call_redis(read, f"reading interval '{interval}' being cached")
+        staged, final = (replies[0], replies[1]) if count else ([], [])
+        staged_length, final_length, complete, (counted, error), locked = replies[-5:]
+        return _Look(
+            staged=staged,
+            final=final,
+            staged_length=staged_length,
+            final_length=final_length,
+            complete=None if complete is None else int(complete),
+            rows=None if counted is None else int(counted),
+            error=None if error is None else error.decode(errors="replace"),
+            locked=bool(locked),
+        )
+
+    async def _claim(self, backtest_id: str, interval: str) -> None:
+        """Start the interval's read here, unless it runs here or elsewhere already."""
+        key = (backtest_id, interval)
+        if key in self._fills:
+            return
+        k = _FillKeys.of(backtest_id, interval)
+        writer = uuid.uuid4().hex
+        won = await call_redis(
+            lambda: self._acquire(keys=[k.lock, k.fill], args=[writer, self._lock_ttl_ms]),
+            f"starting to cache interval '{interval}'",
+        )
+        if won and key not in self._fills:
+            task = asyncio.create_task(self._fill(backtest_id, interval, writer), name=f"cache-fill {key}")
+            self._fills[key] = task
+            task.add_done_callback(partial(self._forget_fill, key))
 
     def _forget_fill(self, key: tuple[str, str], _: asyncio.Task[None]) -> None:
         self._fills.pop(key, None)
@@ -110,57 +370,98 @@ class BacktestCache:
             task.cancel()
         await asyncio.gather(*self._fills.values(), return_exceptions=True)
 
-    async def _fill(self, backtest_id: str, interval: str) -> None:
-        final = keys.backtest_candles_key(backtest_id, interval)
-        writer = uuid.uuid4().hex
-        staging = keys.backtest_staging_key(backtest_id, interval, writer)
-        lock = keys.backtest_staging_key(backtest_id, interval, "lock")
-        async with self._fill_slots:
-            try:
-                # One replica fills; the others keep reading the warehouse meanwhile.
-                if not await self._redis.set(lock, writer, nx=True, ex=_FILL_LOCK_TTL_S):
-                    return
-                if interval in await self.lengths(backtest_id, [interval]):
-                    await self._forget(staging, lock, writer)  # cached meanwhile: release the lock
-                    return
-                written = await self._copy(backtest_id, interval, staging)
-                complete = keys.backtest_complete_key(backtest_id)
-                pipe = self._redis.pipeline(transaction=True)
-                if written:  # Redis has no empty lists: an empty interval is only marked
-                    pipe.rename(staging, final)
-                    pipe.expire(final, self._ttl_s)
-                pipe.hset(complete, interval, written)
-                pipe.expire(complete, self._ttl_s)
-                pipe.delete(lock)
-                await pipe.execute()
-                log.info("cached %d candles of %s %s", written, backtest_id, interval)
-            except (WarehouseError, DataError, redis.exceptions.RedisError) as exc:
-                log.warning("could not cache %s %s: %s", backtest_id, interval, exc)
-                await self._forget(staging, lock, writer)
-            except asyncio.CancelledError:
-                await self._forget(staging, lock, writer)
-                raise
+    # -- the filler ---------------------------------------------------------------
 
-    async def _copy(self, backtest_id: str, interval: str, staging: str) -> int:
-        """Every candle of the interval into ``staging``, page by page; returns how many."""
-        page = await self._warehouse.first_page(backtest_id, interval, 0, self._page_rows)
-        written = 0
-        while page.candles or page.error:
-            if page.error is not None:
-                raise DataError(page.error)  # a broken interval is never cached
-            await self._redis.rpush(staging, *page.candles)
-            await self._redis.expire(staging, _FILL_LOCK_TTL_S)
-            written += len(page.candles)
-            if len(page.candles) < self._page_rows or page.last_time is None:
-                break
-            page = await self._warehouse.page_after(backtest_id, interval, page.last_time, written, self._page_rows)
-            page = msgspec.structs.replace(page, candles=page.candles[1:])
-        return written
-
-    async def _forget(self, staging: str, lock: str, writer: str) -> None:
+    async def _fill(self, backtest_id: str, interval: str, writer: str) -> None:
+        k = _FillKeys.of(backtest_id, interval)
+        fill = asyncio.current_task()
+        assert fill is not None
+        keeper = asyncio.create_task(self._keep_lock(k, writer, fill))
         try:
-            await self._redis.delete(staging)
-            if await self._redis.get(lock) == writer.encode():
-                await self._redis.delete(lock)
-        except redis.exceptions.RedisError:
-            pass  # both keys expire by themselves
+            written = await self._copy(backtest_id, interval, k, writer)
+            log.info("cached %d candles of %s %s", written, backtest_id, interval)
+        except WarehouseError as exc:
+            await self._give_up(k, writer, f"reading interval '{interval}' from the warehouse failed: {exc}")
+        except DataError as exc:
+            await self._give_up(k, writer, exc.message)
+        except (_LostLock, GatewayError, redis.exceptions.RedisError) as exc:
+            # Readers see no progress; the next one to find no lock takes over.
+            log.warning("stopped caching %s %s: %s", backtest_id, interval, exc)
+            await self._let_go(k, writer)
+        except asyncio.CancelledError:
+            await self._let_go(k, writer)
+            raise
+        finally:
+            keeper.cancel()
+
+    async def _copy(self, backtest_id: str, interval: str, k: _FillKeys, writer: str) -> int:
+        """The interval, page by page, into staging after what is staged already; then into place."""
+        staged, count, page = await self._first_page(backtest_id, interval, k)
+        while True:
+            candles = page.candles[: count - staged]
+            staged = await self._script(
+                self._append, [k.lock, k.staging, k.fill], [writer, staged, count, _STAGING_TTL_S, *candles]
+            )
+            if page.error is not None:
+                raise DataError(page.error)  # the rows before it are staged for the readers
+            if staged >= count:
+                await self._script(self._finish, [k.lock, k.staging, k.final, k.complete, k.fill],
+                                   [writer, interval, count, self._ttl_s])  # fmt: skip
+                return staged
+            if not candles or page.last_time is None:
+                raise DataError(f"interval '{interval}' has fewer rows than it had when counted")
+            page = await self._page_after(backtest_id, interval, page.last_time, staged, count)
+
+    async def _first_page(self, backtest_id: str, interval: str, k: _FillKeys) -> tuple[int, int, CandlePage]:
+        """Where this read starts: after the rows a dead filler staged, or at the first row."""
+
+        async def read() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.llen(k.staging)
+            pipe.hget(k.fill, "count")
+            pipe.lindex(k.staging, -1)
+            return await pipe.execute()
+
+        staged, count, last = await call_redis(read, f"resuming to cache interval '{interval}'")
+        if staged and count is not None and last is not None:
+            if staged >= int(count):  # the last filler died just before renaming
+                return staged, int(count), CandlePage(candles=[], last_time=None)
+            cursor = _decode_candle(last).time
+            return staged, int(count), await self._page_after(backtest_id, interval, cursor, staged, int(count))
+        page = await self._warehouse.first_page(backtest_id, interval, 0, min(self._page_rows, _FIRST_PAGE_ROWS))
+        # No row at all: the count rides on rows, and there are none.
+        return 0, page.interval_rows or 0, page
+
+    async def _page_after(self, backtest_id: str, interval: str, cursor: Any, staged: int, count: int) -> CandlePage:
+        rows = max(1, min(self._page_rows, count - staged))
+        page = await self._warehouse.page_after(backtest_id, interval, cursor, staged, rows)
+        return msgspec.structs.replace(page, candles=page.candles[1:])  # the cursor's own candle is staged
+
+    async def _script(self, script: Callable[..., Awaitable[Any]], script_keys: list[str], args: list[Any]) -> int:
+        result = int(await call_redis(lambda: script(keys=script_keys, args=args), "caching an interval"))
+        if result < 0:
+            raise _LostLock("the fill lock lapsed and another replica took over")
+        return result
+
+    async def _keep_lock(self, k: _FillKeys, writer: str, fill: asyncio.Task[None]) -> None:
+        """Refresh the lock while the read runs; a lock found lost stops the read."""
+        while True:
+            await asyncio.sleep(self._lock_ttl_ms / 3000)
+            try:
+                held = await self._refresh(keys=[k.lock, k.staging, k.fill], args=[writer, self._lock_ttl_ms,
+                                                                                   _STAGING_TTL_S])  # fmt: skip
+            except redis.exceptions.RedisError:
+                continue  # the next refresh may get through before the lock lapses
+            if not held:
+                fill.cancel()
+                return
+
+    async def _give_up(self, k: _FillKeys, writer: str, message: str) -> None:
+        """Tell the readers why the read failed, and let the next stream try again."""
+        log.warning("could not cache %s: %s", k.final, message)
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self._fail(keys=[k.lock, k.fill], args=[writer, message, _STAGING_TTL_S])
+
+    async def _let_go(self, k: _FillKeys, writer: str) -> None:
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self._release(keys=[k.lock], args=[writer])  # else it lapses by itself

@@ -38,9 +38,34 @@ def backtest_complete_key(backtest_id: str) -> str:
     return f"bt:{{{backtest_id}}}:complete"
 
 
-def backtest_staging_key(backtest_id: str, interval: str, writer: str) -> str:
-    """Where one cache writer fills an interval before renaming it into place."""
-    return f"bt:{{{backtest_id}}}:staging:{interval}:{writer}"
+def backtest_staging_key(backtest_id: str, interval: str) -> str:
+    """The list the one warehouse read of an interval fills, page by page, before it is renamed into place."""
+    return f"bt:{{{backtest_id}}}:staging:{interval}"
+
+
+def backtest_fill_key(backtest_id: str, interval: str) -> str:
+    """Hash of that read's progress: ``count`` (the interval's rows, known first) and ``error``."""
+    return f"bt:{{{backtest_id}}}:fill:{interval}"
+
+
+def backtest_fill_lock_key(backtest_id: str, interval: str) -> str:
+    """Held (short TTL, refreshed) by the one replica reading the interval from the warehouse."""
+    return f"bt:{{{backtest_id}}}:fill-lock:{interval}"
+
+
+def backtest_missing_key(backtest_id: str) -> str:
+    """Set for a while after the warehouse said this backtest id does not exist."""
+    return f"bt:{{{backtest_id}}}:missing"
+
+
+def job_backtest_missing_key(job_id: str) -> str:
+    """Set for a while after the warehouse said no backtest came from this job id."""
+    return f"bt-of-job:{{{job_id}}}:missing"
+
+
+def warehouse_lookups_key(user_id: str) -> str:
+    """Warehouse metadata lookups one user caused in the current second (a counter)."""
+    return f"gateway:bq-lookups:{{{user_id}}}"
 
 
 def user_streams_key(user_id: str) -> str:

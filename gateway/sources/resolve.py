@@ -13,8 +13,9 @@ from gateway.sources.backtests import BacktestSource
 from gateway.sources.base import COMPLETED, ChunkReader, JobInfo, ReadPlan, Snapshot, Source
 from gateway.sources.cache import BacktestCache
 from gateway.sources.lists import ListReads
+from gateway.sources.lookups import BacktestLookups
 from gateway.sources.redis_jobs import RedisJobSource, job_not_found
-from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError, unavailable
+from gateway.sources.warehouse import BacktestRecord, Warehouse
 
 
 class Warehoused:
@@ -33,10 +34,11 @@ class Sources:
         self._redis = client
         self._warehoused = warehoused
         self._lists = ListReads()
+        self._lookups = BacktestLookups(warehoused.warehouse, warehoused.cache, client) if warehoused else None
 
     async def open_for(self, user: User, request: StreamRequest, plan: ReadPlan) -> tuple[Source, Snapshot]:
         """Describe the id, authorize ``user``, and only then open it (counts, reads, fills)."""
-        source = self._source(request)
+        source = self._source(request, user)
         try:
             job = await source.describe(request.intervals)
             if not may_read(user, job):
@@ -47,29 +49,49 @@ class Sources:
             raise
         return source, snapshot
 
-    def _source(self, request: StreamRequest) -> Source:
+    def _source(self, request: StreamRequest, user: User) -> Source:
+        if self._warehoused is None:
+            if request.is_backtest:
+                return WarehouseNotConfigured()
+            return JobSource(RedisJobSource(self._redis, request.id, self._lists), None)
+        backtests = UserBacktests(self, user)
         if request.is_backtest:
-            return self.backtest(request.id) if self._warehoused else WarehouseNotConfigured()
-        return JobSource(RedisJobSource(self._redis, request.id, self._lists), self if self._warehoused else None)
+            return backtests.backtest(request.id)
+        return JobSource(RedisJobSource(self._redis, request.id, self._lists), backtests)
 
-    def backtest(self, backtest_id: str, *, job_id: str | None = None, record: BacktestRecord | None = None) -> Source:
-        assert self._warehoused is not None
+    def backtest(
+        self, user: User, backtest_id: str, *, job_id: str | None = None, record: BacktestRecord | None = None
+    ) -> Source:
+        """A completed backtest; its metadata lookups count against ``user``'s budget."""
+        assert self._warehoused is not None and self._lookups is not None
+        lookups = self._lookups
         return BacktestSource(
-            self._warehoused.warehouse,
             self._warehoused.cache,
             backtest_id,
-            page_rows=self._warehoused.page_rows,
+            find=lambda backtest_id: lookups.backtest(backtest_id, user.uid),
             job_id=job_id,
             record=record,
             lists=self._lists,
         )
 
+    async def backtest_of_job(self, user: User, job_id: str) -> BacktestRecord | None:
+        """The backtest a job produced, found by its job id (a lookup on ``user``'s budget)."""
+        assert self._lookups is not None
+        return await self._lookups.backtest_of_job(job_id, user.uid)
+
+
+class UserBacktests:
+    """The backtests one user's request may reach: ``Sources`` with the user bound."""
+
+    def __init__(self, sources: Sources, user: User) -> None:
+        self._sources = sources
+        self._user = user
+
+    def backtest(self, backtest_id: str, *, job_id: str | None = None, record: BacktestRecord | None = None) -> Source:
+        return self._sources.backtest(self._user, backtest_id, job_id=job_id, record=record)
+
     async def backtest_of_job(self, job_id: str) -> BacktestRecord | None:
-        assert self._warehoused is not None
-        try:
-            return await self._warehoused.warehouse.backtest_of_job(job_id)
-        except WarehouseError as exc:
-            raise unavailable(exc) from exc
+        return await self._sources.backtest_of_job(self._user, job_id)
 
 
 def may_read(user: User, job: JobInfo) -> bool:
@@ -84,7 +106,7 @@ class JobSource:
     a job hash naming someone else's backtest hands over nothing.
     """
 
-    def __init__(self, jobs: RedisJobSource, backtests: Sources | None) -> None:
+    def __init__(self, jobs: RedisJobSource, backtests: UserBacktests | None) -> None:
         self._jobs = jobs
         self._backtests = backtests
         self._current: Source = jobs

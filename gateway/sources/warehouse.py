@@ -80,6 +80,10 @@ class Warehouse:
         self._backtests = f"`{prefix}.{settings.backtests_table}`"
         self._candles = f"`{prefix}.{settings.candles_table}`"
 
+    @property
+    def settings(self) -> BigQuerySettings:
+        return self._settings
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._client.close()

@@ -1,0 +1,131 @@
+"""Finding a backtest's metadata at the least cost to the warehouse, whoever asks.
+
+The cache answers first. The warehouse is asked only for ids the cache does
+not know, and then:
+
+- a miss is remembered in Redis for ``bigquery.missing_ttl_s``, so probing
+  one unknown id again costs no query on any replica;
+- one user may cause at most ``bigquery.max_lookups_per_user_per_s`` lookups
+  a second (a counter per user and second in Redis); beyond that the request
+  is answered 429 before any query (``TooManyLookups``);
+- concurrent lookups of one id in one process share one query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Final
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from gateway.errors import JobNotFound, RequestError
+from gateway.sources import keys
+from gateway.sources.cache import BacktestCache
+from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError, unavailable
+
+log = logging.getLogger(__name__)
+
+_WINDOW_S: Final = 1
+
+
+class TooManyLookups(RequestError):
+    """The user caused more warehouse lookups this second than allowed: 429 with ``Retry-After``."""
+
+    status = 429
+    code = "too_many_requests"
+    retry_after_s = _WINDOW_S
+
+
+class LookupLimit:
+    """Warehouse lookups per user and second, counted across replicas in Redis."""
+
+    def __init__(self, client: aioredis.Redis, per_second: int) -> None:
+        self._redis = client
+        self._per_second = per_second
+
+    async def spend(self, user_id: str) -> None:
+        """Count one lookup for ``user_id``; ``TooManyLookups`` beyond the limit."""
+        if not self._per_second:
+            return
+        key = keys.warehouse_lookups_key(user_id)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(key, 0, ex=_WINDOW_S, nx=True)
+            pipe.incr(key)
+            _, spent = await pipe.execute()
+        except redis.exceptions.RedisError:
+            return  # the lookup itself does not need Redis: a broken counter does not refuse it
+        if spent > self._per_second:
+            raise TooManyLookups(
+                f"more than {self._per_second} lookups of uncached backtests a second; retry in {_WINDOW_S} s"
+            )
+
+
+class BacktestLookups:
+    """The metadata of backtests, from the cache or (bounded, misses remembered) the warehouse; one per application."""
+
+    def __init__(self, warehouse: Warehouse, cache: BacktestCache, client: aioredis.Redis) -> None:
+        self._warehouse = warehouse
+        self._cache = cache
+        self._limit = LookupLimit(client, warehouse.settings.max_lookups_per_user_per_s)
+        self._in_flight: dict[tuple[str, str], asyncio.Future[BacktestRecord | None]] = {}
+
+    async def backtest(self, backtest_id: str, user_id: str) -> BacktestRecord:
+        """The ``backtests`` row of ``backtest_id``; ``JobNotFound`` if there is none."""
+        record, missing = await self._cache.record(backtest_id)
+        if record is not None:
+            return record
+        if not missing:
+            record = await self._shared(("backtest", backtest_id), user_id, lambda: self._find(backtest_id))
+        if record is None:
+            raise JobNotFound(f"Job '{backtest_id}' not found")
+        return record
+
+    async def backtest_of_job(self, job_id: str, user_id: str) -> BacktestRecord | None:
+        """The newest backtest a job produced, or None."""
+        missing_key = keys.job_backtest_missing_key(job_id)
+        if await self._cache.is_missing(missing_key):
+            return None
+
+        async def find() -> BacktestRecord | None:
+            record = await self._warehouse.backtest_of_job(job_id)
+            if record is None:
+                await self._cache.remember_missing(missing_key)
+            return record
+
+        return await self._shared(("job", job_id), user_id, find)
+
+    async def _find(self, backtest_id: str) -> BacktestRecord | None:
+        record = await self._warehouse.backtest(backtest_id)
+        if record is None:
+            await self._cache.remember_missing(keys.backtest_missing_key(backtest_id))
+        else:
+            await self._cache.store_record(record)
+        return record
+
+    def _done(self, key: tuple[str, str], pending: asyncio.Future[BacktestRecord | None]) -> None:
+        self._in_flight.pop(key, None)
+        if not pending.cancelled():
+            pending.exception()  # retrieved here, in case every caller went away
+
+    async def _shared(
+        self, key: tuple[str, str], user_id: str, find: Callable[[], Awaitable[BacktestRecord | None]]
+    ) -> BacktestRecord | None:
+        """One warehouse query per id at a time in this process; only the user who causes it spends a lookup."""
+        pending = self._in_flight.get(key)
+        if pending is None:
+            await self._limit.spend(user_id)
+            pending = self._in_flight.get(key)  # another caller may have started it meanwhile
+        if pending is None:
+            pending = asyncio.ensure_future(find())
+            self._in_flight[key] = pending
+            pending.add_done_callback(partial(self._done, key))
+        try:
+            # shield: one caller going away must not cancel the others' query.
+            return await asyncio.shield(pending)
+        except WarehouseError as exc:
+            raise unavailable(exc) from exc
