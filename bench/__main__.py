@@ -268,7 +268,7 @@ def load_backtests(emulator: BigQueryEmulator, count: int, points: int) -> list[
             for interval in INTERVALS
             for i in range(points)
         ]  # fmt: skip
-        insert_candles(client, "backtests", "candles", rows)
+        insert_candles(client, "backtests", "candles", rows, batch_rows=20_000)
         ids.append(backtest_id)
     client.close()
     return ids
@@ -293,55 +293,81 @@ def query_round_trip_ms(emulator: BigQueryEmulator, points: int, runs: int) -> f
         warehouse.close()
 
 
-async def bigquery_figures(
-    args: argparse.Namespace, base: str, token: str, client: aioredis.Redis, ids: Sequence[str], job_url: str
-) -> list[str]:
-    """Cold (warehouse) and warm (cache) first chunks of backtests, against a running job's stream."""
-    query = f"intervals={','.join(INTERVALS)}&limit={args.bq_points}&chunk_size=500&token={token}"
-    lines = []
-    async with aiohttp.ClientSession() as session:
-        cold = []
-        for bt in ids:
-            cold.append(await read_one(session, f"{base}/api/sse/backtest/{bt}/data/multi?{query}"))
-            # The background cache fill queries the emulator too: let it finish
-            # so that it does not slow the next cold stream down.
-            for _ in range(400):
-                if len(await client.hgetall(keys.backtest_complete_key(bt))) == len(INTERVALS):
-                    break
-                await asyncio.sleep(0.05)
-        warm = [await read_one(session, f"{base}/api/sse/backtest/{bt}/data/multi?{query}") for bt in ids]
-        job = [await read_one(session, job_url) for _ in ids]
-    expected = 3 * args.bq_points
-    for result in cold + warm + job:
-        assert result.points == expected, f"a stream carried {result.points} points, not {expected}"
-    lines.append(
-        row(
-            "backtest cold (warehouse), first data_chunk",
-            statistics.median(r.first_chunk_s for r in cold) * 1000,
-            None,
-            "ms",
-        )
+def queries_so_far(emulator: BigQueryEmulator) -> int:
+    """Queries the emulator has answered (``jobs.query`` requests in its log)."""
+    return sum(
+        1
+        for line in emulator.log_path.read_bytes().splitlines()
+        if b'"http.request"' in line and b'"POST"' in line and b'/queries"' in line
     )
-    lines.append(row("backtest cold (warehouse), whole", statistics.median(r.total_s for r in cold) * 1000, None, "ms"))
-    lines.append(
+
+
+async def bigquery_figures(
+    args: argparse.Namespace,
+    emulator: BigQueryEmulator,
+    base: str,
+    token: str,
+    ids: Sequence[str],
+    crowd_id: str,
+    job_url: str,
+) -> list[str]:
+    """Cold streams, the same re-opened right after, cached ones, a running job; 10 at once on a cold one."""
+    query = f"intervals={','.join(INTERVALS)}&limit={args.bq_points}&chunk_size=500&token={token}"
+
+    def url(backtest_id: str) -> str:
+        return f"{base}/api/sse/backtest/{backtest_id}/data/multi?{query}"
+
+    cold, reopened, cached, job, cold_queries = [], [], [], [], []
+    async with aiohttp.ClientSession() as session:
+        for bt in ids:
+            before = queries_so_far(emulator)
+            cold.append(await read_one(session, url(bt)))
+            cold_queries.append(queries_so_far(emulator) - before)
+            reopened.append(await read_one(session, url(bt)))  # right after: no waiting for anything
+        for bt in ids:  # side by side, alternating, so that both see the same machine
+            cached.append(await read_one(session, url(bt)))
+            job.append(await read_one(session, job_url))
+        before = queries_so_far(emulator)
+        crowd_started = time.perf_counter()
+        crowd = await asyncio.gather(*(read_one(session, url(crowd_id)) for _ in range(10)))
+        crowd_s = time.perf_counter() - crowd_started
+        crowd_queries = queries_so_far(emulator) - before
+    expected = 3 * args.bq_points
+    for result in cold + reopened + cached + job + crowd:
+        assert result.points == expected, f"a stream carried {result.points} points, not {expected}"
+
+    def median_ms(results: Sequence[StreamResult], first_chunk: bool = False) -> float:
+        return statistics.median(r.first_chunk_s if first_chunk else r.total_s for r in results) * 1000
+
+    return [
+        "",
+        f"backtests of 3 x {args.bq_points:,} candles, chunk_size 500, median of {len(ids)};"
+        " reference column: a cached backtest, or a running job of the same size in Redis",
+        "",
+        "| measure | gateway | reference | ratio |",
+        "|---|---|---|---|",
+        row("cold backtest, first data_chunk", median_ms(cold, True), None, "ms"),
+        row("cold backtest, whole", median_ms(cold), None, "ms"),
+        f"| cold backtest, warehouse queries (per stream) | {', '.join(map(str, cold_queries))} | - | - |",
         row(
-            "backtest warm (cache), first data_chunk",
-            statistics.median(r.first_chunk_s for r in warm) * 1000,
-            None,
+            "re-opened right after, first data_chunk vs cached",
+            median_ms(reopened, True),
+            median_ms(cached, True),
             "ms",
             "{:.2f}",
-        )
-    )
-    job_whole = statistics.median(r.total_s for r in job) * 1000
-    lines.append(
+        ),
+        row("re-opened right after, whole vs running job", median_ms(reopened), median_ms(job), "ms"),
+        row("cached backtest, whole vs running job", median_ms(cached), median_ms(job), "ms"),
+        f"| 10 streams of one cold backtest at once, warehouse queries | {crowd_queries} | - | - |",
+        row("10 streams of one cold backtest at once, slowest whole", max(r.total_s for r in crowd) * 1000, None, "ms"),
+        row("10 streams of one cold backtest at once, wall", crowd_s * 1000, None, "ms"),
         row(
-            "backtest warm (cache), whole vs running job",
-            statistics.median(r.total_s for r in warm) * 1000,
-            job_whole,
+            "10 streams of one cold backtest at once, slowest first data_chunk",
+            max(r.first_chunk_s for r in crowd) * 1000,
+            None,
             "ms",
-        )
-    )
-    return lines
+        ),
+    ]
 
 
 async def warehouse_section(
@@ -352,13 +378,15 @@ async def warehouse_section(
     client: aioredis.Redis,
     redis_url: str,
 ) -> list[str]:
-    """The gateway against the BigQuery emulator: one query's round trip, cold and warm streams."""
+    """The gateway against the BigQuery emulator: one query's round trip, cold, re-opened and cached streams."""
     loop = asyncio.get_running_loop()
     emulator = BigQueryEmulator(work / "bqemulator", project=PROJECT)
     await loop.run_in_executor(None, emulator.start)
     try:
-        ids = await loop.run_in_executor(None, load_backtests, emulator, args.runs, args.bq_points)
-        round_trip = await loop.run_in_executor(None, query_round_trip_ms, emulator, args.bq_points, args.runs)
+        loaded = time.perf_counter()
+        *ids, crowd_id = await loop.run_in_executor(None, load_backtests, emulator, args.bq_runs + 1, args.bq_points)
+        print(f"loaded {args.bq_runs + 1} backtests in {time.perf_counter() - loaded:.1f} s", file=sys.stderr)
+        round_trip = await loop.run_in_executor(None, query_round_trip_ms, emulator, args.bq_points, args.bq_runs)
         job_id = "bench-bq-size-job"
         await client.delete(keys.job_key(job_id), *(keys.candles_key(job_id, i) for i in INTERVALS))
         await seed_job(client, job_id, args.bq_points)
@@ -376,7 +404,7 @@ async def warehouse_section(
             query = f"intervals={','.join(INTERVALS)}&limit={args.bq_points}&chunk_size=500&token={token}"
             job_url = f"{base}/api/sse/backtest/{job_id}/data/multi?{query}"
             lines = [row("BigQuery emulator, one first-page query (1,000 rows)", round_trip, None, "ms")]
-            lines += await bigquery_figures(args, base, token, client, ids, job_url)
+            lines += await bigquery_figures(args, emulator, base, token, ids, crowd_id, job_url)
             return lines
     finally:
         await loop.run_in_executor(None, emulator.stop)
@@ -414,6 +442,8 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
     key = DevSigningKey.generate()
     try:
         client = aioredis.Redis.from_url(redis_url)
+        if args.only == "warehouse":
+            return await warehouse_only(args, work, key, client, redis_url)
         seeded = time.perf_counter()
         await seed(client, args.points)
         print(f"seeded 3 x {args.points} candles in {time.perf_counter() - seeded:.1f} s", file=sys.stderr)
@@ -475,6 +505,23 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
         return lines
     finally:
         valkey.stop()
+
+
+async def warehouse_only(
+    args: argparse.Namespace, work: Path, key: DevSigningKey, client: aioredis.Redis, redis_url: str
+) -> list[str]:
+    """``--only warehouse``: the warehouse section alone."""
+    async with certificate_endpoint(key) as certs_url:
+        env = {
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_AUTH_CERTS_URL": certs_url,
+            "GATEWAY_AUTH_FIREBASE_PROJECT_ID": PROJECT,
+            "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
+            "GATEWAY_SERVER_ACCESS_LOG": "false",
+        }
+        lines = await warehouse_section(args, work, env, key, client, redis_url)
+    await client.aclose()
+    return lines
 
 
 async def measure(
@@ -553,7 +600,9 @@ def main() -> None:
     parser.add_argument("--followers", type=int, default=1000, help="idle follow streams for the memory figure")
     parser.add_argument("--latency-followers", type=int, default=100, help="followers of one job for the latency")
     parser.add_argument("--appends", type=int, default=50, help="worker appends timed for the latency")
-    parser.add_argument("--bq-points", type=int, default=2000, help="candles per interval of each backtest (0: skip)")
+    parser.add_argument("--bq-points", type=int, default=20_000, help="candles per interval of each backtest (0: skip)")
+    parser.add_argument("--bq-runs", type=int, default=3, help="cold backtests timed (each loaded into the emulator)")
+    parser.add_argument("--only", choices=["warehouse"], help="run one section only: the warehouse (BigQuery emulator)")
     args = parser.parse_args()
     from gateway.server import install_uvloop
 
@@ -561,7 +610,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="candle-bench-") as tmp:
         lines = asyncio.run(run(args, Path(tmp)))
     key = DevSigningKey.generate()
-    lines.append(row("token verification (warm cache, in process)", verify_cost_us(key), None, "µs"))
+    if args.only is None:
+        lines.append(row("token verification (warm cache, in process)", verify_cost_us(key), None, "µs"))
     header = [
         "command: make bench" + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else ""),
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
