@@ -280,3 +280,13 @@ async def test_lookups_beyond_the_per_user_rate_are_refused_with_429(gateway, qu
     # Another user is not slowed by the prober; and known ids cost no lookup at all.
     other = await stream(client, "bt_42.000", token=token("someone"), intervals="day")
     assert other.events[0].payload["error"] == "job_not_found"
+
+
+async def test_a_job_found_in_the_warehouse_by_its_job_id_is_looked_up_once(gateway, query_log, bq, token):
+    backtest_id, stored = new_backtest(bq, {"day": 4}, job_id="gone-job")
+    client = await gateway()
+    for _ in range(3):
+        transcript = await stream(client, "gone-job", token=token(), intervals="day")
+        assert transcript.events[0].payload["backtest_id"] == backtest_id
+        assert points_of(transcript, "day") == expected_points(stored["day"])
+    assert query_log.kinds() == {"metadata": 1, "first:day": 1}

@@ -215,12 +215,24 @@ class BacktestCache:
         except redis.exceptions.RedisError:
             log.warning("could not cache backtest %s", record.backtest_id)
 
-    async def is_missing(self, key: str) -> bool:
-        """Whether a miss was remembered under ``key`` (``keys.*_missing_key``)."""
+    async def job_backtest(self, job_id: str) -> tuple[str | None, bool]:
+        """The backtest id a job produced as cached (None on a miss), and whether the warehouse lately had none."""
+
+        async def read() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(keys.job_backtest_key(job_id))
+            pipe.exists(keys.job_backtest_missing_key(job_id))
+            return await pipe.execute()
+
+        backtest_id, missing = await call_redis(read, "reading the backtest cache")
+        return (backtest_id.decode() if backtest_id else None), bool(missing)
+
+    async def store_job_backtest(self, job_id: str, record: BacktestRecord) -> None:
+        await self.store_record(record)
         try:
-            return bool(await self._redis.exists(key))
+            await self._redis.set(keys.job_backtest_key(job_id), record.backtest_id, ex=self._ttl_s)
         except redis.exceptions.RedisError:
-            return False
+            log.warning("could not cache the backtest of job %s", job_id)
 
     async def remember_missing(self, key: str) -> None:
         """Remember a warehouse miss for ``bigquery.missing_ttl_s``."""

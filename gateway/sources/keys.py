@@ -63,6 +63,11 @@ def job_backtest_missing_key(job_id: str) -> str:
     return f"bt-of-job:{{{job_id}}}:missing"
 
 
+def job_backtest_key(job_id: str) -> str:
+    """The id of the backtest a job produced, as the warehouse said (a cached lookup)."""
+    return f"bt-of-job:{{{job_id}}}:backtest"
+
+
 def warehouse_lookups_key(user_id: str) -> str:
     """Warehouse metadata lookups one user caused in the current second (a counter)."""
     return f"gateway:bq-lookups:{{{user_id}}}"

@@ -87,14 +87,20 @@ class BacktestLookups:
 
     async def backtest_of_job(self, job_id: str, user_id: str) -> BacktestRecord | None:
         """The newest backtest a job produced, or None."""
-        missing_key = keys.job_backtest_missing_key(job_id)
-        if await self._cache.is_missing(missing_key):
+        backtest_id, missing = await self._cache.job_backtest(job_id)
+        if missing:
             return None
+        if backtest_id is not None:
+            record, _ = await self._cache.record(backtest_id)
+            if record is not None:
+                return record
 
         async def find() -> BacktestRecord | None:
             record = await self._warehouse.backtest_of_job(job_id)
             if record is None:
-                await self._cache.remember_missing(missing_key)
+                await self._cache.remember_missing(keys.job_backtest_missing_key(job_id))
+            else:
+                await self._cache.store_job_backtest(job_id, record)
             return record
 
         return await self._shared(("job", job_id), user_id, find)
