@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, Final, NamedTuple, TypeVar
@@ -52,9 +53,10 @@ T = TypeVar("T")
 _FIRST_PAGE_ROWS: Final = 1000
 # A dead filler's staging list and fill hash stay this long for the next filler to resume.
 _STAGING_TTL_S: Final = 600
-# Readers look at the staging list this often at first, backing off to the longest.
+# Readers look at the staging list this often at first, backing off to the longest;
+# a fill running in this process wakes its readers at once instead.
 _POLL_FIRST_S: Final = 0.002
-_POLL_LONGEST_S: Final = 0.025
+_POLL_LONGEST_S: Final = 0.05
 # Beyond the query timeout and the lock's TTL: how long a reader waits for rows that do not come.
 _STALL_SLACK_S: Final = 5.0
 
@@ -180,6 +182,8 @@ class BacktestCache:
         # A page takes at most the query timeout; a dead filler's lock lapses within its TTL.
         self._stall_s = settings.query_timeout_s + settings.fill_lock_ttl_s + _STALL_SLACK_S
         self._fills: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # Set (and dropped) by a fill of this process whenever it wrote: its readers look at once.
+        self._notes: weakref.WeakValueDictionary[tuple[str, str], asyncio.Event] = weakref.WeakValueDictionary()
         self._acquire = client.register_script(_ACQUIRE)
         self._refresh = client.register_script(_REFRESH)
         self._append = client.register_script(_APPEND)
@@ -324,8 +328,22 @@ class BacktestCache:
                 staged, progress_at, pause = look.staged_length, loop.time(), _POLL_FIRST_S
             elif loop.time() - progress_at > self._stall_s:
                 raise DataError(f"reading interval '{interval}' from the warehouse stalled; reconnect to resume")
-            await asyncio.sleep(pause)
+            await self._pause(backtest_id, interval, pause)
             pause = min(pause * 2, _POLL_LONGEST_S)
+
+    async def _pause(self, backtest_id: str, interval: str, seconds: float) -> None:
+        """Until the fill of this process writes again, or ``seconds`` (a fill elsewhere writes unseen)."""
+        note = self._notes.get((backtest_id, interval))
+        if note is None:
+            note = self._notes[(backtest_id, interval)] = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await note.wait()
+
+    def _wake(self, backtest_id: str, interval: str) -> None:
+        note = self._notes.pop((backtest_id, interval), None)
+        if note is not None:
+            note.set()
 
     async def _look(self, backtest_id: str, interval: str, start: int, count: int) -> _Look:
         k = _FillKeys.of(backtest_id, interval)
@@ -405,6 +423,7 @@ class BacktestCache:
             raise
         finally:
             keeper.cancel()
+            self._wake(backtest_id, interval)
 
     async def _copy(self, backtest_id: str, interval: str, k: _FillKeys, writer: str) -> int:
         """The interval, page by page, into staging after what is staged already; then into place."""
@@ -414,6 +433,7 @@ class BacktestCache:
             staged = await self._script(
                 self._append, [k.lock, k.staging, k.fill], [writer, staged, count, _STAGING_TTL_S, *candles]
             )
+            self._wake(backtest_id, interval)
             if page.error is not None:
                 raise DataError(page.error)  # the rows before it are staged for the readers
             if staged >= count:
