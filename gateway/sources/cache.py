@@ -80,7 +80,10 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 return 1
 """
-# KEYS: lock, staging, fill hash. ARGV: writer, staged length expected, count, staging TTL, rows...
+# KEYS: lock, staging, fill hash, final, complete hash.
+# ARGV: writer, staged length expected, count, staging TTL (s), interval, cache TTL (s), rows...
+# The page that completes the interval renames staging into place and marks it
+# complete in the same script: no reader ever sees the last rows before the mark.
 # Lua's unpack() stops near 8,000 values, hence the batches.
 _APPEND: Final = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
@@ -91,28 +94,25 @@ elseif redis.call('LLEN', KEYS[2]) ~= expected then
   return -2
 end
 redis.call('HSET', KEYS[3], 'count', ARGV[3])
-for i = 5, #ARGV, 1000 do
+for i = 7, #ARGV, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-return redis.call('LLEN', KEYS[2])
-"""
-# KEYS: lock, staging, final, complete hash, fill hash. ARGV: writer, interval, count, cache TTL (s).
-_FINISH: Final = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local count = tonumber(ARGV[3])
-if redis.call('LLEN', KEYS[2]) ~= count then return -2 end
-if count > 0 then
-  redis.call('RENAME', KEYS[2], KEYS[3])
+local staged = redis.call('LLEN', KEYS[2])
+if staged < tonumber(ARGV[3]) then
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[3], ARGV[4])
-else
-  redis.call('DEL', KEYS[3])
+  return staged
 end
-redis.call('HSET', KEYS[4], ARGV[2], count)
-redis.call('EXPIRE', KEYS[4], ARGV[4])
-redis.call('DEL', KEYS[5], KEYS[1])
-return 1
+if staged > 0 then
+  redis.call('RENAME', KEYS[2], KEYS[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[6])
+else
+  redis.call('DEL', KEYS[4])
+end
+redis.call('HSET', KEYS[5], ARGV[5], staged)
+redis.call('EXPIRE', KEYS[5], ARGV[6])
+redis.call('DEL', KEYS[3], KEYS[1])
+return staged
 """
 # KEYS: lock, fill hash. ARGV: writer, error text, staging TTL (s).
 _FAIL: Final = """
@@ -187,7 +187,6 @@ class BacktestCache:
         self._acquire = client.register_script(_ACQUIRE)
         self._refresh = client.register_script(_REFRESH)
         self._append = client.register_script(_APPEND)
-        self._finish = client.register_script(_FINISH)
         self._fail = client.register_script(_FAIL)
         self._release = client.register_script(_RELEASE)
 
@@ -431,15 +430,15 @@ class BacktestCache:
         while True:
             candles = page.candles[: count - staged]
             staged = await self._script(
-                self._append, [k.lock, k.staging, k.fill], [writer, staged, count, _STAGING_TTL_S, *candles]
+                self._append,
+                [k.lock, k.staging, k.fill, k.final, k.complete],
+                [writer, staged, count, _STAGING_TTL_S, interval, self._ttl_s, *candles],
             )
             self._wake(backtest_id, interval)
             if page.error is not None:
                 raise DataError(page.error)  # the rows before it are staged for the readers
             if staged >= count:
-                await self._script(self._finish, [k.lock, k.staging, k.final, k.complete, k.fill],
-                                   [writer, interval, count, self._ttl_s])  # fmt: skip
-                return staged
+                return staged  # renamed into place and marked complete with the last rows
             if not candles or page.last_time is None:
                 raise DataError(f"interval '{interval}' has fewer rows than it had when counted")
             page = await self._page_after(backtest_id, interval, page.last_time, staged, count)
@@ -456,7 +455,7 @@ class BacktestCache:
 
         staged, count, last = await call_redis(read, f"resuming to cache interval '{interval}'")
         if staged and count is not None and last is not None:
-            if staged >= int(count):  # the last filler died just before renaming
+            if staged >= int(count):  # every row staged, none left to read: the append completes it
                 return staged, int(count), CandlePage(candles=[], last_time=None)
             cursor = _decode_candle(last).time
             return staged, int(count), await self._page_after(backtest_id, interval, cursor, staged, int(count))
