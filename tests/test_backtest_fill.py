@@ -7,6 +7,7 @@ and what authorization costs before it (issue 8, items 9-11), through the real e
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
 
@@ -29,6 +30,8 @@ class QueryLog:
         self.queries: list[tuple[str, dict[str, Any]]] = []
         # Queries matching this are refused as an unreachable BigQuery would.
         self.failing: str | None = None
+        # Candle queries take this much longer (a slow warehouse).
+        self.delay_s = 0.0
 
     def factory(self, settings):
         client = emulator_client(settings)
@@ -39,6 +42,8 @@ class QueryLog:
             self.queries.append((query, parameters))
             if self.failing is not None and self.failing in query:
                 raise google_exceptions.ServiceUnavailable("the warehouse is away")
+            if "user_id" not in query:
+                time.sleep(self.delay_s)  # on the executor thread, as a slow answer would keep it
             return original(query, **kwargs)
 
         client.query_and_wait = query_and_wait
@@ -196,6 +201,19 @@ async def test_dead_fillers_lock_lapses_and_a_reader_takes_over_after_what_it_st
     assert transcript.names[-1] == "all_complete"
     assert points_of(transcript, "minute") == expected_points(stored["minute"])
     assert query_log.kinds() == {"after:minute": 2}  # resumed after row 300: no count, no row read twice
+
+
+async def test_a_read_slower_than_the_lock_ttl_keeps_its_lock_and_is_not_read_twice(gateway, query_log, bq, token):
+    backtest_id, stored = new_backtest(bq, {"day": 20, "minute": 600})
+    sections = {"bigquery": {"page_rows": 250, "fill_lock_ttl_s": 0.5}, "server": {"max_streams_per_user": 0}}
+    replicas = [await gateway(**sections), await gateway(**sections)]
+    query_log.delay_s = 0.8  # every page outlives the lock's TTL: only the refresh keeps it
+    transcripts = await asyncio.gather(
+        *(stream(replicas[n % 2], backtest_id, token=token(), intervals="day,minute", limit=50000) for n in range(4))
+    )
+    for transcript in transcripts:
+        assert points_of(transcript, "minute") == expected_points(stored["minute"])
+    assert query_log.kinds() - Counter(metadata=2) == {"first:day": 1, "first:minute": 1, "after:minute": 2}
 
 
 async def test_partial_staging_is_never_served_as_complete(gateway, query_log, bq, token, redis_client):
