@@ -24,7 +24,7 @@ class Warehoused:
     def __init__(self, warehouse: Warehouse, cache: BacktestCache, page_rows: int) -> None:
         self.warehouse = warehouse
         self.cache = cache
-        self.page_rows = page_rows
+        self.page_rows = page_rows  # the cache's fills use it (given to it directly)
 
 
 class Sources:
@@ -50,48 +50,36 @@ class Sources:
         return source, snapshot
 
     def _source(self, request: StreamRequest, user: User) -> Source:
-        if self._warehoused is None:
+        if self._warehoused is None or self._lookups is None:
             if request.is_backtest:
                 return WarehouseNotConfigured()
             return JobSource(RedisJobSource(self._redis, request.id, self._lists), None)
-        backtests = UserBacktests(self, user)
+        backtests = UserBacktests(self._warehoused.cache, self._lookups, self._lists, user)
         if request.is_backtest:
             return backtests.backtest(request.id)
         return JobSource(RedisJobSource(self._redis, request.id, self._lists), backtests)
 
-    def backtest(
-        self, user: User, backtest_id: str, *, job_id: str | None = None, record: BacktestRecord | None = None
-    ) -> Source:
-        """A completed backtest; its metadata lookups count against ``user``'s budget."""
-        assert self._warehoused is not None and self._lookups is not None
-        lookups = self._lookups
-        return BacktestSource(
-            self._warehoused.cache,
-            backtest_id,
-            find=lambda backtest_id: lookups.backtest(backtest_id, user.uid),
-            job_id=job_id,
-            record=record,
-            lists=self._lists,
-        )
-
-    async def backtest_of_job(self, user: User, job_id: str) -> BacktestRecord | None:
-        """The backtest a job produced, found by its job id (a lookup on ``user``'s budget)."""
-        assert self._lookups is not None
-        return await self._lookups.backtest_of_job(job_id, user.uid)
-
 
 class UserBacktests:
-    """The backtests one user's request may reach: ``Sources`` with the user bound."""
+    """The completed backtests one request may reach; the warehouse lookups it causes count against its user."""
 
-    def __init__(self, sources: Sources, user: User) -> None:
-        self._sources = sources
-        self._user = user
+    def __init__(self, cache: BacktestCache, lookups: BacktestLookups, lists: ListReads, user: User) -> None:
+        self._cache = cache
+        self._lookups = lookups
+        self._lists = lists
+        self._user_id = user.uid
 
     def backtest(self, backtest_id: str, *, job_id: str | None = None, record: BacktestRecord | None = None) -> Source:
-        return self._sources.backtest(self._user, backtest_id, job_id=job_id, record=record)
+        return BacktestSource(
+            self._cache, backtest_id, find=self._find, job_id=job_id, record=record, lists=self._lists
+        )
 
     async def backtest_of_job(self, job_id: str) -> BacktestRecord | None:
-        return await self._sources.backtest_of_job(self._user, job_id)
+        """The backtest a job produced, found by its job id."""
+        return await self._lookups.backtest_of_job(job_id, self._user_id)
+
+    async def _find(self, backtest_id: str) -> BacktestRecord:
+        return await self._lookups.backtest(backtest_id, self._user_id)
 
 
 def may_read(user: User, job: JobInfo) -> bool:
