@@ -167,3 +167,18 @@ def test_serve_with_a_bad_bigquery_name_stops_with_one_line_naming_it(variable, 
         f"configuration error: setting {setting} ({variable}): must be a BigQuery identifier"
         " (letters, digits, '_' and '-', not starting with '-')"
     ]
+
+
+def test_a_setting_refused_only_at_start_up_is_the_same_one_line(monkeypatch, capsys):
+    """Defence in depth: a ConfigError from building the app is not a traceback either."""
+    import gateway.server
+    from gateway.__main__ import main
+
+    def refuse(settings):
+        raise ConfigError("bigquery.dataset", "must be a BigQuery identifier")
+
+    monkeypatch.setattr(gateway.server, "serve", refuse)
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "configuration error: setting bigquery.dataset: must be a BigQuery identifier"
+    ]
