@@ -153,6 +153,18 @@ async def test_numbers_outside_the_contract_are_a_data_error(client, writer, tok
     assert "candle 0 of interval 'minute'" in transcript.events[1].payload["message"]
 
 
+@pytest.mark.parametrize("depth", [2000, 100_000])
+async def test_a_deeply_nested_extra_field_is_a_data_error(client, writer, token, redis_client, depth):
+    """msgspec raises RecursionError (not DecodeError) when it skips a field nested this deep."""
+    await seed_job(writer(JOB), counts={"minute": 0})
+    nested = b"[" * depth + b"]" * depth
+    element = msgspec.json.encode(_raw("2025-04-01T09:15:00Z"))[:-1] + b',"extra":' + nested + b"}"
+    await _store(redis_client, "minute", [element])
+    transcript = await stream(client, JOB, token=token(), intervals="minute")
+    assert transcript.names == ["interval_start", "error", "all_complete"]
+    assert "candle 0 of interval 'minute' is malformed" in transcript.events[1].payload["message"]
+
+
 async def test_a_candle_split_across_two_elements_is_a_data_error(client, writer, token, redis_client):
     """Spliced, a fragment and a double element make a valid array of the same length."""
     await seed_job(writer(JOB), counts={"minute": 0})

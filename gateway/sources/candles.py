@@ -153,7 +153,7 @@ class CandleValidator:
                 return array
         candles = None
         if _plain_form(array, len(stored)):
-            with contextlib.suppress(msgspec.DecodeError):
+            with contextlib.suppress(msgspec.DecodeError, RecursionError):
                 candles = _decode_canonical(array)
         # The count and first-byte checks matter: a stored element holding two
         # objects (or a fragment) could still splice into a valid array, which
@@ -181,9 +181,12 @@ class CandleValidator:
             position = self._position + offset
             try:
                 candle = _decode_candle(raw)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, RecursionError) as exc:  # msgspec: RecursionError when nested too deep
                 raise DataError(f"candle {position} of interval '{self._interval}' is malformed: {exc}") from exc
-            repeated = _repeated_field(raw)
+            try:
+                repeated = _repeated_field(raw)
+            except (ValueError, RecursionError) as exc:  # what msgspec took, Python's parser may not
+                raise DataError(f"candle {position} of interval '{self._interval}' is malformed: {exc}") from exc
             if repeated is not None:
                 # msgspec (and a browser's JSON.parse) would silently keep the last one.
                 raise DataError(f"candle {position} of interval '{self._interval}' has the key '{repeated}' twice")
