@@ -276,7 +276,7 @@ def _b64(part: str, name: str) -> bytes:
 def _decode_part(part: bytes, name: str, decode: Callable[[bytes], T]) -> T:
     try:
         return decode(part)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # msgspec: RecursionError when nested too deep
         raise Unauthenticated(f"token {name} is not a valid JSON object") from None
 
 

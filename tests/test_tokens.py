@@ -77,6 +77,20 @@ async def test_malformed_tokens_are_401(client, garbage):
     assert garbage not in (await response.json())["message"]
 
 
+@pytest.mark.parametrize("part", ["header", "claims"])
+async def test_deeply_nested_token_json_is_a_401_not_a_500(client, token, part):
+    """msgspec raises RecursionError, not DecodeError, past about 1,000 levels: before any signature check."""
+    import base64
+
+    nested = b'{"alg":"RS256","x":' + b"[" * 1500 + b"]" * 1500 + b"}"
+    encoded = base64.urlsafe_b64encode(nested).rstrip(b"=").decode()
+    header, claims, signature = token("alice").split(".")
+    forged = f"{encoded}.{claims}.{signature}" if part == "header" else f"{header}.{encoded}.{signature}"
+    response = await open_stream(client, JOB, intervals="day", token=forged)
+    assert response.status == 401
+    assert f"token {part} is not a valid JSON object" in (await response.json())["message"]
+
+
 async def test_signature_of_another_key_or_tampered_claims_does_not_verify(client, signing_key, token):
     impostor = DevSigningKey(DevSigningKey.generate().private_key_pem, signing_key.certificate_pem, kid=signing_key.kid)
     forged = mint_token(impostor, PROJECT, "alice")
