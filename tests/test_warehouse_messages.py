@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.devtools.bigquery_emulator import BigQueryEmulator, create_warehouse, make_client
+from gateway.devtools.bigquery_emulator import BigQueryEmulator, create_warehouse, loading_client
 from tests.conftest import PROJECT
 from tests.helpers import stream
 from tests.test_backtests import DATASET, new_backtest
@@ -20,13 +20,13 @@ from tests.test_backtests import DATASET, new_backtest
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmulator]:
     with BigQueryEmulator(tmp_path_factory.mktemp("bqemulator"), project=PROJECT) as running:
-        create_warehouse(make_client(PROJECT, running.endpoint), DATASET)
+        create_warehouse(loading_client(PROJECT, running.endpoint), DATASET)
         yield running
 
 
 @pytest.fixture(scope="module")
 def bq(emulator):
-    return make_client(PROJECT, emulator.endpoint)
+    return loading_client(PROJECT, emulator.endpoint)
 
 
 _ADDRESS_MARKS = ("http://", "https://", "127.0.0.1", "localhost", "googleapis", "/bigquery/v2")
