@@ -33,14 +33,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc.message}", file=sys.stderr)
         return 2
 
-    if args.command == "serve":
-        from gateway.server import serve
+    if args.command in ("serve", "dev"):
+        try:
+            if args.command == "serve":
+                from gateway.server import serve
 
-        serve(settings)
-    elif args.command == "dev":
-        from gateway.devtools.devserver import run_dev
+                serve(settings)
+            else:
+                from gateway.devtools.devserver import run_dev
 
-        run_dev(settings)
+                run_dev(settings)
+        except ConfigError as exc:
+            # A setting that only start-up can refuse: the same one line, not a traceback.
+            print(f"configuration error: {exc.message}", file=sys.stderr)
+            return 2
     else:
         from gateway.devtools.dev_auth import DevSigningKey, mint_token
 

@@ -6,6 +6,13 @@ certificates are fetched with aiohttp, parsed once into verifiers, cached for
 the answer's ``max-age`` and refreshed by a single fetch however many
 requests wait. Header and claims are decoded into typed structs; every
 rejection names the check that failed and never echoes the token.
+
+A bad day at the certificate endpoint costs little: a failed fetch is not
+repeated for a few seconds (doubling up to ``_RETRY_MAX_S``, reset by a
+success), meanwhile requests are answered at once; an answer is read up to
+``MAX_CERTIFICATES_BYTES`` only; and each certificate is parsed on its own, so
+one that is not an RSA key of at least 2048 bits is skipped (and logged), and
+only a token naming it is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from typing import Any, Final, TypeVar
 
 import aiohttp
 import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth import crypt
 from google.auth._helpers import padded_urlsafe_b64decode
 
@@ -33,6 +42,15 @@ T = TypeVar("T")
 EMULATOR_VARIABLE: Final = "FIREBASE_AUTH_EMULATOR_HOST"
 _MAX_AGE: Final = re.compile(r"max-age=(\d+)")
 _MAX_SUB_LENGTH: Final = 128
+# Google's answer is about 4 KB; anything near this is not a certificate list.
+MAX_CERTIFICATES_BYTES: Final = 1 << 20
+# After a failed fetch, no other for this long; doubled per failure up to the
+# maximum, reset by a success. Short enough that a recovered endpoint is used
+# again within seconds, long enough that a flood of (forged) tokens does not
+# become a flood of fetches.
+_RETRY_FIRST_S: Final = 2.0
+_RETRY_MAX_S: Final = 30.0
+_MIN_RSA_BITS: Final = 2048
 
 
 class User(msgspec.Struct, frozen=True):
@@ -62,6 +80,10 @@ _decode_object = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_certificates = msgspec.json.Decoder(dict[str, str]).decode
 
 
+class _CertificateFetchFailed(Exception):
+    """A refresh that brought nothing usable (the message says why, for the log)."""
+
+
 class CertificateCache:
     """Google's signing certificates as verifiers, cached for their ``max-age``."""
 
@@ -76,18 +98,24 @@ class CertificateCache:
         self._settings = settings
         self._clock = clock
         self._verifiers: dict[str, crypt.RSAVerifier] = {}
+        # Kids the last good answer published with a certificate that cannot verify RS256.
+        self._unusable: set[str] = set()
         self._expires_at = -float("inf")
         self._last_early_refresh = -float("inf")
+        self._retry_at = -float("inf")
+        self._retry_delay_s = _RETRY_FIRST_S
         self._refreshing: asyncio.Task[None] | None = None
 
     async def verifier_for(self, kid: str) -> crypt.RSAVerifier:
         """The verifier of certificate ``kid``; ``Unauthenticated`` if there is none."""
-        if self._clock() >= self._expires_at:
+        if self._clock() >= self._expires_at and self._may_fetch():
             await self._refresh_once()
         verifier = self._verifiers.get(kid)
         if (
             verifier is None
+            and kid not in self._unusable
             and self._clock() - self._last_early_refresh >= self._settings.unknown_kid_refresh_interval_s
+            and self._may_fetch()
         ):
             # Google may have rotated its keys before our copy expired.
             self._last_early_refresh = self._clock()
@@ -96,12 +124,18 @@ class CertificateCache:
         if verifier is None:
             if not self._verifiers:
                 raise Unauthenticated("signing certificates are unavailable; try again shortly")
+            if kid in self._unusable:
+                raise Unauthenticated("token kid names a signing certificate that cannot verify RS256")
             raise Unauthenticated("token kid is not one of the current signing certificates")
         return verifier
 
     async def refresh(self) -> None:
         """Fetch now (a warm-up at start-up); failures are logged, not raised."""
         await self._refresh_once()
+
+    def _may_fetch(self) -> bool:
+        """False while backing off after a failed fetch (a fetch in flight may still be joined)."""
+        return self._clock() >= self._retry_at or (self._refreshing is not None and not self._refreshing.done())
 
     async def _refresh_once(self) -> None:
         # Single flight: every caller waits on the same fetch.
@@ -111,22 +145,47 @@ class CertificateCache:
 
     async def _fetch(self) -> None:
         try:
+            verifiers, unusable, max_age = await self._download()
+        except _CertificateFetchFailed as exc:
+            # The last good certificates keep serving until they expire.
+            log.warning(
+                "could not refresh signing certificates: %s; next attempt in %.0f s or later",
+                exc,
+                self._retry_delay_s,
+            )
+            self._retry_at = self._clock() + self._retry_delay_s
+            self._retry_delay_s = min(self._retry_delay_s * 2, _RETRY_MAX_S)
+            if self._clock() >= self._expires_at:
+                self._verifiers, self._unusable = {}, set()
+            return
+        self._verifiers, self._unusable = verifiers, unusable
+        self._expires_at = self._clock() + (max_age if max_age is not None else self._settings.default_max_age_s)
+        self._retry_at, self._retry_delay_s = -float("inf"), _RETRY_FIRST_S
+
+    async def _download(self) -> tuple[dict[str, crypt.RSAVerifier], set[str], float | None]:
+        """Fetch and parse one answer: its verifiers, the kids it names unusable, its max-age."""
+        try:
             async with self._session.get(
                 self._settings.certs_url, timeout=aiohttp.ClientTimeout(total=self._settings.fetch_timeout_s)
             ) as response:
                 response.raise_for_status()
-                body = await response.read()
+                body = await _read_bounded(response, MAX_CERTIFICATES_BYTES)
                 max_age = _max_age(response.headers.get("Cache-Control", ""))
             certificates = _decode_certificates(body)
-            verifiers = {kid: crypt.RSAVerifier.from_string(pem) for kid, pem in certificates.items()}
         except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError, ValueError) as exc:
-            # The last good certificates keep serving until they expire.
-            log.warning("could not refresh signing certificates: %s", exc)
-            if self._clock() >= self._expires_at:
-                self._verifiers = {}
-            return
-        self._verifiers = verifiers
-        self._expires_at = self._clock() + (max_age if max_age is not None else self._settings.default_max_age_s)
+            raise _CertificateFetchFailed(str(exc) or type(exc).__name__) from exc
+        verifiers: dict[str, crypt.RSAVerifier] = {}
+        unusable: set[str] = set()
+        for kid, pem in certificates.items():
+            try:
+                verifiers[kid] = _rsa_verifier(pem)
+            except ValueError as exc:
+                # One bad certificate must not take the good ones with it.
+                log.warning("skipping signing certificate %r: %s", kid[:64], exc)
+                unusable.add(kid)
+        if not verifiers:
+            raise _CertificateFetchFailed(f"the answer holds no usable certificate ({len(certificates)} skipped)")
+        return verifiers, unusable, max_age
 
 
 class TokenVerifier:
@@ -217,8 +276,31 @@ def _b64(part: str, name: str) -> bytes:
 def _decode_part(part: bytes, name: str, decode: Callable[[bytes], T]) -> T:
     try:
         return decode(part)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # msgspec: RecursionError when nested too deep
         raise Unauthenticated(f"token {name} is not a valid JSON object") from None
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or ``ValueError`` as soon as it is known to exceed ``limit`` bytes."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise ValueError(f"the answer declares {declared} bytes, more than the {limit} accepted")
+    body = bytearray()
+    async for piece in response.content.iter_any():
+        body += piece
+        if len(body) > limit:
+            raise ValueError(f"the answer is larger than the {limit} bytes accepted")
+    return bytes(body)
+
+
+def _rsa_verifier(pem: str) -> crypt.RSAVerifier:
+    """A verifier for an X.509 certificate of an RSA key fit for RS256; ``ValueError`` for anything else."""
+    public_key = x509.load_pem_x509_certificate(pem.encode()).public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise ValueError(f"not an RSA key ({type(public_key).__name__}), so it cannot verify RS256")
+    if public_key.key_size < _MIN_RSA_BITS:
+        raise ValueError(f"an RSA key of {public_key.key_size} bits (at least {_MIN_RSA_BITS} required)")
+    return crypt.RSAVerifier(public_key)
 
 
 def _max_age(cache_control: str) -> float | None:

@@ -3,11 +3,15 @@
 Every setting, its default and its meaning is documented in ``config.toml``;
 the structs below only carry the types and bounds, so a bad value stops
 start-up with a message that names the setting (and the variable it came
-from, when it came from the environment).
+from, when it came from the environment). A ``GATEWAY_*`` variable that names
+no setting is only warned about: Kubernetes injects ``GATEWAY_PORT``,
+``GATEWAY_SERVICE_HOST`` and the like into every pod when a Service named
+``gateway`` exists, and those must not stop start-up.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -20,6 +24,8 @@ from msgspec import Meta
 
 from gateway.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
 ENV_PREFIX = "GATEWAY_"
 
@@ -27,6 +33,12 @@ Port = Annotated[int, Meta(ge=0, le=65535)]
 PositiveSeconds = Annotated[float, Meta(gt=0)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+# Project ids, dataset and table names as BigQuery allows them (a safe subset);
+# they are spliced into SQL as identifiers, so nothing else may pass.
+BIGQUERY_IDENTIFIER = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,1023}\Z"
+BigQueryName = Annotated[str, Meta(pattern=BIGQUERY_IDENTIFIER)]
+# The project may be empty: the warehouse is then not configured (SPEC 9).
+BigQueryProject = Annotated[str, Meta(pattern=r"^\Z|" + BIGQUERY_IDENTIFIER)]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -66,10 +78,10 @@ class AuthSettings(_Section, frozen=True):
 
 
 class BigQuerySettings(_Section, frozen=True):
-    project: str = ""
-    dataset: str = "backtests"
-    backtests_table: str = "backtests"
-    candles_table: str = "candles"
+    project: BigQueryProject = ""
+    dataset: BigQueryName = "backtests"
+    backtests_table: BigQueryName = "backtests"
+    candles_table: BigQueryName = "candles"
     api_endpoint: str = ""
     location: str = ""
     query_timeout_s: PositiveSeconds = 30.0
@@ -114,6 +126,12 @@ _SECTIONS: dict[str, type[_Section]] = {
     )
 }
 _ERROR_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+# msgspec names a pattern by its regex; people want to read what it allows.
+_PATTERN_MEANINGS = {
+    f"Expected `str` matching regex {pattern!r}": "must be a BigQuery identifier"
+    " (letters, digits, '_' and '-', not starting with '-')"
+    for pattern in (BIGQUERY_IDENTIFIER, r"^\Z|" + BIGQUERY_IDENTIFIER)
+}
 
 
 def load_settings(
@@ -131,12 +149,24 @@ def load_settings(
         raise ConfigError(str(config_path), f"not valid TOML: {exc}") from exc
 
     from_env: dict[str, str] = {}
+    unknown: list[str] = []
     for name, value in (os.environ if environ is None else environ).items():
         if not name.startswith(ENV_PREFIX):
             continue
-        section, key = _split_env_name(name)
+        setting = _split_env_name(name)
+        if setting is None:
+            unknown.append(name)
+            continue
+        section, key = setting
         raw.setdefault(section, {})[key] = value
         from_env[f"{section}.{key}"] = name
+    if unknown:
+        # Names only: a value may be a secret (or a Service's address), and is no use here.
+        log.warning(
+            "ignoring %d environment variable(s) that name no setting (expected GATEWAY_<SECTION>_<KEY>): %s",
+            len(unknown),
+            ", ".join(sorted(unknown)),
+        )
     return _convert(raw, from_env)
 
 
@@ -148,14 +178,15 @@ def with_overrides(settings: Settings, **sections: Mapping[str, Any]) -> Setting
     return _convert(raw, {})
 
 
-def _split_env_name(name: str) -> tuple[str, str]:
+def _split_env_name(name: str) -> tuple[str, str] | None:
+    """The (section, key) a ``GATEWAY_*`` variable overrides, or None if it names no setting."""
     rest = name[len(ENV_PREFIX) :].lower()
     for section, struct in _SECTIONS.items():
         if rest.startswith(section + "_"):
             key = rest[len(section) + 1 :]
             if key in struct.__struct_fields__:
                 return section, key
-    raise ConfigError(name, "no such setting (expected GATEWAY_<SECTION>_<KEY>)")
+    return None
 
 
 def _convert(raw: dict[str, Any], from_env: Mapping[str, str]) -> Settings:
@@ -167,6 +198,7 @@ def _convert(raw: dict[str, Any], from_env: Mapping[str, str]) -> Settings:
         match = _ERROR_PATH.search(text)
         setting = match.group(1) if match else "config"
         reason = _ERROR_PATH.sub("", text)
+        reason = _PATTERN_MEANINGS.get(reason, reason)
         if setting in from_env:
             setting = f"{setting} ({from_env[setting]})"
         raise ConfigError(setting, reason) from exc

@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 
 from gateway.errors import DataError
 from gateway.position import Phase
-from gateway.sources.base import Chunk, Source
+from gateway.sources.base import Chunk, Snapshot, Source
 from gateway.stream import CandleStream
 
 T = TypeVar("T")
@@ -64,11 +64,8 @@ class LiveTail:
             # Every follower of the job woken by the same note shares this read.
             snapshot = await self._feed.shared(("snapshot", names), partial(self._source.snapshot, names))
             stream.check_state(snapshot.job.state)
-            for index, name in enumerate(names):
-                if name in snapshot.failures:
-                    await stream.fail_live(index, DataError(snapshot.failures[name]))
-                else:
-                    await self._send_new_points(index, snapshot.lengths.get(name, 0))
+            for index in range(len(names)):
+                await self._catch_up(index, snapshot)
             if not stream.state.is_active:
                 return  # completed: everything stored has been sent
             now = self._clock()
@@ -77,12 +74,17 @@ class LiveTail:
                 await stream.send_job_status()
             await self._feed.wait_for_change()
 
-    async def _send_new_points(self, index: int, stored: int) -> None:
+    async def _catch_up(self, index: int, snapshot: Snapshot) -> None:
+        """Send what was appended to one interval since it was last looked at."""
         stream = self._stream
         name = stream.request.intervals[index]
         interval = stream.position.intervals[index]
         if interval.phase is not Phase.COMPLETE:
             return  # failed or not found: nothing more for this interval
+        if name in snapshot.failures:
+            await stream.fail_live(index, DataError(snapshot.failures[name]))
+            return
+        stored = snapshot.lengths.get(name, 0)
         if stored < interval.points_sent:
             # Workers never remove elements while a job runs (SPEC 6): a
             # shorter list means points were lost; never skip them silently.

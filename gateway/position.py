@@ -73,7 +73,7 @@ def decode_position(event_id: str, request: StreamRequest) -> StreamPosition:
     try:
         packed = base64.urlsafe_b64decode(event_id + "=" * (-len(event_id) % 4))
         position = _decode(packed)
-    except (binascii.Error, ValueError, msgspec.DecodeError):
+    except (binascii.Error, ValueError, RecursionError, msgspec.DecodeError):
         raise BadRequest("last_event_id", "is not an event id of this gateway") from None
     if position.version != VERSION or position.fingerprint != request.fingerprint():
         raise BadRequest(

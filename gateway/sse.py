@@ -12,8 +12,7 @@ client. Two things differ from its defaults:
   ``ping_interval`` seconds without a write (SPEC 2), and cuts off a client
   whose pending write has not completed for ``send_timeout`` seconds. It
   counts writes instead of reading the clock per write, which matters on
-  hosts where reading the clock is a system call (it was 10 % of a busy
-  gateway's CPU on our benchmark machine; docs/PERFORMANCE.md).
+  hosts where reading the clock is a system call (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations

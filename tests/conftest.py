@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings, with_overrides
 from gateway.devtools.bigquery_emulator import emulator_client
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.server import runner_options
 from gateway.workers import JobWriter
 
 PROJECT = "test-candles"
@@ -67,8 +68,14 @@ def make_gateway(aiohttp_client: Any, settings: Settings, redis_client: aioredis
 
     async def make(**sections: dict[str, Any]) -> TestClient:
         # The emulator's client raises for failed queries, as BigQuery does.
-        app = create_app(with_overrides(settings, **sections), bigquery_client=emulator_client)
-        return await aiohttp_client(app)  # type: ignore[no-any-return]
+        configured = with_overrides(settings, **sections)
+        app = create_app(configured, bigquery_client=emulator_client)
+        # The runner options of `serve` (its access log among them), not the test server's defaults;
+        # the test server sets handler_cancellation itself.
+        options = {name: value for name, value in runner_options(configured).items() if name != "handler_cancellation"}
+        server = TestServer(app)
+        await server.start_server(**options)
+        return await aiohttp_client(server)  # type: ignore[no-any-return]
 
     return make
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,10 @@ def test_environment_overrides_convert_to_the_setting_type():
         ({"GATEWAY_SERVER_PORT": "70000"}, "server.port (GATEWAY_SERVER_PORT)"),
         ({"GATEWAY_SERVER_PING_INTERVAL_S": "0"}, "server.ping_interval_s (GATEWAY_SERVER_PING_INTERVAL_S)"),
         ({"GATEWAY_BIGQUERY_PAGE_ROWS": "5"}, "bigquery.page_rows (GATEWAY_BIGQUERY_PAGE_ROWS)"),
-        ({"GATEWAY_SERVER_POTR": "80"}, "GATEWAY_SERVER_POTR"),
-        ({"GATEWAY_NOSUCH_KEY": "1"}, "GATEWAY_NOSUCH_KEY"),
+        ({"GATEWAY_BIGQUERY_DATASET": "bad name"}, "bigquery.dataset (GATEWAY_BIGQUERY_DATASET)"),
+        ({"GATEWAY_BIGQUERY_PROJECT": "p`; DROP"}, "bigquery.project (GATEWAY_BIGQUERY_PROJECT)"),
+        ({"GATEWAY_BIGQUERY_CANDLES_TABLE": "-x"}, "bigquery.candles_table (GATEWAY_BIGQUERY_CANDLES_TABLE)"),
+        ({"GATEWAY_BIGQUERY_BACKTESTS_TABLE": "a\n"}, "bigquery.backtests_table (GATEWAY_BIGQUERY_BACKTESTS_TABLE)"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_setting(environ, named):
@@ -79,3 +82,103 @@ def test_serve_with_a_bad_setting_stops_with_a_message_naming_it():
     )
     assert result.returncode == 2
     assert "server.port (GATEWAY_SERVER_PORT)" in result.stderr
+
+
+def test_a_bad_bigquery_name_in_the_file_is_refused_naming_it(tmp_path: Path):
+    path = tmp_path / "config.toml"
+    path.write_text('[bigquery]\nproject = "prod"\ndataset = "back.tests"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert caught.value.message == (
+        "setting bigquery.dataset: must be a BigQuery identifier (letters, digits, '_' and '-', not starting with '-')"
+    )
+
+
+# What Kubernetes injects into every pod of a namespace with a Service named "gateway".
+SERVICE_LINKS = {
+    "GATEWAY_PORT": "tcp://10.96.0.17:8080",
+    "GATEWAY_SERVICE_HOST": "10.96.0.17",
+    "GATEWAY_SERVICE_PORT": "8080",
+    "GATEWAY_SERVICE_PORT_HTTP": "8080",
+    "GATEWAY_PORT_8080_TCP": "tcp://10.96.0.17:8080",
+    "GATEWAY_PORT_8080_TCP_PROTO": "tcp",
+    "GATEWAY_PORT_8080_TCP_PORT": "8080",
+    "GATEWAY_PORT_8080_TCP_ADDR": "10.96.0.17",
+}
+
+
+def test_variables_that_name_no_setting_are_one_warning_naming_them_without_values(caplog):
+    with caplog.at_level(logging.WARNING, logger="gateway.config"):
+        settings = load_settings(
+            environ={**SERVICE_LINKS, "GATEWAY_SERVER_POTR": "secret-ish", "GATEWAY_SERVER_PORT": "9090"}
+        )
+    assert settings.server.port == 9090
+    assert len(caplog.records) == 1
+    line = caplog.records[0].getMessage()
+    for name in [*SERVICE_LINKS, "GATEWAY_SERVER_POTR"]:
+        assert name in line
+    assert "GATEWAY_SERVER_PORT," not in line and not line.endswith("GATEWAY_SERVER_PORT")
+    for value in [*SERVICE_LINKS.values(), "secret-ish"]:
+        assert value not in line.replace("GATEWAY_PORT_8080", "")
+
+
+def _gateway_command(*arguments: str, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *arguments],
+        env={"PATH": "/usr/bin:/bin", **environ},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_pod_with_service_link_variables_starts(tmp_path: Path):
+    """``token`` loads the settings exactly as ``serve`` does, without needing a store."""
+    result = _gateway_command("token", environ={**SERVICE_LINKS, "GATEWAY_DEV_STATE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(".") == 2  # a token
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "GATEWAY_SERVICE_HOST" in warnings[0]
+    assert "10.96.0.17" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GATEWAY_BIGQUERY_DATASET", "bad name"),
+        ("GATEWAY_BIGQUERY_PROJECT", "my project"),
+        ("GATEWAY_BIGQUERY_CANDLES_TABLE", "candles`; --"),
+    ],
+)
+def test_serve_with_a_bad_bigquery_name_stops_with_one_line_naming_it(variable, value):
+    environ = {
+        "GATEWAY_BIGQUERY_PROJECT": "prod-project",
+        "GATEWAY_REDIS_URL": "redis://127.0.0.1:1/0",
+        variable: value,
+    }
+    try:
+        result = _gateway_command("serve", environ=environ)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve did not stop on a bad BigQuery name")
+    assert result.returncode == 2, result.stderr[-2000:]
+    setting = variable.removeprefix("GATEWAY_").lower().replace("bigquery_", "bigquery.", 1)
+    assert result.stderr.splitlines() == [
+        f"configuration error: setting {setting} ({variable}): must be a BigQuery identifier"
+        " (letters, digits, '_' and '-', not starting with '-')"
+    ]
+
+
+def test_a_setting_refused_only_at_start_up_is_the_same_one_line(monkeypatch, capsys):
+    """Defence in depth: a ConfigError from building the app is not a traceback either."""
+    import gateway.server
+    from gateway.__main__ import main
+
+    def refuse(settings):
+        raise ConfigError("bigquery.dataset", "must be a BigQuery identifier")
+
+    monkeypatch.setattr(gateway.server, "serve", refuse)
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "configuration error: setting bigquery.dataset: must be a BigQuery identifier"
+    ]

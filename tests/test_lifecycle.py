@@ -57,7 +57,12 @@ async def test_client_that_disconnects_mid_stream_leaves_no_task_or_connection(c
 @pytest.mark.parametrize("max_streams", [8, 0])  # the stream slot check, or the job read, meets it first
 async def test_unreachable_redis_before_the_stream_is_503(make_gateway, token, unused_tcp_port, max_streams):
     client = await make_gateway(
-        redis={"url": f"redis://127.0.0.1:{unused_tcp_port}", "retries": 0, "connect_timeout_s": 0.5},
+        redis={
+            "url": f"redis://127.0.0.1:{unused_tcp_port}",
+            "retries": 0,
+            "connect_timeout_s": 0.5,
+            "outage_wait_s": 0.3,
+        },
         server={"max_streams_per_user": max_streams},
     )
     response = await open_stream(client, JOB, token=token(), intervals="day")

@@ -77,6 +77,20 @@ async def test_malformed_tokens_are_401(client, garbage):
     assert garbage not in (await response.json())["message"]
 
 
+@pytest.mark.parametrize("part", ["header", "claims"])
+async def test_deeply_nested_token_json_is_a_401_not_a_500(client, token, part):
+    """msgspec raises RecursionError, not DecodeError, past about 1,000 levels: before any signature check."""
+    import base64
+
+    nested = b'{"alg":"RS256","x":' + b"[" * 1500 + b"]" * 1500 + b"}"
+    encoded = base64.urlsafe_b64encode(nested).rstrip(b"=").decode()
+    header, claims, signature = token("alice").split(".")
+    forged = f"{encoded}.{claims}.{signature}" if part == "header" else f"{header}.{encoded}.{signature}"
+    response = await open_stream(client, JOB, intervals="day", token=forged)
+    assert response.status == 401
+    assert f"token {part} is not a valid JSON object" in (await response.json())["message"]
+
+
 async def test_signature_of_another_key_or_tampered_claims_does_not_verify(client, signing_key, token):
     impostor = DevSigningKey(DevSigningKey.generate().private_key_pem, signing_key.certificate_pem, kid=signing_key.kid)
     forged = mint_token(impostor, PROJECT, "alice")
@@ -200,3 +214,157 @@ async def test_emulator_tokens_only_when_the_emulator_variable_is_set(cert_endpo
     assert (await emulated.verify(unsigned)).uid == "alice"
     with pytest.raises(Unauthenticated, match="aud"):
         await emulated.verify(_unsigned(token("alice", claim_overrides={"aud": "other"})))
+
+
+# --- a bad day at the certificate endpoint (issue 8, items 12-14) ---------------------------
+
+
+async def test_failing_certificate_endpoint_is_not_asked_again_on_every_request(make_gateway, cert_endpoint, token):
+    cert_endpoint.failing = True
+    client = await make_gateway()
+    forged = [token("alice", header_overrides={"kid": f"forged-{n}"}) for n in range(50)]
+    genuine = [token(f"user{n}") for n in range(50)]
+    started = time.monotonic()
+    for bad, good in zip(forged, genuine, strict=True):
+        for candidate in (bad, good):
+            response = await open_stream(client, JOB, intervals="day", token=candidate)
+            assert response.status == 401
+            assert "certificates are unavailable" in (await response.json())["message"]
+    elapsed = time.monotonic() - started
+    # One fetch, then none for 2 s, 4 s, 8 s ... (a slow machine may reach a second or third).
+    assert cert_endpoint.fetch_count <= 1 + (elapsed > 2) + (elapsed > 6), (cert_endpoint.fetch_count, elapsed)
+
+
+async def test_certificate_fetches_back_off_while_failing_and_recover_at_once(cert_endpoint, session, token, caplog):
+    clock = FakeClock()
+    settings = _settings(cert_endpoint)
+    verifier = TokenVerifier(settings, CertificateCache(session, settings, clock=clock))
+    cert_endpoint.failing = True
+    fetches_at = []
+    for _ in range(200):  # 100 s of requests, one every half second
+        before = cert_endpoint.fetch_count
+        with pytest.raises(Unauthenticated, match="certificates are unavailable"):
+            await verifier.verify(token("alice", header_overrides={"kid": "forged"}))
+        if cert_endpoint.fetch_count > before:
+            fetches_at.append(clock.now - 1000)
+        clock.now += 0.5
+    # 2, 4, 8, 16 s apart, then every 30 s.
+    assert fetches_at == [0, 2, 6, 14, 30, 60, 90]
+    assert "next attempt in 30 s" in caplog.text
+    cert_endpoint.failing = False
+    clock.now += 30
+    assert (await verifier.verify(token("alice"))).uid == "alice"
+    # A success resets the delay: the next failure waits 2 s again.
+    cert_endpoint.failing = True
+    clock.now += cert_endpoint.max_age_s + 1
+    count = cert_endpoint.fetch_count
+    for _ in range(4):
+        with pytest.raises(Unauthenticated):
+            await verifier.verify(token("alice"))
+        clock.now += 0.5
+    assert cert_endpoint.fetch_count == count + 1
+    clock.now += 1
+    with pytest.raises(Unauthenticated):
+        await verifier.verify(token("alice"))
+    assert cert_endpoint.fetch_count == count + 2
+
+
+def _certificate_server(handler):
+    app = aiohttp.web.Application()
+    app.router.add_get("/certs", handler)
+    return app
+
+
+@pytest.mark.parametrize("declared", [False, True])
+async def test_oversized_certificate_answer_is_a_failed_refresh_read_no_further(
+    aiohttp_server, make_gateway, token, caplog, declared
+):
+    import tracemalloc
+
+    piece = b" " * 65536
+    total = 32 * 1024 * 1024
+    sent = []
+
+    async def huge(request):
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        if declared:
+            response.content_length = total
+        await response.prepare(request)
+        try:
+            for _ in range(total // len(piece)):
+                await response.write(piece)
+                sent.append(len(piece))
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass  # the gateway stopped reading: what this test wants
+        return response
+
+    server = await aiohttp_server(_certificate_server(huge))
+    client = await make_gateway(auth={"certs_url": str(server.make_url("/certs")), "fetch_timeout_s": 30})
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.auth"):
+            response = await open_stream(client, JOB, intervals="day", token=token())
+            body = await response.json()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, peak  # the whole answer would be 32 MiB, twice over
+    assert sum(sent) < total
+    assert response.status == 401
+    assert "certificates are unavailable" in body["message"]
+    assert "could not refresh signing certificates" in caplog.text
+    assert ("declares 33554432 bytes" if declared else "larger than the 1048576 bytes") in caplog.text
+
+
+def _ec_certificate_pem() -> str:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "an EC key")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_a_certificate_that_cannot_verify_rs256_fails_only_tokens_naming_it(
+    aiohttp_server, make_gateway, writer, signing_key, token, caplog
+):
+    published = {
+        signing_key.kid: signing_key.certificate_pem,
+        "ec-key": _ec_certificate_pem(),
+        "not-a-certificate": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    }
+    fetches = []
+
+    async def certs(request):
+        fetches.append(1)
+        return aiohttp.web.json_response(published, headers={"Cache-Control": "max-age=3600"})
+
+    server = await aiohttp_server(_certificate_server(certs))
+    client = await make_gateway(auth={"certs_url": str(server.make_url("/certs"))})
+    await seed_job(writer(JOB), counts={"day": 1})
+    with caplog.at_level(logging.WARNING, logger="gateway.auth"):
+        for kid in ("ec-key", "not-a-certificate"):
+            response = await open_stream(client, JOB, intervals="day", token=token(header_overrides={"kid": kid}))
+            assert response.status == 401
+            assert "cannot verify RS256" in (await response.json())["message"]
+    assert "skipping signing certificate 'ec-key': not an RSA key" in caplog.text
+    assert "skipping signing certificate 'not-a-certificate'" in caplog.text
+    response = await open_stream(client, JOB, intervals="day", token=token())
+    assert response.status == 200
+    await response.read()
+    assert len(fetches) == 1  # a kid published unusable is not a reason to fetch again

@@ -10,11 +10,10 @@ from collections.abc import Awaitable, Callable
 from gateway.sources.base import Chunk, JobState
 from gateway.sources.candles import CandleValidator, ValidatedChunks
 
-# Chunks in flight ahead of the one being sent. Redis answers on its own core
-# while this one validates and writes: a first read of 3 x 50,000 candles took
-# 175 ms with one chunk ahead, 120 ms with two, 115 ms with three or four.
-# Under load the extra reads only add tasks and pool contention (16 streams
-# at once got 5-10 % slower), so they are for a process with few readers.
+# Chunks in flight ahead of the one being sent: Redis answers on its own core
+# while this one validates and writes. Under load the extra reads only add
+# tasks and pool contention, so they are for a process with few readers
+# (the measurements are in docs/PERFORMANCE.md, "Read-ahead").
 _READ_AHEAD = 3
 _FEW_READERS = 2
 

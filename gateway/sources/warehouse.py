@@ -26,21 +26,26 @@ from google.cloud import bigquery
 from google.cloud.bigquery.enums import JobCreationMode
 from google.cloud.bigquery.retry import DEFAULT_RETRY
 
-from gateway.config import BigQuerySettings
+from gateway.config import BIGQUERY_IDENTIFIER, BigQuerySettings
 from gateway.errors import ConfigError, SourceUnavailable
 from gateway.sources.candles import Candle, encode_candle
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Project ids, dataset and table names as BigQuery allows them (a safe subset).
-_IDENTIFIER: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,1023}")
+# Checked again here (config.py refuses them at start-up), since names are spliced into SQL.
+_IDENTIFIER: Final = re.compile(BIGQUERY_IDENTIFIER)
 # Extra seconds the event loop waits beyond the client's own timeout before giving up.
 _LOOP_TIMEOUT_SLACK_S: Final = 5.0
 
 
 class WarehouseError(Exception):
-    """A BigQuery call failed or timed out (converted to a stream error by the caller)."""
+    """A BigQuery call failed or timed out (converted to a stream error by the caller).
+
+    Its message goes to clients, so it says what went wrong in a few words and
+    never holds the exception's text (which names the endpoint, the project
+    and the job); that detail is logged here, once, with the query's ids.
+    """
 
 
 class BacktestRecord(msgspec.Struct, frozen=True):
@@ -71,7 +76,7 @@ class Warehouse:
 
     def __init__(self, settings: BigQuerySettings, client: bigquery.Client) -> None:
         for name in ("project", "dataset", "backtests_table", "candles_table"):
-            if not _IDENTIFIER.fullmatch(getattr(settings, name)):
+            if not _IDENTIFIER.search(getattr(settings, name)):
                 raise ConfigError(f"bigquery.{name}", "must be a BigQuery identifier ([A-Za-z0-9_-])")
         self._settings = settings
         self._client = client
@@ -179,11 +184,14 @@ class Warehouse:
             async with asyncio.timeout(timeout_s + _LOOP_TIMEOUT_SLACK_S):
                 return await loop.run_in_executor(self._executor, run)
         except TimeoutError as exc:
+            log.warning("warehouse query timed out after %.0f s (%s)", timeout_s, _query_ids(parameters))
             raise WarehouseError(f"query timed out after {timeout_s:.0f} s") from exc
         except (google_exceptions.GoogleAPIError, OSError, ValueError) as exc:
+            log.warning("warehouse query failed (%s): %s", _query_ids(parameters), _detail(exc))
             raise WarehouseError(_describe(exc)) from exc
         except Exception as exc:  # requests/urllib3 errors and the like, from the client's transport
-            raise WarehouseError(f"{type(exc).__name__}: {exc}") from exc
+            log.warning("warehouse query failed (%s): %s", _query_ids(parameters), _detail(exc))
+            raise WarehouseError(_describe(exc)) from exc
 
 
 def make_client(settings: BigQuerySettings) -> bigquery.Client:
@@ -234,5 +242,22 @@ def _candle_page(interval: str, first_position: int, rows: Any, *, with_count: b
 
 
 def _describe(exc: BaseException) -> str:
+    """What a client may read: the kind of failure, no address, project or job id."""
+    if isinstance(exc, google_exceptions.RetryError):
+        return "query got no answer in time (RetryError)"
+    return f"query failed ({type(exc).__name__})"
+
+
+def _detail(exc: BaseException) -> str:
+    """What the log gets: the whole message (addresses included), bounded."""
     message = getattr(exc, "message", None) or str(exc)
-    return f"{type(exc).__name__}: {message}"[:300]
+    cause = getattr(exc, "cause", None) or exc.__cause__  # a RetryError's last failure says where
+    if cause is not None:
+        message = f"{message} (last: {type(cause).__name__}: {cause})"
+    return f"{type(exc).__name__}: {message}"[:2000]
+
+
+def _query_ids(parameters: Sequence[bigquery.ScalarQueryParameter]) -> str:
+    """The ids a query was about (backtest, interval, job), for the log."""
+    names = {"backtest_id": "backtest", "interval": "interval", "value": "id"}
+    return ", ".join(f"{names[p.name]} {p.value}" for p in parameters if p.name in names) or "no ids"
