@@ -7,11 +7,13 @@ and what authorization costs before it (issue 8, items 9-11), through the real e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from google.api_core import exceptions as google_exceptions
 
 from gateway.app import create_app
@@ -130,6 +132,46 @@ async def test_interval_is_cached_the_moment_its_last_page_lands(gateway, bq, to
     again = await stream(down, backtest_id, token=token(), intervals="minute", limit=50000)
     assert points_of(again, "minute") == expected_points(stored["minute"])
     assert query_log.queries == []
+
+
+async def test_cold_stream_reads_chunk_sized_ranges_and_the_fill_writes_one_page_at_a_time(
+    gateway, bq, token, redis_url
+):
+    backtest_id, stored = new_backtest(bq, {"day": 50, "minute": 2600})
+    client = await gateway(bigquery={"page_rows": 800})
+    commands: list[str] = []
+    watching = asyncio.Event()
+
+    async def watch() -> None:
+        monitor_client = aioredis.Redis.from_url(redis_url)
+        try:
+            async with monitor_client.monitor() as monitor:
+                watching.set()
+                while True:
+                    commands.append((await monitor.next_command())["command"])
+        finally:
+            await monitor_client.aclose()
+
+    watcher = asyncio.create_task(watch())
+    await watching.wait()
+    try:
+        transcript = await stream(
+            client, backtest_id, token=token(), intervals="minute,day", limit=50000, chunk_size=200
+        )
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    assert points_of(transcript, "minute") == expected_points(stored["minute"])
+    tag = f"bt:{{{backtest_id}}}"
+    ranges = [c.split() for c in commands if c.startswith("LRANGE") and tag in c]
+    # Every stream read is one chunk (200 points) at most: memory is a few chunks, not a page per interval.
+    assert ranges and max(int(stop) - int(start) + 1 for _, _, start, stop in ranges) <= 200
+    # The fill writes one page at a time (EVALSHA sha 5 keys... 6 arguments, then the page's rows).
+    # (A set: redis-py sends a script's first EVALSHA again after loading it, NOSCRIPT.)
+    appends = [c.split() for c in set(commands) if c.startswith("EVALSHA") and tag in c and ":staging:" in c]
+    pages = [len(words) - 14 for words in appends if words[2] == "5"]
+    assert sorted(pages) == [50, 200, 800, 800, 800]
 
 
 async def test_concurrent_cold_streams_on_two_replicas_share_one_read_per_interval(gateway, query_log, bq, token):
