@@ -359,6 +359,11 @@ async def bigquery_figures(
             "{:.2f}",
         ),
         row("re-opened right after, whole vs running job", median_ms(reopened), median_ms(job), "ms"),
+        "| re-opened right after, whole, each / running job, each | "
+        + ", ".join(f"{r.total_s * 1000:.0f}" for r in reopened)
+        + " ms | "
+        + ", ".join(f"{r.total_s * 1000:.0f}" for r in job)
+        + " ms | - |",
         row("cached backtest, whole vs running job", median_ms(cached), median_ms(job), "ms"),
         f"| 10 streams of one cold backtest at once, warehouse queries | {crowd_queries} | - | - |",
         row("10 streams of one cold backtest at once, slowest whole", max(r.total_s for r in crowd) * 1000, None, "ms"),
