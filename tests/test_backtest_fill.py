@@ -239,7 +239,7 @@ async def test_dead_fillers_lock_lapses_and_a_reader_takes_over_after_what_it_st
     query_log.clear()
     started = asyncio.get_running_loop().time()
     transcript = await stream(client, backtest_id, token=token(), intervals="minute", limit=50000, chunk_size=100)
-    assert 0.5 < asyncio.get_running_loop().time() - started < 5
+    assert 0.5 < asyncio.get_running_loop().time() - started < 15  # waited for the lapse; no hang
     assert transcript.names[-1] == "all_complete"
     assert points_of(transcript, "minute") == expected_points(stored["minute"])
     assert query_log.kinds() == {"after:minute": 2}  # resumed after row 300: no count, no row read twice
@@ -247,9 +247,9 @@ async def test_dead_fillers_lock_lapses_and_a_reader_takes_over_after_what_it_st
 
 async def test_a_read_slower_than_the_lock_ttl_keeps_its_lock_and_is_not_read_twice(gateway, query_log, bq, token):
     backtest_id, stored = new_backtest(bq, {"day": 20, "minute": 600})
-    sections = {"bigquery": {"page_rows": 250, "fill_lock_ttl_s": 0.5}, "server": {"max_streams_per_user": 0}}
+    sections = {"bigquery": {"page_rows": 250, "fill_lock_ttl_s": 1.0}, "server": {"max_streams_per_user": 0}}
     replicas = [await gateway(**sections), await gateway(**sections)]
-    query_log.delay_s = 0.8  # every page outlives the lock's TTL: only the refresh keeps it
+    query_log.delay_s = 1.3  # every page outlives the lock's TTL: only the refresh keeps it
     transcripts = await asyncio.gather(
         *(stream(replicas[n % 2], backtest_id, token=token(), intervals="day,minute", limit=50000) for n in range(4))
     )
@@ -325,19 +325,22 @@ async def test_unknown_ids_are_looked_up_once_per_missing_ttl_on_any_replica(gat
 
 
 async def test_lookups_beyond_the_per_user_rate_are_refused_with_429(gateway, query_log, token):
-    client = await gateway(bigquery={"max_lookups_per_user_per_s": 3})
-    statuses = []
-    for n in range(8):  # within two one-second windows at most: at least two refused
+    client = await gateway(bigquery={"max_lookups_per_user_per_s": 3}, server={"max_streams_per_user": 0})
+
+    async def probe(n: int) -> int:
         response = await open_stream(client, f"bt_9{n}.000", token=token("prober"), intervals="day")
-        statuses.append(response.status)
         if response.status == 429:
             assert response.headers["Retry-After"] == "1"
             assert (await response.json())["error"] == "too_many_requests"
         else:
             assert (await read_stream(response)).events[0].payload["error"] == "job_not_found"
+        return response.status
+
+    # At once: the counts fall within two one-second windows at most, so at least two are refused.
+    statuses = await asyncio.gather(*(probe(n) for n in range(8)))
     assert statuses.count(429) >= 2
     assert query_log.kinds()["metadata"] == statuses.count(200) <= 6
-    # Another user is not slowed by the prober; and known ids cost no lookup at all.
+    # Another user is not slowed by the prober.
     other = await stream(client, "bt_42.000", token=token("someone"), intervals="day")
     assert other.events[0].payload["error"] == "job_not_found"
 
