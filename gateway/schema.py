@@ -45,7 +45,13 @@ EVENTS: Final[dict[str, type[msgspec.Struct]]] = {
 JOB_STATUSES: Final = ("queued", "running", "paused", "completed", "failed", "cancelled")
 STREAM_ERRORS: Final = tuple(
     cls.code
-    for cls in (errors.JobNotFound, errors.JobFailed, errors.IntervalNotFound, errors.DataError, errors.SourceUnavailable)
+    for cls in (
+        errors.JobNotFound,
+        errors.JobFailed,
+        errors.IntervalNotFound,
+        errors.DataError,
+        errors.SourceUnavailable,
+    )
 )
 # RFC 3339 in UTC with a Z suffix, fractional seconds when the stored time had them.
 UTC_TIME_PATTERN: Final = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?Z$"
@@ -65,9 +71,7 @@ _EVENT_DESCRIPTIONS: Final = {
 
 def event_components() -> dict[str, Any]:
     """JSON Schemas of every event payload and what they refer to, keyed by component name."""
-    _, components = msgspec.json.schema_components(
-        [*EVENTS.values(), list[CanonicalCandle]], ref_template=_REF
-    )
+    _, components = msgspec.json.schema_components([*EVENTS.values(), list[CanonicalCandle]], ref_template=_REF)
     return _refine(components)
 
 
@@ -100,7 +104,10 @@ def openapi() -> dict[str, Any]:
         "description": "The JSON body of every answer before the stream starts (400, 401, 429, 503).",
         "type": "object",
         "properties": {
-            "error": {"type": "string", "enum": ["invalid_request", "unauthenticated", "too_many_streams", "unavailable"]},
+            "error": {
+                "type": "string",
+                "enum": ["invalid_request", "unauthenticated", "too_many_streams", "unavailable"],
+            },
             "message": {"type": "string"},
         },
         "required": ["error", "message"],
