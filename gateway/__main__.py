@@ -26,13 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--lifetime", type=int, default=3600, help="seconds until the token expires")
     schema = commands.add_parser("schema", help="print the OpenAPI 3.1 document of the endpoint (docs/openapi.yaml)")
     schema.add_argument("--output", "-o", type=Path, default=None, help="write it to this file instead of stdout")
+    schema.add_argument(
+        "--typescript", action="store_true", help="the event payloads as TypeScript (clients/js/src/events.d.ts)"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "schema":
         # Needs no settings: the document is the code's, not a deployment's.
-        from gateway.schema import openapi, to_yaml
+        from gateway.schema import openapi, to_typescript, to_yaml
 
-        text = to_yaml(openapi())
+        text = to_typescript() if args.typescript else to_yaml(openapi())
         if args.output is None:
             sys.stdout.write(text)
         else:
