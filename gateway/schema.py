@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import msgspec
 
-from gateway import errors, params, protocol
+from gateway import params, protocol
 from gateway.sources.candles import CanonicalCandle
 
 OPENAPI_VERSION: Final = "3.1.0"
@@ -43,16 +43,9 @@ EVENTS: Final[dict[str, type[msgspec.Struct]]] = {
 }
 
 JOB_STATUSES: Final = ("queued", "running", "paused", "completed", "failed", "cancelled")
-STREAM_ERRORS: Final = tuple(
-    cls.code
-    for cls in (
-        errors.JobNotFound,
-        errors.JobFailed,
-        errors.IntervalNotFound,
-        errors.DataError,
-        errors.SourceUnavailable,
-    )
-)
+# The error events' codes (docs/PROTOCOL.md, errors inside the stream); the stream
+# raises them as gateway.errors classes or, for interval_not_found, by name.
+STREAM_ERRORS: Final = ("job_not_found", "job_error", "interval_not_found", "data_error", "connection_error")
 # RFC 3339 in UTC with a Z suffix, fractional seconds when the stored time had them.
 UTC_TIME_PATTERN: Final = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?Z$"
 
@@ -153,7 +146,7 @@ def _operation() -> dict[str, Any]:
             "401": _error_answer(
                 "unauthenticated",
                 "No token, or a token that fails verification; the message names the failed check.",
-                {"WWW-Authenticate": {"schema": {"type": "string"}}},
+                {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
             ),
             "429": _error_answer(
                 "too_many_streams",
@@ -215,7 +208,11 @@ def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
 
 
 def _retry_after() -> dict[str, Any]:
-    return {"description": "Seconds to wait before trying again.", "schema": {"type": "integer", "minimum": 0}}
+    return {
+        "description": "Seconds to wait before trying again.",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
 
 
 def _error_answer(code: str, description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -82,7 +82,7 @@ class Harness:
         return with_overrides(
             self._base_settings,
             redis={"url": f"redis://127.0.0.1:{self.valkey_port}", "retries": 1, "connect_timeout_s": 0.5,
-                   "socket_timeout_s": 2},
+                   "socket_timeout_s": 2, "outage_wait_s": 0.5},
             # Short tokens must really expire; reconnects in the tests should be quick.
             auth={"clock_skew_s": 0},
             server={"retry_ms": 200, "max_streams_per_user": 2, "shutdown_grace_s": 0, "access_log": False},

@@ -174,9 +174,15 @@ async def test_each_request_level_answer_matches_the_document(make_gateway, writ
     held.close()
 
     no_redis = await make_gateway(
-        redis={"url": f"redis://127.0.0.1:{unused_tcp_port}", "retries": 0, "connect_timeout_s": 0.5}
+        redis={
+            "url": f"redis://127.0.0.1:{unused_tcp_port}",
+            "retries": 0,
+            "connect_timeout_s": 0.5,
+            "outage_wait_s": 0.2,
+        }
     )
     no_redis_url = str(no_redis.make_url("")).rstrip("/")
     unavailable = await call(None, lambda: _call(no_redis_url, JOB, intervals="day", token=token()))
     assert unavailable.status_code == 503
+    assert int(unavailable.headers["retry-after"][0]) >= 1
     _validate_body(unavailable)

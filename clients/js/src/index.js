@@ -174,7 +174,7 @@ class CandleStream {
 
   /** Cut the current connection, as a network failure would; the stream resumes from the last event. */
   dropConnection() {
-    if (this._closed || !this._controller) return;
+    if (this._closed || !this._controller || this.state.status !== "open") return;
     this._dropped = true;
     this._controller.abort();
   }

@@ -116,27 +116,27 @@ test("a second consecutive 401 is fatal", { skip }, async () => {
   assert.equal(stream.state.status, "failed");
 });
 
-test("rides out a Valkey outage (connection_error, then 503s) and a stopped replica", { skip }, async () => {
+test("rides out a Valkey outage (503 with Retry-After) and a stopped replica (refused connections)", { skip }, async () => {
   await control("/jobs/outage-job?intervals=minute&count=1000&status=running&uid=outage");
   const statuses = [];
   const stream = open(options("outage", {
     id: "outage-job", intervals: ["minute"], chunkSize: 250, follow: true,
-    onStatus: (status, details) => statuses.push({ status, t: Date.now(), ...details }),
+    onStatus: (status, details) => statuses.push({ status, ...details }),
   }));
   await until(() => stream.state.intervals.minute.status === "complete", "the snapshot");
-  statuses.push({ status: "STOP", t: Date.now() });
   try {
     await control("/valkey/stop");
-    await until(() => statuses.some((s) => s.status === "retrying" && s.reason === "unavailable"), `a 503 (${JSON.stringify(statuses)})`, 30_000);
-    await sleep(800);
+    // The open stream may end with connection_error by itself; a cut makes sure it reconnects now.
+    stream.dropConnection();
+    await until(() => statuses.some((s) => s.reason === "unavailable"), `a 503 (${JSON.stringify(statuses)})`);
   } finally {
     await control("/valkey/start");
   }
   await control("/jobs/outage-job/append?interval=minute&count=100");
   await until(() => stream.state.intervals.minute.points.length === 1100, "points after the outage");
-  await control("/replica/stop");
   try {
-    await until(() => statuses.some((s) => s.reason === "network"), "a refused connection", 15_000);
+    await control("/replica/stop");
+    await until(() => statuses.some((s) => s.reason === "network"), "a refused connection");
   } finally {
     await control("/replica/start");
   }
@@ -145,9 +145,9 @@ test("rides out a Valkey outage (connection_error, then 503s) and a stopped repl
   await control("/jobs/outage-job/status?status=completed");
   const state = await stream.done;
   assertExactSeries(state, { minute: 1200 });
-  const reasons = new Set(statuses.map((s) => s.reason));
-  assert.ok(reasons.has("unavailable") && reasons.has("network"), JSON.stringify([...reasons]));
-  assert.ok(statuses.some((s) => s.reason === "unavailable" && s.status === 503 && s.delayMs > 0));
+  const refused = statuses.find((s) => s.reason === "unavailable");
+  assert.equal(refused.status, 503);
+  assert.ok(refused.delayMs >= 1000, `Retry-After honoured: ${refused.delayMs} ms`);
 });
 
 test("waits out 429 too_many_streams (Retry-After) and goes on", { skip }, async () => {
@@ -163,11 +163,14 @@ test("waits out 429 too_many_streams (Retry-After) and goes on", { skip }, async
     const refused = statuses.find((s) => s.reason === "too_many_streams");
     assert.equal(refused.status, 429);
     assert.ok(refused.delayMs >= 1000, `Retry-After honoured: ${refused.delayMs} ms`);
+    // The job completes: the held follow streams end, and their slots are free again.
+    await control("/jobs/busy-job/status?status=completed");
   } finally {
     await control("/release");
   }
   const state = await stream.done;
   assertExactSeries(state, { day: 20 });
+  assert.equal(state.jobStatus, "completed");
 });
 
 test("gives up after a bounded time with a clear error", { skip }, async () => {
