@@ -16,6 +16,7 @@ Control (``CONTROL_URL``), all ``POST`` but ``/token``:
     POST /jobs/{id}?intervals=&count=&status=&uid=   a job with ``count`` candles per interval
     POST /jobs/{id}/append?interval=&count=           more candles (continuing the series)
     POST /jobs/{id}/status?status=&current_bar=
+    POST /jobs/{id}/run?intervals=&per_tick=&ticks=&tick_ms=   a worker appending in the background, then completing
     GET  /jobs/{id}/stored            {interval: LLEN}
     POST /valkey/stop, /valkey/start  a real Redis outage
     POST /replica/stop, /replica/start, /replica/restart
@@ -72,6 +73,7 @@ class Harness:
         self._control: web.AppRunner | None = None
         self._redis: aioredis.Redis | None = None
         self._held: list[aiohttp.ClientResponse] = []
+        self._workers: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
         self.control_url = ""
@@ -107,6 +109,7 @@ class Harness:
         control.router.add_post("/jobs/{id}", self._create_job)
         control.router.add_post("/jobs/{id}/append", self._append)
         control.router.add_post("/jobs/{id}/status", self._status)
+        control.router.add_post("/jobs/{id}/run", self._run_job)
         control.router.add_get("/jobs/{id}/stored", self._stored)
         control.router.add_post("/valkey/{action}", self._valkey_action)
         control.router.add_post("/replica/{action}", self._replica_action)
@@ -119,6 +122,8 @@ class Harness:
         self.control_url = f"http://127.0.0.1:{self._control.addresses[0][1]}"
 
     async def stop(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
         await self._release_all()
         if self._control is not None:
             await self._control.cleanup()
@@ -206,6 +211,27 @@ class Harness:
             fields["current_bar"] = int(request.query["current_bar"])
         await self._writer(request).update(**fields)
         return web.json_response(fields)
+
+    async def _run_job(self, request: web.Request) -> web.Response:
+        """Append ``per_tick`` candles to each interval every ``tick_ms``, ``ticks`` times, then complete."""
+        writer = self._writer(request)
+        intervals = request.query.get("intervals", "minute").split(",")
+        per_tick = [int(n) for n in request.query.get("per_tick", "10").split(",")]
+        ticks, tick_s = int(request.query.get("ticks", "10")), int(request.query.get("tick_ms", "300")) / 1000
+        assert self._redis is not None
+        redis_client = self._redis
+
+        async def work() -> None:
+            for tick in range(ticks):
+                for name, count in zip(intervals, per_tick, strict=True):
+                    first = int(await redis_client.llen(f"job:{{{writer.job_id}}}:candles:{name}"))
+                    await _append(writer, name, first, count)
+                await writer.update(current_bar=tick + 1)
+                await asyncio.sleep(tick_s)
+            await writer.update(status="completed")
+
+        self._workers.append(asyncio.create_task(work()))
+        return web.json_response({"ticks": ticks})
 
     async def _stored(self, request: web.Request) -> web.Response:
         assert self._redis is not None

@@ -393,6 +393,7 @@ class CandleStream {
         state.completedIntervals = [...data.completed_intervals];
         state.totalPoints = data.total_points;
         for (const each of Object.values(state.intervals)) {
+          if (each.status === "live" || each.status === "streaming") each.status = "complete";
           each.jobStatus = data.job_status;
           each.isPartial = isPartial;
           if (state.currentBar !== null) each.currentBar = state.currentBar;
