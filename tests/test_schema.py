@@ -46,6 +46,15 @@ def test_checked_in_openapi_document_is_what_the_code_generates():
     )
 
 
+def test_schema_command_writes_the_document(tmp_path, capsys):
+    from gateway.__main__ import main
+
+    assert main(["schema", "-o", str(tmp_path / "openapi.yaml")]) == 0
+    assert (tmp_path / "openapi.yaml").read_text() == OPENAPI_PATH.read_text()
+    assert main(["schema"]) == 0
+    assert capsys.readouterr().out == OPENAPI_PATH.read_text()
+
+
 def test_yaml_reads_back_as_the_generated_document():
     assert openapi_document() == json.loads(json.dumps(openapi()))
 

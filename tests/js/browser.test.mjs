@@ -165,5 +165,11 @@ test("the console shows an error on the interval it concerns", { skip }, async (
   const minute = await page.evaluate(() => window.consoleState.intervals.minute);
   assert.equal(minute.chartPoints, 50);
   await page.screenshot({ path: path.join(SCREENSHOTS, "console-interval-error.png"), fullPage: true });
+  // Opening the stream again starts the charts afresh: the closed stream draws nothing more.
+  await page.click("#open");
+  await page.waitForFunction(() => window.consoleState?.stream?.status === "complete");
+  await page.waitForTimeout(200);
+  const again = await page.evaluate(() => window.consoleState.intervals.minute);
+  assert.equal(again.chartPoints, 50);
   await page.close();
 });
