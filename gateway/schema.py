@@ -156,7 +156,13 @@ def _operation() -> dict[str, Any]:
             "503": _error_answer(
                 "unavailable",
                 "The replica cannot serve the stream now (Redis unreachable, or draining).",
-                {"Retry-After": _retry_after()},
+                {
+                    "Retry-After": _retry_after(
+                        "Seconds to wait before trying again; sent when Redis is unreachable (a draining "
+                        "replica's 503 is retried by the ingress on another replica at once).",
+                        required=False,
+                    )
+                },
             ),
         },
     }
@@ -207,12 +213,8 @@ def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
-def _retry_after() -> dict[str, Any]:
-    return {
-        "description": "Seconds to wait before trying again.",
-        "required": True,
-        "schema": {"type": "integer", "minimum": 0},
-    }
+def _retry_after(description: str = "Seconds to wait before trying again.", required: bool = True) -> dict[str, Any]:
+    return {"description": description, "required": required, "schema": {"type": "integer", "minimum": 0}}
 
 
 def _error_answer(code: str, description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
