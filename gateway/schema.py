@@ -32,7 +32,8 @@ CONTRACT_VERSION: Final = "1.0.0"
 STREAM_PATH: Final = "/api/sse/backtest/{id}/data/multi"
 _REF: Final = "#/components/schemas/{name}"
 
-# Event name -> payload struct, in stream order.
+# Event name -> payload struct, in stream order. A new event goes here too: the
+# test suite refuses any event whose name docs/openapi.yaml does not know.
 EVENTS: Final[dict[str, type[msgspec.Struct]]] = {
     protocol.INTERVAL_START.decode(): protocol.IntervalStart,
     protocol.DATA_CHUNK.decode(): protocol.DataChunk,
