@@ -1,9 +1,12 @@
 # One command each. Every target installs what is missing first, so a fresh
-# clone needs nothing but python3 (>= 3.11).
+# clone needs nothing but python3 (>= 3.11), and node (>= 20) with npm for the
+# console and the JavaScript tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The console's chart library and the browser tests' driver, exactly as locked.
+NPM_STAMP := frontend/node_modules/.installed-stamp
 
 .PHONY: install run test lint format bench clean
 
@@ -13,12 +16,16 @@ $(STAMP): setup.cfg
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(NPM_STAMP): frontend/package.json frontend/package-lock.json
+	npm ci --prefix frontend --no-audit --no-fund --loglevel=error
+	touch $(NPM_STAMP)
 
-run: $(STAMP)
+install: $(STAMP) $(NPM_STAMP)
+
+run: $(STAMP) $(NPM_STAMP)
 	$(PY) -m gateway dev
 
-test: $(STAMP)
+test: $(STAMP) $(NPM_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -34,4 +41,4 @@ bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .dev .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .dev .mypy_cache .ruff_cache .pytest_cache *.egg-info frontend/node_modules artifacts

@@ -1,4 +1,4 @@
-"""Command line: ``serve`` (production), ``dev`` (``make run``) and ``token`` (development)."""
+"""Command line: ``serve`` (production), ``dev`` (``make run``), ``token`` (development) and ``schema``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--uid", default="demo", help="user id (the token's sub)")
     token.add_argument("--admin", action="store_true", help="set the admin claim")
     token.add_argument("--lifetime", type=int, default=3600, help="seconds until the token expires")
+    schema = commands.add_parser("schema", help="print the OpenAPI 3.1 document of the endpoint (docs/openapi.yaml)")
+    schema.add_argument("--output", "-o", type=Path, default=None, help="write it to this file instead of stdout")
+    schema.add_argument(
+        "--typescript", action="store_true", help="the event payloads as TypeScript (clients/js/src/events.d.ts)"
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "schema":
+        # Needs no settings: the document is the code's, not a deployment's.
+        from gateway.schema import openapi, to_typescript, to_yaml
+
+        text = to_typescript() if args.typescript else to_yaml(openapi())
+        if args.output is None:
+            sys.stdout.write(text)
+        else:
+            args.output.write_text(text)
+        return 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

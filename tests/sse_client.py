@@ -8,6 +8,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.event_schemas import validate_event
+
 
 @dataclass
 class Event:
@@ -60,6 +62,8 @@ class SSEParser:
                         id=self._fields.get("id"),
                         retry=int(retry) if retry is not None else None,
                     )
+                    # Every event any test receives must match the published schemas.
+                    validate_event(event.event, event.data)
                     transcript.events.append(event)
                     done.append(event)
                 self._fields, self._data = {}, []

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -45,6 +45,13 @@ MINUTES_PER_DAY = 375  # an NSE session, 09:15 to 15:30
 TICK_S = 0.5
 MINUTES_PER_TICK = 20
 TICKS = 180  # 90 seconds: 3,600 minute candles, 1,200 3minute, 10 days
+ROOT = Path(__file__).resolve().parents[2]
+# The console's static files: the JavaScript client as it is published, and
+# the chart library that `make` installs from frontend/package-lock.json.
+CLIENT_DIR = ROOT / "clients" / "js" / "src"
+NODE_MODULES = ROOT / "frontend" / "node_modules"
+CHART_LIBRARY = Path("lightweight-charts") / "dist" / "lightweight-charts.standalone.production.mjs"
+DEV_TOKEN_LIFETIME_S = (5, 3600)
 
 
 def run_dev(settings: Settings) -> None:
@@ -67,7 +74,12 @@ async def _main(settings: Settings, state_dir: Path) -> None:
                 bigquery={"project": settings.auth.firebase_project_id, "api_endpoint": endpoint},
             )
         token = mint_token(key, settings.auth.firebase_project_id, DEMO_USER, lifetime_s=3600)
-        base_url = await stack.enter_async_context(_gateway(settings, demo_page(token)))
+        project = settings.auth.firebase_project_id
+
+        def dev_token(lifetime_s: int | None) -> str:
+            return mint_token(key, project, DEMO_USER, lifetime_s=lifetime_s or 3600)
+
+        base_url = await stack.enter_async_context(_gateway(settings, dev_token))
         client = aioredis.Redis.from_url(redis_url)
         stack.push_async_callback(client.aclose)
         writer = asyncio.create_task(write_demo_job(JobWriter(client, DEMO_JOB)))
@@ -142,14 +154,10 @@ async def _certificate_endpoint(key: DevSigningKey) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def _gateway(settings: Settings, page: str) -> AsyncIterator[str]:
+async def _gateway(settings: Settings, dev_token: Callable[[int | None], str]) -> AsyncIterator[str]:
     # The emulator's client raises for failed queries, as BigQuery does.
     app = create_app(settings, bigquery_client=emulator_client)
-
-    async def demo(request: web.Request) -> web.Response:
-        return web.Response(text=page, content_type="text/html")
-
-    app.router.add_get("/", demo)  # development only: the production app has no pages
+    add_console_routes(app, dev_token)  # development only: the production app has no pages
     runner = web.AppRunner(app, **runner_options(settings))  # type: ignore[arg-type]
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
@@ -161,12 +169,40 @@ async def _gateway(settings: Settings, page: str) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def demo_page(token: str) -> str:
-    """The demo page, with the demo ids and a ready token filled in."""
+def demo_page() -> str:
+    """The console page, with the demo ids filled in (the page fetches its token from /dev/token)."""
     page = (Path(__file__).parent / "demo.html").read_text()
-    for name, value in (("__JOB__", DEMO_JOB), ("__BACKTEST__", DEMO_BACKTEST), ("__TOKEN__", token)):
+    for name, value in (("__JOB__", DEMO_JOB), ("__BACKTEST__", DEMO_BACKTEST)):
         page = page.replace(name, value)
     return page.replace("__INTERVALS__", ",".join(DEMO_INTERVALS))
+
+
+def add_console_routes(
+    app: web.Application, dev_token: Callable[[int | None], str], node_modules: Path = NODE_MODULES
+) -> None:
+    """The console at ``/``, its static files, and ``/dev/token`` (a fresh demo-user token: development only)."""
+    page = demo_page()
+
+    async def console(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def token(request: web.Request) -> web.Response:
+        low, high = DEV_TOKEN_LIFETIME_S
+        text = request.query.get("lifetime", "")
+        lifetime = min(max(int(text), low), high) if text.isdigit() else None
+        return web.Response(text=dev_token(lifetime), headers={"Cache-Control": "no-store"})
+
+    async def chart_library(request: web.Request) -> web.StreamResponse:
+        path = node_modules / CHART_LIBRARY
+        if not path.is_file():
+            raise web.HTTPNotFound(text=f"{path} is missing: run `make install` (npm ci in frontend/)")
+        return web.FileResponse(path, headers={"Content-Type": "text/javascript"})
+
+    app.router.add_get("/", console)
+    app.router.add_get("/dev/token", token)
+    app.router.add_get("/static/vendor/lightweight-charts.mjs", chart_library)
+    if CLIENT_DIR.is_dir():  # a source checkout; an installed package has no clients/
+        app.router.add_static("/static/client/", CLIENT_DIR)
 
 
 def _print_welcome(token: str, base_url: str) -> None:
@@ -175,8 +211,9 @@ def _print_welcome(token: str, base_url: str) -> None:
         "",
         f"Candle gateway (development) listening on {base_url}",
         "",
-        f"Open {base_url}/ in a browser: charts of the live demo job (written for the next"
-        f" {TICKS * TICK_S:.0f} s) and of a completed backtest, filled over one SSE stream.",
+        f"Open {base_url}/ in a browser: the console, candlestick charts of the live demo job (written for"
+        f" the next {TICKS * TICK_S:.0f} s) or of a completed backtest, filled over one SSE stream by the"
+        " JavaScript client (clients/js), which refreshes its token from /dev/token.",
         "",
         "The streams themselves (curl -N '<url>'):",
         f"  live job:  {stream.format(DEMO_JOB)}&follow=true",
