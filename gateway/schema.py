@@ -100,7 +100,7 @@ def openapi() -> dict[str, Any]:
         "properties": {
             "error": {
                 "type": "string",
-                "enum": ["invalid_request", "unauthenticated", "too_many_streams", "unavailable"],
+                "enum": ["invalid_request", "unauthenticated", "too_many_streams", "too_many_requests", "unavailable"],
             },
             "message": {"type": "string"},
         },
@@ -150,8 +150,9 @@ def _operation() -> dict[str, Any]:
                 {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
             ),
             "429": _error_answer(
-                "too_many_streams",
-                "The user already holds the configured number of open streams.",
+                ("too_many_streams", "too_many_requests"),
+                "The user already holds the configured number of open streams (too_many_streams), or caused more "
+                "warehouse lookups of ids the cache does not know this second than allowed (too_many_requests).",
                 {"Retry-After": _retry_after()},
             ),
             "503": _error_answer(
@@ -218,8 +219,11 @@ def _retry_after(description: str = "Seconds to wait before trying again.", requ
     return {"description": description, "required": required, "schema": {"type": "integer", "minimum": 0}}
 
 
-def _error_answer(code: str, description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    schema = {"allOf": [{"$ref": _REF.format(name="RequestError")}, {"properties": {"error": {"const": code}}}]}
+def _error_answer(
+    code: str | tuple[str, ...], description: str, headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    error = {"const": code} if isinstance(code, str) else {"enum": list(code)}
+    schema = {"allOf": [{"$ref": _REF.format(name="RequestError")}, {"properties": {"error": error}}]}
     answer: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
     if headers:
         answer["headers"] = headers
