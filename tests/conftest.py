@@ -9,16 +9,18 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from google.cloud import bigquery
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings, with_overrides
-from gateway.devtools.bigquery_emulator import emulator_client
+from gateway.devtools.bigquery_emulator import BigQueryEmulator, create_warehouse, emulator_client, loading_client
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.server import runner_options
 from gateway.workers import JobWriter
 
 PROJECT = "test-candles"
+DATASET = "backtests"
 
 MakeGateway = Callable[..., Awaitable[TestClient]]
 
@@ -37,6 +39,20 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.flushall()
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmulator]:
+    """One real BigQuery emulator (bqemulator) for the whole session, its tables created."""
+    with BigQueryEmulator(tmp_path_factory.mktemp("bqemulator"), project=PROJECT) as running:
+        create_warehouse(loading_client(PROJECT, running.endpoint), DATASET)
+        yield running
+
+
+@pytest.fixture(scope="session")
+def bq(emulator: BigQueryEmulator) -> bigquery.Client:
+    """The client tests load rows with."""
+    return loading_client(PROJECT, emulator.endpoint)
 
 
 @pytest.fixture(scope="session")

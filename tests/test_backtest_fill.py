@@ -1,9 +1,6 @@
 """One warehouse read per backtest interval, shared by every stream on every replica (issue 10),
 and what authorization costs before it (issue 8, items 9-11), through the real endpoint."""
 
-# The emulator fixtures come from test_backtests; pytest passes them by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import asyncio
@@ -20,9 +17,10 @@ from gateway.app import create_app
 from gateway.config import with_overrides
 from gateway.devtools.bigquery_emulator import emulator_client
 from gateway.sources import keys
+from tests.conftest import DATASET, PROJECT
 from tests.helpers import expected_points, open_stream, stream
 from tests.sse_client import read_stream
-from tests.test_backtests import DATASET, PROJECT, bq, emulator, new_backtest, wait_until_cached  # noqa: F401
+from tests.test_backtests import new_backtest, wait_until_cached
 
 
 class QueryLog:

@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
 
 import pytest
 
 from gateway.devtools.bigquery_emulator import (
-    BigQueryEmulator,
-    create_warehouse,
     insert_backtest,
     insert_candles,
-    loading_client,
 )
 from gateway.sources import keys
-from tests.conftest import PROJECT
+from tests.conftest import DATASET, PROJECT
 from tests.helpers import STEPS, expected_points, make_candles, open_stream, stream
 
-DATASET = "backtests"
 _ids = itertools.count(1)
-
-
-@pytest.fixture(scope="session")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmulator]:
-    with BigQueryEmulator(tmp_path_factory.mktemp("bqemulator"), project=PROJECT) as running:
-        create_warehouse(loading_client(PROJECT, running.endpoint), DATASET)
-        yield running
-
-
-@pytest.fixture(scope="session")
-def bq(emulator):
-    return loading_client(PROJECT, emulator.endpoint)
 
 
 @pytest.fixture

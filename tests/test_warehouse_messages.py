@@ -7,27 +7,10 @@ for the server log, with the backtest and the interval.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
-import pytest
-
-from gateway.devtools.bigquery_emulator import BigQueryEmulator, create_warehouse, loading_client
-from tests.conftest import PROJECT
+from tests.conftest import DATASET, PROJECT
 from tests.helpers import stream
-from tests.test_backtests import DATASET, new_backtest
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmulator]:
-    with BigQueryEmulator(tmp_path_factory.mktemp("bqemulator"), project=PROJECT) as running:
-        create_warehouse(loading_client(PROJECT, running.endpoint), DATASET)
-        yield running
-
-
-@pytest.fixture(scope="module")
-def bq(emulator):
-    return loading_client(PROJECT, emulator.endpoint)
-
+from tests.test_backtests import new_backtest
 
 _ADDRESS_MARKS = ("http://", "https://", "127.0.0.1", "localhost", "googleapis", "/bigquery/v2")
 
