@@ -24,6 +24,7 @@ import msgspec
 from google.auth import crypt
 from google.auth._helpers import padded_urlsafe_b64decode
 
+from gateway import metrics
 from gateway.config import AuthSettings
 from gateway.errors import Unauthenticated
 
@@ -122,9 +123,11 @@ class CertificateCache:
         except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError, ValueError) as exc:
             # The last good certificates keep serving until they expire.
             log.warning("could not refresh signing certificates: %s", exc)
+            metrics.certificate_refresh("failed")
             if self._clock() >= self._expires_at:
                 self._verifiers = {}
             return
+        metrics.certificate_refresh("ok")
         self._verifiers = verifiers
         self._expires_at = self._clock() + (max_age if max_age is not None else self._settings.default_max_age_s)
 

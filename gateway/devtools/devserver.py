@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import signal
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -48,7 +49,7 @@ TICKS = 180  # 90 seconds: 3,600 minute candles, 1,200 3minute, 10 days
 
 
 def run_dev(settings: Settings) -> None:
-    """Run until Ctrl-C."""
+    """Run until Ctrl-C or SIGTERM; either way everything started here is stopped."""
     install_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(settings, Path(settings.dev.state_dir).resolve()))
@@ -73,7 +74,11 @@ async def _main(settings: Settings, state_dir: Path) -> None:
         writer = asyncio.create_task(write_demo_job(JobWriter(client, DEMO_JOB)))
         stack.callback(writer.cancel)
         _print_welcome(token, base_url)
-        await asyncio.Event().wait()
+        # SIGTERM unwinds the exit stack as Ctrl-C does: the emulator and Valkey stop too.
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        log.info("SIGTERM received: stopping the gateway, the demo writer and the emulators")
 
 
 @contextlib.asynccontextmanager
@@ -150,7 +155,7 @@ async def _gateway(settings: Settings, page: str) -> AsyncIterator[str]:
         return web.Response(text=page, content_type="text/html")
 
     app.router.add_get("/", demo)  # development only: the production app has no pages
-    runner = web.AppRunner(app, **runner_options(settings))  # type: ignore[arg-type]
+    runner = web.AppRunner(app, **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()

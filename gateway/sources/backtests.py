@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from functools import partial
 
+from gateway import metrics
 from gateway.errors import DataError, JobNotFound
 from gateway.sources import keys
 from gateway.sources.base import COMPLETED, Chunk, ChunkReader, JobInfo, JobState, ReadPlan, Snapshot
@@ -79,6 +80,7 @@ class BacktestSource:
         job = await self.describe(intervals)
         self._cached = await self._cache.lengths(self.backtest_id, intervals)
         missing = [interval for interval in intervals if interval not in self._cached and interval in job.intervals]
+        metrics.cache_lookup(hits=len(self._cached), misses=len(missing))
         self._start_first_pages(missing, plan)
         if missing:
             await self._count_from_first_pages()

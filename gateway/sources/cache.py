@@ -21,6 +21,7 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from gateway import metrics
 from gateway.errors import DataError
 from gateway.sources import keys
 from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError
@@ -134,8 +135,10 @@ class BacktestCache:
                 pipe.delete(lock)
                 await pipe.execute()
                 log.info("cached %d candles of %s %s", written, backtest_id, interval)
+                metrics.cache_fill("ok")
             except (WarehouseError, DataError, redis.exceptions.RedisError) as exc:
                 log.warning("could not cache %s %s: %s", backtest_id, interval, exc)
+                metrics.cache_fill("failed")
                 await self._forget(staging, lock, writer)
             except asyncio.CancelledError:
                 await self._forget(staging, lock, writer)
