@@ -1,0 +1,100 @@
+"""SIGTERM with open streams (issue 8 item 4): two real replicas, one is stopped, no client is lost."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from tests.conftest import PROJECT
+from tests.helpers import expected_points, make_candles, seed_job, stream_path
+from tests.replicas import Replica, ResumingClient, replica_env
+
+JOB = "shutdown-job"
+GRACE_S = 1.0
+STREAMS = 50
+
+
+@pytest.fixture
+async def replicas(redis_url, cert_endpoint, tmp_path):
+    env = replica_env(redis_url, cert_endpoint.url, PROJECT, GATEWAY_SERVER_SHUTDOWN_GRACE_S=str(GRACE_S))
+    started = [Replica(name, tmp_path, env) for name in ("a", "b")]
+    try:
+        await asyncio.gather(*(replica.start() for replica in started))
+        yield started
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+async def test_sigterm_during_fifty_streams_every_client_resumes_exactly_on_the_other(
+    replicas, redis_client, writer, token
+):
+    a, b = replicas
+    w = writer(JOB)
+    stored = await seed_job(w, counts={"minute": 400})
+    candles = stored["minute"]
+    query = {"intervals": "minute", "follow": "true", "limit": "50000", "chunk_size": "7", "token": token()}
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        clients = [ResumingClient(session, [a.base, b.base], stream_path(JOB), query) for _ in range(STREAMS)]
+        # Half start on the replica that will be stopped, half on the other.
+        runs = [asyncio.create_task(client.run(start=i % 2)) for i, client in enumerate(clients)]
+        await asyncio.wait_for(asyncio.gather(*(c.first_events.wait() for c in clients)), 30)
+
+        appending = True
+
+        async def append_while_running() -> None:
+            n = len(candles)
+            while appending:
+                batch = make_candles(3, first=n)
+                await w.append("minute", batch)
+                candles.extend(batch)
+                n += 3
+                await asyncio.sleep(0.01)
+
+        appender = asyncio.create_task(append_while_running())
+        await asyncio.sleep(0.3)
+        a.terminate()
+        exit_after_s = await a.wait()
+        await asyncio.sleep(0.3)
+        appending = False
+        await appender
+        await w.update(status="completed")
+        await asyncio.wait_for(asyncio.gather(*runs), 60)
+
+    assert exit_after_s <= GRACE_S + 1.0, f"exit {exit_after_s:.2f} s after SIGTERM with a {GRACE_S} s grace"
+    expected = expected_points(candles)
+    for client in clients:
+        assert client.events[-1].event == "all_complete"
+        assert client.points() == expected, (clients.index(client), client.connections, len(client.points()), len(expected), [e.event for e in client.events[-4:]], [c.connections for c in clients], [len(c.points()) for c in clients])
+    moved = [c for i, c in enumerate(clients) if i % 2 == 0]
+    assert all(c.connections >= 2 for c in moved), "every client of the stopped replica reconnected"
+    log = a.log()
+    for phase in ("SIGTERM received", "draining:", "grace period over: stopping", "drained in", "stopped (pid"):
+        assert phase in log, f"no {phase!r} line in:\n{log}"
+    assert log.count("outcome=drained") == STREAMS // 2
+
+
+async def test_draining_replica_answers_503_json_with_retry_after_and_is_not_ready(
+    replicas, redis_client, writer, token
+):
+    a, _ = replicas
+    await seed_job(writer(JOB), counts={"minute": 3})
+    query = {"intervals": "minute", "follow": "true", "token": token()}
+    async with aiohttp.ClientSession() as session:
+        held = await session.get(a.base + stream_path(JOB), params=query)
+        assert held.status == 200
+        await held.content.readuntil(b"event: interval_complete")
+        a.terminate()
+        await asyncio.sleep(0.3)  # inside the grace: the port is still open
+        refused = await session.get(a.base + stream_path(JOB), params=query)
+        assert refused.status == 503
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert (await refused.json())["error"] == "unavailable"
+        assert (await session.get(a.base + "/readyz")).status == 503
+        # The held stream ends cleanly (no all_complete) once the grace is over.
+        rest = await asyncio.wait_for(held.content.read(), GRACE_S + 2)
+        assert b"all_complete" not in rest
+    assert await a.wait() <= GRACE_S + 1.0
