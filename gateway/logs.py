@@ -31,7 +31,7 @@ _SECRETS = re.compile(
     r"""
     (?P<param>(?:token|access_token|id_token)=)[^&\s"']*       # a query parameter
     | (?P<bearer>Bearer)[ \t]+[^\s"',]+                       # an Authorization header value
-    | eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*)?  # a JWT (or two parts of one), wherever it is
+    | eyJ[A-Za-z0-9_-]{8,}(?:\.[A-Za-z0-9_-]*)*              # a JWT (or its first parts), wherever it is
     """,
     re.IGNORECASE | re.VERBOSE,
 )
