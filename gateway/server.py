@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 _CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 _CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+_BACKLOG = 1024
 _WORKER_STOP_WAIT_S = 2.0  # beyond the grace, before the parent kills a worker that does not exit
 
 
@@ -150,19 +151,25 @@ def run_worker(settings: Settings, *, index: int, workers: int) -> int:
 
 async def _serve(settings: Settings, index: int, workers: int) -> None:
     server = settings.server
+    # Ports first: a busy one is one line, before anything else is started or logged.
+    public = bind(server.host, server.port, reuse_port=workers > 1, what="port", setting="SERVER_PORT")
+    metrics_port = settings.metrics.port + index if settings.metrics.port else 0
+    private = (
+        bind(server.host, metrics_port, reuse_port=False, what="metrics port", setting="METRICS_PORT")
+        if metrics_port
+        else None
+    )
     app = create_app(settings)
     runner = web.AppRunner(app, **runner_options(settings))
     metrics_runner: web.AppRunner | None = None
     await runner.setup()
     try:
-        await _listen(runner, server.host, server.port, reuse_port=workers > 1, what="port", setting="SERVER_PORT")
+        await web.SockSite(runner, public).start()
         metrics_text = "off (metrics.port = 0)"
-        if settings.metrics.port:
-            metrics_port = settings.metrics.port + index
+        if private is not None:
             metrics_runner = web.AppRunner(metrics_app(), access_log=None)
             await metrics_runner.setup()
-            await _listen(metrics_runner, server.host, metrics_port, reuse_port=False, what="metrics port",
-                          setting="METRICS_PORT")  # fmt: skip
+            await web.SockSite(metrics_runner, private).start()
             metrics_text = f"http://{server.host}:{metrics_port}/metrics"
         log.info(
             "serving on http://%s:%d (worker %d of %d, pid %d); metrics %s",
@@ -193,12 +200,25 @@ async def _serve(settings: Settings, index: int, workers: int) -> None:
     log.info("stopped (pid %d)", os.getpid())
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int, *, reuse_port: bool, what: str, setting: str) -> None:
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+def bind(host: str, port: int, *, reuse_port: bool, what: str, setting: str) -> socket.socket:
+    """A listening socket on ``host:port``; ``StartupError`` (one line, what to do) if it cannot be had."""
+    sock: socket.socket | None = None
     try:
-        await site.start()
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
     except OSError as exc:
+        if sock is not None:
+            sock.close()
         raise StartupError(_listen_error(exc, host, port, what, setting)) from exc
+    return sock
 
 
 def _listen_error(exc: OSError, host: str, port: int, what: str, setting: str) -> str:

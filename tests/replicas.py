@@ -67,7 +67,7 @@ class Replica:
 
     async def start(self) -> Replica:
         with self.log_path.open("wb") as out:
-            self.process = subprocess.Popen(
+            self.process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the wait below is async
                 [sys.executable, "-m", "gateway", "serve", *self.args],
                 cwd=REPO,
                 env=self.env,
@@ -162,7 +162,7 @@ class ResumingClient:
                             for event in parser.feed(chunk, transcript):
                                 self.events.append(event)
                                 self.first_events.set()
-                    if self.events and self.events[-1].event in ("all_complete",):
+                    if self.events and self.events[-1].event == "all_complete":
                         return self.events
                     if self.events and self.events[-1].event == "error":
                         return self.events

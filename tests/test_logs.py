@@ -32,7 +32,9 @@ def malformed_requests(token: str) -> dict[str, bytes]:
             b"GET " + stream_path(JOB).encode() + b"?intervals=day HTTP/1.1\r\nHost: x\r\n"
             b"Authorization: Bearer " + token.encode() + b"\rX-Forged: 1\r\n\r\n"
         ),
-        "token in the path": b"GET /api/sse/backtest/" + token.encode() + b"/data/multi\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+        "token in the path": b"GET /api/sse/backtest/"
+        + token.encode()
+        + b"/data/multi\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
     }
 
 
@@ -165,7 +167,9 @@ async def test_every_stream_gets_one_line_when_it_ends_however_it_ends(served, w
         assert json.loads(JsonFormatter().format(record))["outcome"] == record.fields["outcome"]  # type: ignore[attr-defined]
 
 
-async def test_stream_errors_are_logged_as_warnings_with_job_interval_and_cause(client, writer, token, caplog, redis_client):
+async def test_stream_errors_are_logged_as_warnings_with_job_interval_and_cause(
+    client, writer, token, caplog, redis_client
+):
     caplog.set_level(logging.INFO)
     w = writer(JOB)
     await seed_job(w, counts={"day": 3})
