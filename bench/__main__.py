@@ -49,6 +49,7 @@ from gateway.devtools.bigquery_emulator import (
 )
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.server import usable_cpus
 from gateway.sources import keys
 from gateway.sources.warehouse import Warehouse
 from gateway.workers import JobWriter, candle
@@ -382,6 +383,69 @@ async def warehouse_section(
         await loop.run_in_executor(None, emulator.stop)
 
 
+async def ops_section(
+    args: argparse.Namespace, work: Path, env: dict[str, str], key: DevSigningKey, redis_url: str
+) -> list[str]:
+    """64 concurrent streams: metrics on and off (their cost), 1 and 2 workers (the gain), the floor beside them.
+
+    Each configuration runs in a fresh process, the configurations alternate
+    over ``--ops-rounds`` rounds (so drift hits all alike), and each figure is
+    the median of its rounds with the range beside it.
+    """
+    token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
+    query = f"intervals={','.join(INTERVALS)}&limit={args.points}&chunk_size=500"
+    configs: list[tuple[str, dict[str, str], list[str]]] = [
+        ("1 worker, metrics on", {}, []),
+        ("1 worker, metrics off (metrics.port = 0)", {"GATEWAY_METRICS_PORT": "0"}, []),
+        ("2 workers, metrics on", {}, ["--workers", "2"]),
+    ]
+    walls: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    floor_walls: list[float] = []
+    expected = 3 * args.points
+    count = args.ops_streams
+    for _ in range(args.ops_rounds):
+        for name, extra, cli in configs:
+            port = free_port()
+            cmd = [sys.executable, "-m", "gateway", "serve", *cli]
+            process_env = {**env, "GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": str(free_port()), **extra}
+            with server_process(cmd, process_env, port, work / "ops-gateway.log"):
+                url = f"http://127.0.0.1:{port}/api/sse/backtest/{JOB}/data/multi?{query}&token={token}"
+                await concurrent_streams(url, 4)  # warm-up: every worker's connections and caches
+                wall, results = await concurrent_streams(url, count)
+                assert all(r.points == expected for r in results)
+                walls[name].append(wall)
+        floor_port = free_port()
+        floor_cmd = [sys.executable, "-m", "bench.floor", "--redis-url", redis_url, "--port", str(floor_port)]
+        with server_process(floor_cmd, {}, floor_port, work / "ops-floor.log"):
+            url = f"http://127.0.0.1:{floor_port}/api/sse/backtest/{JOB}/data/multi?{query}"
+            await concurrent_streams(url, 4)
+            floor_walls.append((await concurrent_streams(url, count))[0])
+
+    def points_per_s(wall: float) -> float:
+        return count * expected / wall
+
+    floor = statistics.median(floor_walls)
+    lines = [
+        "",
+        f"{count} concurrent streams, {args.ops_rounds} rounds (median, range), {os.cpu_count()} cores"
+        f" (usable: {usable_cpus()})",
+        "",
+        "| configuration | wall time | points/s | / floor (points/s) |",
+        "|---|---|---|---|",
+    ]
+    for name, runs in [*walls.items(), ("floor (bench/floor.py, 1 process)", floor_walls)]:
+        median = statistics.median(runs)
+        lines.append(
+            f"| {name} | {median * 1000:.0f} ms ({min(runs) * 1000:.0f}-{max(runs) * 1000:.0f}) |"
+            f" {points_per_s(median):,.0f} | {floor / median:.2f} |"
+        )
+    one, off, two = (statistics.median(walls[name]) for name, _, _ in configs)
+    lines.append("")
+    lines.append(f"metrics cost: wall time on / off = {one / off:.3f}")
+    lines.append(f"workers gain: points/s with 2 workers / 1 worker = {one / two:.2f}")
+    return lines
+
+
 def verify_cost_us(key: DevSigningKey) -> float:
     """Microseconds per ``TokenVerifier.verify`` with a warm certificate cache, in process."""
     from gateway import auth
@@ -418,12 +482,26 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
         await seed(client, args.points)
         print(f"seeded 3 x {args.points} candles in {time.perf_counter() - seeded:.1f} s", file=sys.stderr)
         async with certificate_endpoint(key) as certs_url:
+            if args.ops_only:
+                ops_env = {
+                    "GATEWAY_REDIS_URL": redis_url,
+                    "GATEWAY_AUTH_CERTS_URL": certs_url,
+                    "GATEWAY_AUTH_FIREBASE_PROJECT_ID": PROJECT,
+                    "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
+                    "GATEWAY_SERVER_ACCESS_LOG": "false",
+                    "GATEWAY_METRICS_PORT": str(free_port()),
+                }
+                lines = await ops_section(args, work, ops_env, key, redis_url)
+                await client.aclose()
+                return lines
             gateway_port, floor_port = free_port(), free_port()
             env = {
                 "GATEWAY_REDIS_URL": redis_url,
                 "GATEWAY_AUTH_CERTS_URL": certs_url,
                 "GATEWAY_AUTH_FIREBASE_PROJECT_ID": PROJECT,
                 "GATEWAY_SERVER_PORT": str(gateway_port),
+                # Not the default 9090: another gateway on this machine may hold it.
+                "GATEWAY_METRICS_PORT": str(free_port()),
                 "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
                 "GATEWAY_SERVER_ACCESS_LOG": "false",
             }
@@ -471,6 +549,8 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
             if args.bq_points:
                 lines += await warehouse_section(args, work, env, key, client, redis_url)
+            if args.ops_rounds:
+                lines += await ops_section(args, work, env, key, redis_url)
         await client.aclose()
         return lines
     finally:
@@ -554,6 +634,9 @@ def main() -> None:
     parser.add_argument("--latency-followers", type=int, default=100, help="followers of one job for the latency")
     parser.add_argument("--appends", type=int, default=50, help="worker appends timed for the latency")
     parser.add_argument("--bq-points", type=int, default=2000, help="candles per interval of each backtest (0: skip)")
+    parser.add_argument("--ops-rounds", type=int, default=3, help="rounds of the metrics/workers comparison (0: skip)")
+    parser.add_argument("--ops-streams", type=int, default=64, help="concurrent streams of that comparison")
+    parser.add_argument("--ops-only", action="store_true", help="run only the metrics/workers comparison")
     args = parser.parse_args()
     from gateway.server import install_uvloop
 
@@ -561,7 +644,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="candle-bench-") as tmp:
         lines = asyncio.run(run(args, Path(tmp)))
     key = DevSigningKey.generate()
-    lines.append(row("token verification (warm cache, in process)", verify_cost_us(key), None, "µs"))
+    if not args.ops_only:
+        lines.append(row("token verification (warm cache, in process)", verify_cost_us(key), None, "µs"))
     header = [
         "command: make bench" + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else ""),
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"

@@ -10,6 +10,8 @@ the worker's own objects, which prometheus-client's multiprocess mode cannot.
 
 Hot-path cost: an event sent costs two increments of pre-bound children
 (events by kind, bytes); points are added once per stream when it ends.
+``metrics.port = 0`` turns off the endpoint and these per-event and
+per-call counts (``make bench`` compares both: docs/OPERATIONS.md).
 Other modules call the small functions and decorators below, so each hook
 stays one line where they live.
 """
@@ -31,6 +33,20 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 NAMESPACE = "gateway"
+
+
+class _Switch:
+    """Whether the per-event and per-call metrics are counted (``metrics.port = 0`` turns them off)."""
+
+    on = True
+
+
+SWITCH = _Switch()
+
+
+def set_enabled(on: bool) -> None:
+    """Count (``True``) or skip the hot-path metrics; ``serve`` sets it from ``metrics.port``."""
+    SWITCH.on = on
 
 # -- streams ------------------------------------------------------------------
 
@@ -124,6 +140,8 @@ def observe_redis(call: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
     @functools.wraps(call)
     async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
+        if not SWITCH.on:
+            return await call(*args, **kwargs)
         started = time.perf_counter()
         try:
             return await call(*args, **kwargs)

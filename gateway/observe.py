@@ -72,6 +72,7 @@ class StreamWatch:
         self._last_event = b""
         self._error: str | None = None
         self._bytes_counter = metrics.BYTES_SENT
+        self._count = metrics.SWITCH.on
         metrics.STREAMS_STARTED.labels(self._source, self._mode).inc()
         self._open = metrics.STREAMS_OPEN.labels(self._source, self._mode)
         self._open.inc()
@@ -89,8 +90,9 @@ class StreamWatch:
         self._events += 1
         self._bytes += len(frame)
         self._last_event = event
-        metrics.event_counter(event).inc()
-        self._bytes_counter.inc(len(frame))
+        if self._count:
+            metrics.event_counter(event).inc()
+            self._bytes_counter.inc(len(frame))
         if self._first_chunk and event == protocol.DATA_CHUNK:
             self._first_chunk = False
             metrics.FIRST_CHUNK_SECONDS.observe(time.perf_counter() - self._started)

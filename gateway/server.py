@@ -35,7 +35,7 @@ from aiohttp import web
 from gateway.access_log import RedactingAccessLogger
 from gateway.app import create_app
 from gateway.config import Settings, with_overrides
-from gateway.metrics import metrics_app
+from gateway.metrics import metrics_app, set_enabled
 from gateway.resources import LIFECYCLE
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ async def _serve(settings: Settings, index: int, workers: int) -> None:
     # Ports first: a busy one is one line, before anything else is started or logged.
     public = bind(server.host, server.port, reuse_port=workers > 1, what="port", setting="SERVER_PORT")
     metrics_port = settings.metrics.port + index if settings.metrics.port else 0
+    set_enabled(bool(metrics_port))
     private = (
         bind(server.host, metrics_port, reuse_port=False, what="metrics port", setting="METRICS_PORT")
         if metrics_port
