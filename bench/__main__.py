@@ -402,7 +402,7 @@ async def ops_section(
     walls: dict[str, list[float]] = {name: [] for name, _, _ in configs}
     floor_walls: list[float] = []
     expected = 3 * args.points
-    count = args.ops_streams
+    count: int = args.ops_streams
     for _ in range(args.ops_rounds):
         for name, extra, cli in configs:
             port = free_port()
