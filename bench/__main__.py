@@ -401,7 +401,7 @@ async def ops_section(
     ]
     walls: dict[str, list[float]] = {name: [] for name, _, _ in configs}
     floor_walls: list[float] = []
-    expected = 3 * args.points
+    expected: int = 3 * args.points
     count: int = args.ops_streams
     for _ in range(args.ops_rounds):
         for name, extra, cli in configs:
