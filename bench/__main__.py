@@ -408,10 +408,15 @@ async def ops_section(
             port = free_port()
             cmd = [sys.executable, "-m", "gateway", "serve", *cli]
             process_env = {**env, "GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": str(free_port()), **extra}
-            with server_process(cmd, process_env, port, work / "ops-gateway.log"):
+            log = work / f"ops-gateway-{len(walls[name])}-{name.split(',')[0].replace(' ', '')}.log"
+            with server_process(cmd, process_env, port, log):
                 url = f"http://127.0.0.1:{port}/api/sse/backtest/{JOB}/data/multi?{query}&token={token}"
-                await concurrent_streams(url, 4)  # warm-up: every worker's connections and caches
-                wall, results = await concurrent_streams(url, count)
+                try:
+                    await concurrent_streams(url, 4)  # warm-up: every worker's connections and caches
+                    wall, results = await concurrent_streams(url, count)
+                except aiohttp.ClientError:
+                    print(f"{name} failed; its log:\n{log.read_text()[-3000:]}", file=sys.stderr)
+                    raise
                 assert all(r.points == expected for r in results)
                 walls[name].append(wall)
         floor_port = free_port()

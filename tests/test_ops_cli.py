@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from gateway.__main__ import build_parser
 from gateway.server import cgroup_cpu_quota, usable_cpus, worker_count
 from tests.conftest import PROJECT
 from tests.helpers import expected_points, seed_job, stream_path
-from tests.replicas import REPO, Replica, ResumingClient, replica_env
+from tests.replicas import REPO, Replica, ResumingClient, free_port, replica_env, wait_for_port
 from tests.test_backtests import DATASET, bq, emulator, new_backtest  # noqa: F401 - fixtures
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -197,3 +198,57 @@ def test_usable_cpus_is_at_most_the_quota():
     quota = cgroup_cpu_quota()
     if quota is not None:
         assert usable_cpus() <= max(1, int(quota + 0.999))
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_make_run_stops_everything_it_started_on_sigterm(tmp_path):
+    port = free_port()
+    env = {**CLEAN_ENV, "GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": str(free_port()),
+           "GATEWAY_DEV_STATE_DIR": str(tmp_path / "dev")}  # fmt: skip
+    log = tmp_path / "dev.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+            [sys.executable, "-m", "gateway", "dev"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        await wait_for_port(port, process, timeout_s=90)
+        started = descendants(process.pid)
+        assert started, "the emulator and Valkey run as child processes"
+        process.send_signal(signal.SIGTERM)
+        for _ in range(300):
+            if process.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert process.poll() is not None, log.read_text()
+        await asyncio.sleep(0.5)
+        assert not [pid for pid in started if alive(pid)], log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
