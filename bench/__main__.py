@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -97,6 +98,44 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its child processes (the workers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def free_port_block(count: int, first: int = 20000, last: int = 32000) -> int:
+    """The first of ``count`` consecutive free ports below the ephemeral range.
+
+    Worker i serves /metrics on ``metrics.port + i``; in the ephemeral range an
+    outgoing connection may take one of those ports meanwhile.
+    """
+    for start in random.sample(range(first, last - count), 200):
+        sockets = []
+        try:
+            for port in range(start, start + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no block of free ports")
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -400,6 +439,7 @@ async def ops_section(
         ("2 workers, metrics on", {}, ["--workers", "2"]),
     ]
     walls: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    cpus: dict[str, list[float]] = {name: [] for name, _, _ in configs}
     floor_walls: list[float] = []
     expected: int = 3 * args.points
     count: int = args.ops_streams
@@ -407,13 +447,16 @@ async def ops_section(
         for name, extra, cli in configs:
             port = free_port()
             cmd = [sys.executable, "-m", "gateway", "serve", *cli]
-            process_env = {**env, "GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": str(free_port()), **extra}
+            metrics_port = str(free_port_block(2))
+            process_env = {**env, "GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": metrics_port, **extra}
             log = work / f"ops-gateway-{len(walls[name])}-{name.split(',')[0].replace(' ', '')}.log"
-            with server_process(cmd, process_env, port, log):
+            with server_process(cmd, process_env, port, log) as process:
                 url = f"http://127.0.0.1:{port}/api/sse/backtest/{JOB}/data/multi?{query}&token={token}"
                 try:
                     await concurrent_streams(url, 4)  # warm-up: every worker's connections and caches
+                    cpu_before = cpu_seconds(process.pid)
                     wall, results = await concurrent_streams(url, count)
+                    cpus[name].append(cpu_seconds(process.pid) - cpu_before)
                 except aiohttp.ClientError:
                     print(f"{name} failed; its log:\n{log.read_text()[-3000:]}", file=sys.stderr)
                     raise
@@ -435,18 +478,25 @@ async def ops_section(
         f"{count} concurrent streams, {args.ops_rounds} rounds (median, range), {os.cpu_count()} cores"
         f" (usable: {usable_cpus()})",
         "",
-        "| configuration | wall time | points/s | / floor (points/s) |",
-        "|---|---|---|---|",
+        "| configuration | wall time | points/s | / floor (points/s) | server CPU |",
+        "|---|---|---|---|---|",
     ]
     for name, runs in [*walls.items(), ("floor (bench/floor.py, 1 process)", floor_walls)]:
         median = statistics.median(runs)
+        cpu = cpus.get(name)
+        cpu_text = f"{statistics.median(cpu):.2f} s ({min(cpu):.2f}-{max(cpu):.2f})" if cpu else "-"
         lines.append(
             f"| {name} | {median * 1000:.0f} ms ({min(runs) * 1000:.0f}-{max(runs) * 1000:.0f}) |"
-            f" {points_per_s(median):,.0f} | {floor / median:.2f} |"
+            f" {points_per_s(median):,.0f} | {floor / median:.2f} | {cpu_text} |"
         )
     one, off, two = (statistics.median(walls[name]) for name, _, _ in configs)
+    cpu_on, cpu_off = (statistics.median(cpus[name]) for name, _, _ in configs[:2])
+    events = count * (3 + 3 * -(-args.points // 500) + 1)
     lines.append("")
-    lines.append(f"metrics cost: wall time on / off = {one / off:.3f}")
+    lines.append(
+        f"metrics cost: wall time on / off = {one / off:.3f}; server CPU on / off = {cpu_on / cpu_off:.3f}"
+        f" ({(cpu_on - cpu_off) / events * 1e6:+.1f} µs per event over {events:,} events)"
+    )
     lines.append(f"workers gain: points/s with 2 workers / 1 worker = {one / two:.2f}")
     return lines
 

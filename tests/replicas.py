@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,6 +26,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_block(count: int, first: int = 20000, last: int = 32000) -> int:
+    """The first of ``count`` consecutive free ports below the ephemeral range.
+
+    Worker i serves /metrics on ``metrics.port + i``; in the ephemeral range an
+    outgoing connection may take one of those ports meanwhile.
+    """
+    for start in random.sample(range(first, last - count), 200):
+        sockets = []
+        try:
+            for port in range(start, start + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no block of free ports")
 
 
 async def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 30) -> None:
@@ -48,7 +71,7 @@ class Replica:
     def __init__(self, name: str, workdir: Path, env: dict[str, str], args: Sequence[str] = ()) -> None:
         self.name = name
         self.port = free_port()
-        self.metrics_port = free_port()
+        self.metrics_port = free_port_block(4)  # room for workers' metrics.port + i
         self.log_path = workdir / f"{name}.log"
         self.env = {
             # No GATEWAY_* of the surrounding shell: only what the test says.
