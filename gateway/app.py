@@ -76,6 +76,7 @@ async def _redis_context(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        metrics.unwatch_job_notes(notes)
         await notes.aclose()
         await app[SLOTS].aclose()
         await client.aclose()

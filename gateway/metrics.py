@@ -234,6 +234,9 @@ class _JobChannels(Collector):
     def watch(self, notes: _Subscriptions) -> None:
         self._notes.add(notes)
 
+    def unwatch(self, notes: _Subscriptions) -> None:
+        self._notes.discard(notes)
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
             f"{NAMESPACE}_subscribed_job_channels",
@@ -247,8 +250,13 @@ REGISTRY.register(_JOB_CHANNELS)
 
 
 def watch_job_notes(notes: _Subscriptions) -> None:
-    """Count ``notes``' subscriptions in the scrape for as long as it lives."""
+    """Count ``notes``' subscriptions in the scrape until ``unwatch_job_notes`` (or until it is collected)."""
     _JOB_CHANNELS.watch(notes)
+
+
+def unwatch_job_notes(notes: _Subscriptions) -> None:
+    """Stop counting ``notes`` (its application is closing)."""
+    _JOB_CHANNELS.unwatch(notes)
 
 
 # -- the endpoint ---------------------------------------------------------------

@@ -78,20 +78,31 @@ async def test_malformed_requests_never_put_a_token_in_any_log_record(client, to
 
 
 async def test_malformed_requests_never_put_a_token_in_the_processs_stderr(redis_url, cert_endpoint, token, tmp_path):
-    for log_format in ("text", "json"):
-        env = replica_env(redis_url, cert_endpoint.url, PROJECT, GATEWAY_LOG_FORMAT=log_format,
-                          GATEWAY_LOG_LEVEL="debug")  # fmt: skip
-        replica = await Replica(f"log-{log_format}", tmp_path, env).start()
-        try:
-            jwt = token()
+    jwt = token()
+    replicas = {
+        log_format: Replica(
+            f"log-{log_format}",
+            tmp_path,
+            replica_env(
+                redis_url, cert_endpoint.url, PROJECT, GATEWAY_LOG_FORMAT=log_format, GATEWAY_LOG_LEVEL="debug"
+            ),
+        )
+        for log_format in ("text", "json")
+    }
+    try:
+        await asyncio.gather(*(replica.start() for replica in replicas.values()))
+        for replica in replicas.values():
             for request in malformed_requests(jwt).values():
                 await send_raw(replica.port, request)
             # and a good request whose query carries the token
             await send_raw(replica.port, b"GET /healthz?token=" + jwt.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-            await asyncio.sleep(0.3)
-        finally:
+        await asyncio.sleep(0.3)
+    finally:
+        for replica in replicas.values():
             replica.terminate()
+        for replica in replicas.values():
             await replica.wait()
+    for log_format, replica in replicas.items():
         output = replica.log()
         assert "Bad" in output or "Invalid" in output or "400" in output, output
         for secret in secrets_of(jwt):

@@ -50,9 +50,10 @@ async def test_metrics_count_what_clients_received(make_gateway, aiohttp_client,
         if "interval_complete" in live.names:
             break
     during = await scrape(metrics)
-    assert value(during, "gateway_streams_open", source="job", mode="follow") == 1
-    assert value(during, "gateway_followers") == 1
-    assert value(during, "gateway_subscribed_job_channels") == 1
+    open_before = value(before, "gateway_streams_open", source="job", mode="follow")
+    assert value(during, "gateway_streams_open", source="job", mode="follow") == open_before + 1
+    assert value(during, "gateway_followers") == value(before, "gateway_followers") + 1
+    assert value(during, "gateway_subscribed_job_channels") == value(before, "gateway_subscribed_job_channels") + 1
 
     # complete streams, a refused one (429: the user holds 2) and a bad token (401)
     done = [await stream(gateway, JOB, token=token(), intervals="day,minute", limit=2000, chunk_size=100)]
@@ -68,14 +69,14 @@ async def test_metrics_count_what_clients_received(make_gateway, aiohttp_client,
 
     for _ in range(100):  # the server notices the closed follow streams
         after = await scrape(metrics)
-        if value(after, "gateway_streams_open", source="job", mode="follow") == 0:
+        if value(after, "gateway_streams_open", source="job", mode="follow") == open_before:
             break
         await asyncio.sleep(0.02)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert value(after, "gateway_streams_open", source="job", mode="follow") == 0
+    assert value(after, "gateway_streams_open", source="job", mode="follow") == open_before
     assert delta("gateway_streams_started_total", source="job", mode="snapshot") == 2
     assert delta("gateway_streams_started_total", source="job", mode="follow") == 2
     assert delta("gateway_streams_ended_total", source="job", mode="snapshot", outcome="all_complete") == 2
@@ -103,7 +104,11 @@ async def test_metrics_count_what_clients_received(make_gateway, aiohttp_client,
 
 async def test_metrics_port_of_a_real_process_and_zero_disables_it(redis_url, cert_endpoint, tmp_path):
     env = replica_env(redis_url, cert_endpoint.url, PROJECT)
-    replica = await Replica("metrics", tmp_path, env).start()
+    replica, off = (
+        Replica("metrics", tmp_path, env),
+        Replica("no-metrics", tmp_path, {**env, "GATEWAY_METRICS_PORT": "0"}),
+    )
+    await asyncio.gather(replica.start(), off.start())
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{replica.metrics_port}/metrics") as response:
@@ -115,8 +120,11 @@ async def test_metrics_port_of_a_real_process_and_zero_disables_it(redis_url, ce
     finally:
         replica.terminate()
         await replica.wait()
-    off = await Replica("no-metrics", tmp_path, {**env, "GATEWAY_METRICS_PORT": "0"}).start()
     try:
+        for _ in range(100):  # the line follows the port's opening
+            if "serving on" in off.log():
+                break
+            await asyncio.sleep(0.05)
         assert "metrics off" in off.log()
     finally:
         off.terminate()
