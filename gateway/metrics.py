@@ -48,6 +48,7 @@ def set_enabled(on: bool) -> None:
     """Count (``True``) or skip the hot-path metrics; ``serve`` sets it from ``metrics.port``."""
     SWITCH.on = on
 
+
 # -- streams ------------------------------------------------------------------
 
 STREAMS_OPEN = Gauge(
