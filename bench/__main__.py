@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -49,6 +50,7 @@ from gateway.devtools.bigquery_emulator import (
 )
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.server import usable_cpus
 from gateway.sources import keys
 from gateway.sources.warehouse import Warehouse
 from gateway.workers import JobWriter, candle
@@ -96,6 +98,44 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its child processes (the workers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def free_port_block(count: int, first: int = 20000, last: int = 32000) -> int:
+    """The first of ``count`` consecutive free ports below the ephemeral range.
+
+    Worker i serves /metrics on ``metrics.port + i``; in the ephemeral range an
+    outgoing connection may take one of those ports meanwhile.
+    """
+    for start in random.sample(range(first, last - count), 200):
+        sockets = []
+        try:
+            for port in range(start, start + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no block of free ports")
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -423,6 +463,85 @@ async def warehouse_section(
         await loop.run_in_executor(None, emulator.stop)
 
 
+async def ops_section(
+    args: argparse.Namespace, work: Path, env: dict[str, str], key: DevSigningKey, redis_url: str
+) -> list[str]:
+    """64 concurrent streams: metrics on and off (their cost), 1 and 2 workers (the gain), the floor beside them.
+
+    Each configuration runs in a fresh process, the configurations alternate
+    over ``--ops-rounds`` rounds (so drift hits all alike), and each figure is
+    the median of its rounds with the range beside it.
+    """
+    token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
+    query = f"intervals={','.join(INTERVALS)}&limit={args.points}&chunk_size=500"
+    configs: list[tuple[str, dict[str, str], list[str]]] = [
+        ("1 worker, metrics on", {}, []),
+        ("1 worker, metrics off (metrics.port = 0)", {"GATEWAY_METRICS_PORT": "0"}, []),
+        ("2 workers, metrics on", {}, ["--workers", "2"]),
+    ]
+    walls: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    cpus: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    floor_walls: list[float] = []
+    expected: int = 3 * args.points
+    count: int = args.ops_streams
+    for _ in range(args.ops_rounds):
+        for name, extra, cli in configs:
+            port = free_port()
+            cmd = [sys.executable, "-m", "gateway", "serve", *cli]
+            metrics_port = str(free_port_block(2))
+            process_env = {**env, "GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": metrics_port, **extra}
+            log = work / f"ops-gateway-{len(walls[name])}-{name.split(',')[0].replace(' ', '')}.log"
+            with server_process(cmd, process_env, port, log) as process:
+                url = f"http://127.0.0.1:{port}/api/sse/backtest/{JOB}/data/multi?{query}&token={token}"
+                try:
+                    await concurrent_streams(url, 4)  # warm-up: every worker's connections and caches
+                    cpu_before = cpu_seconds(process.pid)
+                    wall, results = await concurrent_streams(url, count)
+                    cpus[name].append(cpu_seconds(process.pid) - cpu_before)
+                except aiohttp.ClientError:
+                    print(f"{name} failed; its log:\n{log.read_text()[-3000:]}", file=sys.stderr)
+                    raise
+                assert all(r.points == expected for r in results)
+                walls[name].append(wall)
+        floor_port = free_port()
+        floor_cmd = [sys.executable, "-m", "bench.floor", "--redis-url", redis_url, "--port", str(floor_port)]
+        with server_process(floor_cmd, {}, floor_port, work / "ops-floor.log"):
+            url = f"http://127.0.0.1:{floor_port}/api/sse/backtest/{JOB}/data/multi?{query}"
+            await concurrent_streams(url, 4)
+            floor_walls.append((await concurrent_streams(url, count))[0])
+
+    def points_per_s(wall: float) -> float:
+        return count * expected / wall
+
+    floor = statistics.median(floor_walls)
+    lines = [
+        "",
+        f"{count} concurrent streams, {args.ops_rounds} rounds (median, range), {os.cpu_count()} cores"
+        f" (usable: {usable_cpus()})",
+        "",
+        "| configuration | wall time | points/s | / floor (points/s) | server CPU |",
+        "|---|---|---|---|---|",
+    ]
+    for name, runs in [*walls.items(), ("floor (bench/floor.py, 1 process)", floor_walls)]:
+        median = statistics.median(runs)
+        cpu = cpus.get(name)
+        cpu_text = f"{statistics.median(cpu):.2f} s ({min(cpu):.2f}-{max(cpu):.2f})" if cpu else "-"
+        lines.append(
+            f"| {name} | {median * 1000:.0f} ms ({min(runs) * 1000:.0f}-{max(runs) * 1000:.0f}) |"
+            f" {points_per_s(median):,.0f} | {floor / median:.2f} | {cpu_text} |"
+        )
+    one, off, two = (statistics.median(walls[name]) for name, _, _ in configs)
+    cpu_on, cpu_off = (statistics.median(cpus[name]) for name, _, _ in configs[:2])
+    events = count * (3 + 3 * -(-args.points // 500) + 1)
+    lines.append("")
+    lines.append(
+        f"metrics cost: wall time on / off = {one / off:.3f}; server CPU on / off = {cpu_on / cpu_off:.3f}"
+        f" ({(cpu_on - cpu_off) / events * 1e6:+.1f} µs per event over {events:,} events)"
+    )
+    lines.append(f"workers gain: points/s with 2 workers / 1 worker = {one / two:.2f}")
+    return lines
+
+
 def verify_cost_us(key: DevSigningKey) -> float:
     """Microseconds per ``TokenVerifier.verify`` with a warm certificate cache, in process."""
     from gateway import auth
@@ -461,12 +580,26 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
         await seed(client, args.points)
         print(f"seeded 3 x {args.points} candles in {time.perf_counter() - seeded:.1f} s", file=sys.stderr)
         async with certificate_endpoint(key) as certs_url:
+            if args.only == "ops":
+                ops_env = {
+                    "GATEWAY_REDIS_URL": redis_url,
+                    "GATEWAY_AUTH_CERTS_URL": certs_url,
+                    "GATEWAY_AUTH_FIREBASE_PROJECT_ID": PROJECT,
+                    "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
+                    "GATEWAY_SERVER_ACCESS_LOG": "false",
+                    "GATEWAY_METRICS_PORT": str(free_port()),
+                }
+                lines = await ops_section(args, work, ops_env, key, redis_url)
+                await client.aclose()
+                return lines
             gateway_port, floor_port = free_port(), free_port()
             env = {
                 "GATEWAY_REDIS_URL": redis_url,
                 "GATEWAY_AUTH_CERTS_URL": certs_url,
                 "GATEWAY_AUTH_FIREBASE_PROJECT_ID": PROJECT,
                 "GATEWAY_SERVER_PORT": str(gateway_port),
+                # Not the default 9090: another gateway on this machine may hold it.
+                "GATEWAY_METRICS_PORT": str(free_port()),
                 "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
                 "GATEWAY_SERVER_ACCESS_LOG": "false",
             }
@@ -514,6 +647,8 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
             if args.bq_points:
                 lines += await warehouse_section(args, work, env, key, client, redis_url)
+            if args.ops_rounds:
+                lines += await ops_section(args, work, env, key, redis_url)
         await client.aclose()
         return lines
     finally:
@@ -615,7 +750,13 @@ def main() -> None:
     parser.add_argument("--appends", type=int, default=50, help="worker appends timed for the latency")
     parser.add_argument("--bq-points", type=int, default=20_000, help="candles per interval of each backtest (0: skip)")
     parser.add_argument("--bq-runs", type=int, default=3, help="cold backtests timed (each loaded into the emulator)")
-    parser.add_argument("--only", choices=["warehouse"], help="run one section only: the warehouse (BigQuery emulator)")
+    parser.add_argument("--ops-rounds", type=int, default=3, help="rounds of the metrics/workers comparison (0: skip)")
+    parser.add_argument("--ops-streams", type=int, default=64, help="concurrent streams of that comparison")
+    parser.add_argument(
+        "--only",
+        choices=["warehouse", "ops"],
+        help="run one section only: the warehouse (BigQuery emulator), or ops (metrics on/off, 1 and 2 workers)",
+    )
     args = parser.parse_args()
     from gateway.server import install_uvloop
 

@@ -17,12 +17,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from google.cloud import bigquery
 
-from gateway import auth, handlers
+from gateway import auth, handlers, metrics
 from gateway.config import BigQuerySettings, Settings
 from gateway.errors import RequestError, Unauthenticated
 from gateway.lifecycle import Lifecycle
 from gateway.limits import StreamSlots, retry_after_seconds
 from gateway.live import JobNotes
+from gateway.logs import install_redaction
 from gateway.redis_client import build_redis_client
 from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, VERIFIER
 from gateway.sources.cache import BacktestCache
@@ -43,6 +44,7 @@ def create_app(settings: Settings, *, bigquery_client: BigQueryClientFactory = m
     ``settings.redis.url`` must name a server: the embedded one of
     development is started by the command line, before the app.
     """
+    install_redaction()  # aiohttp's parser errors quote raw requests: no token may reach a log
     app = web.Application(middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
@@ -70,9 +72,11 @@ async def _redis_context(app: web.Application) -> AsyncIterator[None]:
         retry_after_seconds(settings.server.retry_ms),
     )
     app[NOTES] = notes = JobNotes(client, settings.follow.recheck_interval_s)
+    metrics.watch_job_notes(notes)
     try:
         yield
     finally:
+        metrics.unwatch_job_notes(notes)
         await notes.aclose()
         await app[SLOTS].aclose()
         await client.aclose()
@@ -109,8 +113,14 @@ def _sources_context(bigquery_client: BigQueryClientFactory) -> Callable[[web.Ap
 
 
 async def _drain(app: web.Application) -> None:
-    """From shutdown on, new streams are refused; open ones get the grace period, then close."""
-    app[LIFECYCLE].draining = True
+    """From shutdown on, new streams are refused; open ones get the grace period, then stop (lifecycle.py).
+
+    ``serve`` drains before it closes the port; this covers runners that do not.
+    """
+    lifecycle = app[LIFECYCLE]
+    lifecycle.draining = True
+    if lifecycle.open_streams:
+        await lifecycle.drain(app[SETTINGS].server.shutdown_grace_s)
 
 
 # -- errors -------------------------------------------------------------------
@@ -127,6 +137,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             headers["WWW-Authenticate"] = 'Bearer realm="candles"'
         elif exc.retry_after_s is not None:
             headers["Retry-After"] = str(exc.retry_after_s)
+        metrics.request_refused(exc.status, exc.code, exc.message)
         return _error_response(exc.status, exc.code, exc.message, headers)
     except web.HTTPException as exc:
         if exc.status < 400:

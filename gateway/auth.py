@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth import crypt
 from google.auth._helpers import padded_urlsafe_b64decode
 
+from gateway import metrics
 from gateway.config import AuthSettings
 from gateway.errors import Unauthenticated
 
@@ -129,10 +130,6 @@ class CertificateCache:
             raise Unauthenticated("token kid is not one of the current signing certificates")
         return verifier
 
-    async def refresh(self) -> None:
-        """Fetch now (a warm-up at start-up); failures are logged, not raised."""
-        await self._refresh_once()
-
     def _may_fetch(self) -> bool:
         """False while backing off after a failed fetch (a fetch in flight may still be joined)."""
         return self._clock() >= self._retry_at or (self._refreshing is not None and not self._refreshing.done())
@@ -153,11 +150,13 @@ class CertificateCache:
                 exc,
                 self._retry_delay_s,
             )
+            metrics.certificate_refresh("failed")
             self._retry_at = self._clock() + self._retry_delay_s
             self._retry_delay_s = min(self._retry_delay_s * 2, _RETRY_MAX_S)
             if self._clock() >= self._expires_at:
                 self._verifiers, self._unusable = {}, set()
             return
+        metrics.certificate_refresh("ok")
         self._verifiers, self._unusable = verifiers, unusable
         self._expires_at = self._clock() + (max_age if max_age is not None else self._settings.default_max_age_s)
         self._retry_at, self._retry_delay_s = -float("inf"), _RETRY_FIRST_S

@@ -17,7 +17,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -55,6 +55,7 @@ class ServerSettings(_Section, frozen=True):
     stream_slot_ttl_s: Annotated[int, Meta(ge=5)] = 60
     shutdown_grace_s: Annotated[float, Meta(ge=0)] = 5.0
     access_log: bool = True
+    workers: Annotated[int, Meta(ge=1, le=512)] | Literal["auto"] = 1
 
 
 class RedisSettings(_Section, frozen=True):
@@ -101,6 +102,15 @@ class FollowSettings(_Section, frozen=True):
     status_min_interval_s: PositiveSeconds = 0.25
 
 
+class LogSettings(_Section, frozen=True):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MetricsSettings(_Section, frozen=True):
+    port: Port = 9090
+
+
 class DevSettings(_Section, frozen=True):
     state_dir: str = ".dev"
 
@@ -114,6 +124,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     bigquery: BigQuerySettings = BigQuerySettings()
     cache: CacheSettings = CacheSettings()
     follow: FollowSettings = FollowSettings()
+    log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
     dev: DevSettings = DevSettings()
 
 

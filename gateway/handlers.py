@@ -12,15 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
 
+from gateway import metrics
 from gateway.config import Settings
 from gateway.errors import RedisUnreachable, StreamError, Unauthenticated, Unavailable
 from gateway.follow import LiveTail
-from gateway.lifecycle import Lifecycle
+from gateway.lifecycle import Lifecycle, StreamStopped
+from gateway.observe import StreamWatch
 from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
 from gateway.redis_client import call_redis
@@ -38,6 +41,7 @@ _OUTAGE_LONGEST_PAUSE_S = 1.0
 
 async def stream_candles(request: web.Request) -> web.StreamResponse:
     """``GET /api/sse/backtest/{id}/data/multi``: the candle stream (SPEC 2)."""
+    request_started = time.perf_counter()
     app = request.app
     settings = app[SETTINGS]
     lifecycle = app[LIFECYCLE]
@@ -66,7 +70,9 @@ async def stream_candles(request: web.Request) -> web.StreamResponse:
         except StreamError as exc:
             failure = exc
         try:
-            return await _respond(request, settings, params, position, source, snapshot, failure)
+            return await _respond(
+                request, settings, params, position, source, snapshot, failure, user.uid, request_started
+            )
         finally:
             if source is not None:
                 await source.aclose()
@@ -107,6 +113,8 @@ async def _respond(
     source: Source | None,
     snapshot: Snapshot | None,
     failure: StreamError | None,
+    user_id: str,
+    request_started: float,
 ) -> web.StreamResponse:
     server = settings.server
     response = CandleEventResponse(ping_interval=server.ping_interval_s, send_timeout=server.send_timeout_s)
@@ -114,20 +122,47 @@ async def _respond(
     if position is None:
         is_partial = snapshot is not None and snapshot.job.state.is_active
         position = StreamPosition.start(params, is_partial=is_partial)
-    try:
-        if source is None or snapshot is None:
-            assert failure is not None
-            await send_start_error(failure, params, position, response.send_frame, retry_ms=server.retry_ms)
-        else:
-            await _run_stream(request, settings, params, position, source, snapshot, response)
-        await response.write_eof()
-    except (ConnectionResetError, TimeoutError):
-        # The client went away or stopped reading; it may reconnect and resume.
-        log.info("stream of %s ended early: client gone or too slow", params.id)
-    finally:
-        response.stop_streaming()
-        with contextlib.suppress(asyncio.CancelledError):
-            await response.wait()
+    follow = params.follow and position.is_partial and snapshot is not None and snapshot.job.job_id is not None
+    # Operations (observe.py, lifecycle.py): every event goes through watch.send, which
+    # counts it and stops the stream after it when the replica drains; one line per stream.
+    with request.app[LIFECYCLE].stream() as entry:
+        watch = StreamWatch(
+            params,
+            position,
+            user_id=user_id,
+            client=request.remote,
+            follow=follow,
+            request_started=request_started,
+            entry=entry,
+        )
+        send = watch.bind(response.send_frame)
+        outcome = "client_gone"
+        try:
+            if source is None or snapshot is None:
+                assert failure is not None
+                body = send_start_error(failure, params, position, send, retry_ms=server.retry_ms)
+            else:
+                body = _run_stream(request, settings, params, position, source, snapshot, send)
+            entry.body = asyncio.ensure_future(body)
+            try:
+                await entry.body
+                outcome = watch.outcome_of_return()
+            except (StreamStopped, asyncio.CancelledError):
+                if not entry.stop_requested or (task := asyncio.current_task()) is None or task.cancelling():
+                    raise  # the handler itself was cancelled: the client went away
+                outcome = "drained"
+            await response.write_eof()
+        except (ConnectionResetError, TimeoutError):
+            # The client went away or stopped reading; it may reconnect and resume.
+            outcome = "cut_slow_client" if response.cut_off else "client_gone"
+        except asyncio.CancelledError:
+            outcome = "cut_slow_client" if response.cut_off else "drained" if entry.stop_requested else "client_gone"
+            raise
+        finally:
+            watch.end(outcome)
+            response.stop_streaming()
+            with contextlib.suppress(asyncio.CancelledError):
+                await response.wait()
     return response
 
 
@@ -138,16 +173,20 @@ async def _run_stream(
     position: StreamPosition,
     source: Source,
     snapshot: Snapshot,
-    response: CandleEventResponse,
+    send: Callable[[bytes], Awaitable[None]],
 ) -> None:
-    stream = CandleStream(params, snapshot, source, position, response.send_frame, retry_ms=settings.server.retry_ms)
+    stream = CandleStream(params, snapshot, source, position, send, retry_ms=settings.server.retry_ms)
     job_id = snapshot.job.job_id
     if not (params.follow and position.is_partial and job_id is not None):
         await stream.run()
         return
     async with request.app[NOTES].follow(job_id) as feed:
         tail = LiveTail(stream, source, feed, status_min_interval_s=settings.follow.status_min_interval_s)
-        await stream.run(live_tail=tail.run)
+        metrics.FOLLOWERS.inc()
+        try:
+            await stream.run(live_tail=tail.run)
+        finally:
+            metrics.FOLLOWERS.dec()
 
 
 async def healthz(request: web.Request) -> web.Response:

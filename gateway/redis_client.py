@@ -23,6 +23,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from gateway import metrics
 from gateway.config import RedisSettings
 from gateway.errors import RedisUnreachable, StoredValueMalformed
 
@@ -55,6 +56,7 @@ def build_redis_client(settings: RedisSettings) -> RedisClient:
     return aioredis.Redis(connection_pool=pool)
 
 
+@metrics.observe_redis
 async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
     """Run one Redis call (or pipeline); redis-py's errors become the gateway's, naming ``what``."""
     try:

@@ -34,6 +34,11 @@ class CandleEventResponse(EventSourceResponse):
 
     _writes = 0  # completed writes, events and pings alike
     _write_pending = False
+    cut_off = False  # set when the heartbeat cut off a client that stopped reading (for the stream's outcome)
+
+    def _abort_transport(self) -> None:
+        self.cut_off = True
+        super()._abort_transport()
 
     async def send_frame(self, frame: bytes) -> None:
         """Write one framed event; the heartbeat aborts it if the client stops reading."""

@@ -176,3 +176,34 @@ async def test_redis_lost_mid_stream_ends_it_with_connection_error(make_gateway,
     assert transcript.names[-1] == "error"
     assert transcript.events[-1].payload["error"] == "connection_error"
     assert "all_complete" not in transcript.names
+
+
+async def test_drain_stops_streams_at_an_event_boundary_and_they_resume_exactly(make_gateway, writer, token):
+    client = await make_gateway(server={"max_streams_per_user": 0, "shutdown_grace_s": 0})
+    w = writer(JOB)
+    stored = await seed_job(w, counts={"minute": 300})
+    params = {"intervals": "minute", "chunk_size": 50, "follow": "true"}
+    responses = [await open_stream(client, JOB, token=token(), **params) for _ in range(5)]
+    transcripts = []
+    for response in responses:
+        transcript, parser = Transcript(), SSEParser()
+        transcript.raw = await response.content.readuntil(b"event: interval_complete")
+        parser.feed(transcript.raw, transcript)
+        transcripts.append((transcript, parser))
+    lifecycle = client.server.app[LIFECYCLE]
+    assert lifecycle.open_streams == 5
+    await asyncio.wait_for(lifecycle.drain(0), 5)
+    assert lifecycle.open_streams == 0
+    for response, (transcript, parser) in zip(responses, transcripts, strict=True):
+        async for chunk in response.content.iter_any():  # the rest of the last event, then a clean end
+            transcript.raw += chunk
+            parser.feed(chunk, transcript)
+        assert transcript.raw.endswith(b"\n\n"), "the stream ends at an event boundary"
+        assert transcript.names[-1] == "interval_complete"
+    await w.update(status="completed")
+    lifecycle.draining = False  # the same replica serves the resumes, as another would
+    for transcript, _ in transcripts:
+        rest = await stream(client, JOB, token=token(), headers={"Last-Event-ID": transcript.events[-1].id}, **params)
+        assert rest.names[-1] == "all_complete"
+        points = [p for t in (transcript, rest) for e in t.named("data_chunk") for p in e.payload["data_points"]]
+        assert points == expected_points(stored["minute"])

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import signal
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -55,7 +56,7 @@ DEV_TOKEN_LIFETIME_S = (5, 3600)
 
 
 def run_dev(settings: Settings) -> None:
-    """Run until Ctrl-C."""
+    """Run until Ctrl-C or SIGTERM; either way everything started here is stopped."""
     install_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(settings, Path(settings.dev.state_dir).resolve()))
@@ -85,7 +86,11 @@ async def _main(settings: Settings, state_dir: Path) -> None:
         writer = asyncio.create_task(write_demo_job(JobWriter(client, DEMO_JOB)))
         stack.callback(writer.cancel)
         _print_welcome(token, base_url)
-        await asyncio.Event().wait()
+        # SIGTERM unwinds the exit stack as Ctrl-C does: the emulator and Valkey stop too.
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        log.info("SIGTERM received: stopping the gateway, the demo writer and the emulators")
 
 
 @contextlib.asynccontextmanager
@@ -158,7 +163,7 @@ async def _gateway(settings: Settings, dev_token: Callable[[int | None], str]) -
     # The emulator's client raises for failed queries, as BigQuery does.
     app = create_app(settings, bigquery_client=emulator_client)
     add_console_routes(app, dev_token)  # development only: the production app has no pages
-    runner = web.AppRunner(app, **runner_options(settings))  # type: ignore[arg-type]
+    runner = web.AppRunner(app, **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()

@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
+from gateway import metrics
 from gateway.errors import DataError
 from gateway.sources import keys
 from gateway.sources.base import COMPLETED, ChunkReader, JobInfo, JobState, ReadPlan, Snapshot
@@ -78,6 +79,7 @@ class BacktestSource:
         wanted = [interval for interval in dict.fromkeys(intervals) if interval in job.intervals]
         self._cached = await self._cache.lengths(self.backtest_id, wanted)
         filling = [interval for interval in wanted if interval not in self._cached]
+        metrics.cache_lookup(hits=len(self._cached), misses=len(filling))
         counts = await asyncio.gather(
             *(self._cache.count(self.backtest_id, interval) for interval in filling), return_exceptions=True
         )

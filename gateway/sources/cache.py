@@ -39,6 +39,7 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from gateway import metrics
 from gateway.errors import DataError, GatewayError
 from gateway.redis_client import call_redis
 from gateway.sources import keys
@@ -409,6 +410,7 @@ class BacktestCache:
         try:
             written = await self._copy(backtest_id, interval, k, writer)
             log.info("cached %d candles of %s %s", written, backtest_id, interval)
+            metrics.cache_fill("ok")
         except WarehouseError as exc:
             await self._give_up(k, writer, f"reading interval '{interval}' from the warehouse failed: {exc}")
         except DataError as exc:
@@ -416,6 +418,7 @@ class BacktestCache:
         except (_LostLock, GatewayError, redis.exceptions.RedisError) as exc:
             # Readers see no progress; the next one to find no lock takes over.
             log.warning("stopped caching %s %s: %s", backtest_id, interval, exc)
+            metrics.cache_fill("abandoned")
             await self._let_go(k, writer)
         except asyncio.CancelledError:
             await self._let_go(k, writer)
@@ -490,6 +493,7 @@ class BacktestCache:
     async def _give_up(self, k: _FillKeys, writer: str, message: str) -> None:
         """Tell the readers why the read failed, and let the next stream try again."""
         log.warning("could not cache %s: %s", k.final, message)
+        metrics.cache_fill("failed")
         with contextlib.suppress(redis.exceptions.RedisError):
             await self._fail(keys=[k.lock, k.fill], args=[writer, message, _STAGING_TTL_S])
 

@@ -26,6 +26,7 @@ from google.cloud import bigquery
 from google.cloud.bigquery.enums import JobCreationMode
 from google.cloud.bigquery.retry import DEFAULT_RETRY
 
+from gateway import metrics
 from gateway.config import BIGQUERY_IDENTIFIER, BigQuerySettings
 from gateway.errors import ConfigError, SourceUnavailable
 from gateway.sources.candles import Candle, encode_candle
@@ -156,6 +157,7 @@ class Warehouse:
         ]
         return await self._query(sql, parameters, partial(_candle_page, interval, position - 1, with_count=False))
 
+    @metrics.observe_warehouse
     async def _query(
         self,
         sql: str,

@@ -1,0 +1,203 @@
+"""Real gateway processes (``python -m gateway serve``) for the operations tests, and a resuming client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+from tests.sse_client import Event, SSEParser, Transcript
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_block(count: int, first: int = 20000, last: int = 32000) -> int:
+    """The first of ``count`` consecutive free ports below the ephemeral range.
+
+    Worker i serves /metrics on ``metrics.port + i``; in the ephemeral range an
+    outgoing connection may take one of those ports meanwhile.
+    """
+    for start in random.sample(range(first, last - count), 200):
+        sockets = []
+        try:
+            for port in range(start, start + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no block of free ports")
+
+
+async def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"process exited with {process.returncode} before port {port} opened") from None
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+class Replica:
+    """One gateway process on its own port, its stderr kept in a file."""
+
+    def __init__(self, name: str, workdir: Path, env: dict[str, str], args: Sequence[str] = ()) -> None:
+        self.name = name
+        self.port = free_port()
+        self.metrics_port = free_port_block(4)  # room for workers' metrics.port + i
+        self.log_path = workdir / f"{name}.log"
+        self.env = {
+            # No GATEWAY_* of the surrounding shell: only what the test says.
+            **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+            "GATEWAY_SERVER_PORT": str(self.port),
+            "GATEWAY_METRICS_PORT": str(self.metrics_port),
+            **env,
+        }
+        self.args = list(args)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.terminated_at: float | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> Replica:
+        with self.log_path.open("wb") as out:
+            self.process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the wait below is async
+                [sys.executable, "-m", "gateway", "serve", *self.args],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        await wait_for_port(self.port, self.process)
+        return self
+
+    def terminate(self) -> None:
+        """SIGTERM; a thread notes the exit time, so that a busy test loop does not inflate it."""
+        process = self.process
+        assert process is not None
+        self.terminated_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+
+        def note_exit() -> None:
+            process.wait()
+            self.exited_at = time.monotonic()
+
+        self._waiter = threading.Thread(target=note_exit, daemon=True)
+        self._waiter.start()
+
+    exited_at: float | None = None
+
+    async def wait(self, timeout_s: float = 20) -> float:
+        """Wait for the process to exit; seconds from ``terminate`` to its exit."""
+        assert self.process is not None and self.terminated_at is not None
+        deadline = time.monotonic() + timeout_s
+        while self.exited_at is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not exit; log:\n{self.log()}")
+            await asyncio.sleep(0.01)
+        return self.exited_at - self.terminated_at
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def replica_env(redis_url: str, certs_url: str, project: str, **extra: str) -> dict[str, str]:
+    return {
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_AUTH_CERTS_URL": certs_url,
+        "GATEWAY_AUTH_FIREBASE_PROJECT_ID": project,
+        "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
+        "GATEWAY_SERVER_RETRY_MS": "100",
+        **extra,
+    }
+
+
+class ResumingClient:
+    """An EventSource-like client: on a cut it reconnects with its last id, trying the bases in turn.
+
+    A 503 (a draining replica) or a refused connection moves on to the next
+    base, as an ingress's ``proxy_next_upstream`` would.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, bases: Sequence[str], path: str, query: dict[str, str]):
+        self.session = session
+        self.bases = list(bases)
+        self.path = path
+        self.query = query
+        self.events: list[Event] = []
+        self.connections = 0
+        self.refusals = 0
+        self.first_events = asyncio.Event()
+
+    async def run(self, start: int = 0, max_connections: int = 50) -> list[Event]:
+        index = start
+        while self.connections < max_connections:
+            base = self.bases[index % len(self.bases)]
+            headers = {"Last-Event-ID": self.events[-1].id or ""} if self.events else {}
+            try:
+                async with self.session.get(base + self.path, params=self.query, headers=headers) as response:
+                    if response.status == 204:
+                        return self.events
+                    if response.status != 200:
+                        self.refusals += 1
+                        await response.read()
+                        index += 1
+                        await asyncio.sleep(0.05)
+                        continue
+                    self.connections += 1
+                    parser, transcript = SSEParser(), Transcript()
+                    with contextlib.suppress(aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+                        async for chunk in response.content.iter_any():
+                            for event in parser.feed(chunk, transcript):
+                                self.events.append(event)
+                                self.first_events.set()
+                    if self.events and self.events[-1].event == "all_complete":
+                        return self.events
+                    if self.events and self.events[-1].event == "error":
+                        return self.events
+            except (aiohttp.ClientConnectionError, OSError):
+                self.refusals += 1
+                index += 1
+                await asyncio.sleep(0.05)
+                continue
+            # A cut: reconnect after a short delay, preferably elsewhere (the same base may be draining).
+            index += 1
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no end after {self.connections} connections")
+
+    def points(self) -> list[dict[str, object]]:
+        return [point for e in self.events if e.event == "data_chunk" for point in e.payload["data_points"]]
