@@ -117,7 +117,7 @@ async def _respond(
     try:
         if source is None or snapshot is None:
             assert failure is not None
-            await send_start_error(failure, params, position, response.send_frame, retry_ms=server.retry_ms)
+            await send_start_error(failure, params, position, response.send_frame, retry_ms=server.jittered_retry_ms())
         else:
             await _run_stream(request, settings, params, position, source, snapshot, response)
         await response.write_eof()
@@ -140,7 +140,9 @@ async def _run_stream(
     snapshot: Snapshot,
     response: CandleEventResponse,
 ) -> None:
-    stream = CandleStream(params, snapshot, source, position, response.send_frame, retry_ms=settings.server.retry_ms)
+    stream = CandleStream(
+        params, snapshot, source, position, response.send_frame, retry_ms=settings.server.jittered_retry_ms()
+    )
     job_id = snapshot.job.job_id
     if not (params.follow and position.is_partial and job_id is not None):
         await stream.run()
