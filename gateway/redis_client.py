@@ -141,6 +141,17 @@ class _GatedRedisCluster(RedisCluster):
 
 
 class _GatedClusterPipeline(ClusterPipeline):
+    """A cluster pipeline through the gate, that allows ``RENAME`` within one slot.
+
+    redis-py refuses ``RENAME`` in any cluster pipeline, as it could span two
+    slots; ours never does (both names carry the same ``{id}`` tag, and Redis
+    answers ``CROSSSLOT`` if they did not), and the backtest cache renames a
+    filled staging list into place inside a transaction.
+    """
+
+    def rename(self, src: Any, dst: Any) -> Any:
+        return self.execute_command("RENAME", src, dst)
+
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         client = cast(_GatedRedisCluster, self.cluster_client)
         parent = super().execute
@@ -168,6 +179,7 @@ def response_error(exc: redis.exceptions.ResponseError, what: str) -> StoredValu
     text = str(exc)
     if text.startswith("WRONGTYPE"):
         return StoredValueMalformed(f"{what}: the stored value has the wrong Redis type")
-    if text.startswith("MOVED") or text.startswith("ASK"):
+    # redis-py parses MOVED/ASK into their own classes, whose text lacks the word.
+    if isinstance(exc, redis.exceptions.MovedError | redis.exceptions.AskError) or text.startswith(("MOVED", "ASK")):
         return RedisUnreachable(f"Redis is a cluster (set redis.cluster = true) while {what}")
     return RedisUnreachable(f"Redis refused a command while {what}: {text[:120]}")
