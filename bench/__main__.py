@@ -38,6 +38,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from bench.fanout import fanout_section
 from gateway.config import BigQuerySettings
 from gateway.devtools.bigquery_emulator import (
     BigQueryEmulator,
@@ -412,6 +413,12 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
     valkey = EmbeddedRedis(work / "valkey")
     redis_url = valkey.start()
     key = DevSigningKey.generate()
+    if args.only == "fanout":
+        try:
+            async with certificate_endpoint(key) as certs_url:
+                return await fanout_section(args, work, redis_url, certs_url, PROJECT, key)
+        finally:
+            valkey.stop()
     try:
         client = aioredis.Redis.from_url(redis_url)
         seeded = time.perf_counter()
@@ -471,6 +478,8 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
             if args.bq_points:
                 lines += await warehouse_section(args, work, env, key, client, redis_url)
+            if args.only != "streams":
+                lines += ["", *await fanout_section(args, work, redis_url, certs_url, PROJECT, key)]
         await client.aclose()
         return lines
     finally:
@@ -554,14 +563,22 @@ def main() -> None:
     parser.add_argument("--latency-followers", type=int, default=100, help="followers of one job for the latency")
     parser.add_argument("--appends", type=int, default=50, help="worker appends timed for the latency")
     parser.add_argument("--bq-points", type=int, default=2000, help="candles per interval of each backtest (0: skip)")
+    parser.add_argument("--only", choices=("streams", "fanout"), default=None, help="run one section only")
+    parser.add_argument("--quick", action="store_true", help="fan-out: 8 s per size instead of 30")
+    parser.add_argument("--fanout-seconds", type=float, default=30.0, help="fan-out: seconds of appends per size")
+    parser.add_argument("--fanout-sizes", default="", help="fan-out: followers x jobs, e.g. 1000x1,10000x100")
+    parser.add_argument("--fanout-idle", type=int, default=19_000, help="fan-out: idle followers held (0: skip)")
     args = parser.parse_args()
+    if args.quick:
+        args.fanout_seconds = min(args.fanout_seconds, 8.0)
     from gateway.server import install_uvloop
 
     install_uvloop()
     with tempfile.TemporaryDirectory(prefix="candle-bench-") as tmp:
         lines = asyncio.run(run(args, Path(tmp)))
     key = DevSigningKey.generate()
-    lines.append(row("token verification (warm cache, in process)", verify_cost_us(key), None, "µs"))
+    if args.only != "fanout":
+        lines.append(row("token verification (warm cache, in process)", verify_cost_us(key), None, "µs"))
     header = [
         "command: make bench" + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else ""),
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
