@@ -391,9 +391,11 @@ async def fanout_section(
                 "GATEWAY_SERVER_ACCESS_LOG": "false",
             }
             idle_only = (followers, jobs) == (args.fanout_idle, 1)
-            with server_process(
-                [sys.executable, "-m", "gateway", "serve"], env, port, work / f"fanout-{followers}.log"
-            ) as gateway:
+            command = [sys.executable, "-m", "gateway", "serve"]
+            if os.environ.get("BENCH_PROFILE"):  # a pyinstrument profile of each gateway, for iteration
+                profile = Path(os.environ["BENCH_PROFILE"]) / f"fanout-{followers}x{jobs}.txt"
+                command[1:1] = ["-m", "pyinstrument", "-r", "text", "-o", str(profile)]
+            with server_process(command, env, port, work / f"fanout-{followers}.log") as gateway:
                 await asyncio.sleep(0.5)
                 result = await run_size(
                     followers,

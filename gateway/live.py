@@ -83,6 +83,8 @@ class SharedReads:
 
     async def read(self, key: Hashable, woke_at: int, read: Callable[[], Awaitable[T]]) -> T:
         _, future = self.start(key, woke_at, read)
+        if future.done():
+            return future.result()  # the common case at many followers: no task switch, no shield
         # shield: one follower leaving must not cancel the others' read.
         result: T = await asyncio.shield(future)
         return result
