@@ -118,9 +118,9 @@ class LiveTail:
             pause = _BUSY_PAUSE_S[0]
             if not stream.state.is_active:
                 return  # completed: everything stored has been sent
-            now = self._clock()
             held_back = math.inf
             if stream.status_changed():
+                now = self._clock()
                 if now - last_status_at >= self._status_min_interval_s:
                     last_status_at = now
                     await stream.send_job_status()
