@@ -210,6 +210,8 @@ class FanoutResult:
     p99_ms: float = 0.0
     connection_errors: int = 0
     events_per_s: float = 0.0
+    label: str = ""
+    client_cpu: float = 0.0
 
 
 async def _commands(client: aioredis.Redis) -> int:
@@ -301,9 +303,11 @@ async def run_size(
         )
         if duration_s <= 0:
             return result
+        client_cpu0 = cpu_seconds(client.pid)
         appended = await _append_for(writers, duration_s)
         await asyncio.sleep(2.0)  # the last appends' deliveries
         cpu2, commands2, t2 = cpu_seconds(gateway_pid), await _commands(redis_client), time.time()
+        result.client_cpu = (cpu_seconds(client.pid) - client_cpu0) / (t2 - t1)
         client.stdin.write(b"stop\n")
         client.stdin.flush()
         ended = json.loads(await loop.run_in_executor(None, client.stdout.readline))
@@ -343,8 +347,8 @@ def table(results: Sequence[FanoutResult]) -> list[str]:
     lines = [
         "| followers x jobs | connect /s | idle CPU | idle Redis cmd/s | RSS / follower | delivered |"
         " append -> receipt p50 / p95 / p99 | live CPU | live Redis cmd/s | events /s |"
-        " connection_error / refused |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " connection_error / refused | client CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         live = (
@@ -354,8 +358,9 @@ def table(results: Sequence[FanoutResult]) -> list[str]:
             else "- | - | - | - | -"
         )
         lines.append(
-            f"| {r.followers:,} x {r.jobs:,} | {r.connect_per_s:,.0f} | {r.idle_cpu:.1%} | {r.idle_redis_per_s:,.0f} |"
-            f" {r.rss_per_follower_kib:.1f} KiB | {live} | {r.connection_errors} / {r.refused} |"
+            f"| {r.followers:,} x {r.jobs:,}{' ' + r.label if r.label else ''}"
+            f" | {r.connect_per_s:,.0f} | {r.idle_cpu:.1%} | {r.idle_redis_per_s:,.0f} |"
+            f" {r.rss_per_follower_kib:.1f} KiB | {live} | {r.connection_errors} / {r.refused} | {r.client_cpu:.0%} |"
         )
     return lines
 
@@ -378,7 +383,10 @@ async def fanout_section(
     client = aioredis.Redis.from_url(redis_url)
     results = []
     try:
-        for followers, jobs in [*sizes, (args.fanout_idle, 1)]:
+        runs = [(f, j, None) for f, j in sizes]
+        if args.fanout_baseline:  # the same sizes on another source tree, side by side
+            runs = [run for f, j in sizes for run in ((f, j, args.fanout_baseline), (f, j, None))]
+        for followers, jobs, source in [*runs, (args.fanout_idle, 1, None)]:
             if followers <= 0:
                 continue
             port = free_port()
@@ -390,6 +398,8 @@ async def fanout_section(
                 "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
                 "GATEWAY_SERVER_ACCESS_LOG": "false",
             }
+            if source is not None:
+                env["PYTHONPATH"] = source
             idle_only = (followers, jobs) == (args.fanout_idle, 1)
             command = [sys.executable, "-m", "gateway", "serve"]
             if os.environ.get("BENCH_PROFILE"):  # a pyinstrument profile of each gateway, for iteration
@@ -407,6 +417,7 @@ async def fanout_section(
                     token=token,
                     work=work,
                 )
+            result.label = "baseline" if source else ""
             print(table([result])[-1], file=sys.stderr)
             results.append(result)
     finally:

@@ -154,7 +154,7 @@ class Follower:
     def __init__(self, job: _Job) -> None:
         self._job = job
         self._changed = asyncio.Event()
-        self._woke_at = job.reads.started
+        self._woke_at = self._noted_at = job.reads.started
 
     @property
     def frames(self) -> FrameCache:
@@ -162,15 +162,18 @@ class Follower:
         return self._job.frames
 
     def notify(self, woke_at: int) -> None:
-        if not self._changed.is_set():
-            # Marked when the note arrives, not when this task next runs: by
-            # then another follower may have started the read this one can join.
-            self._woke_at = woke_at
+        # Marked when the note arrives, not when this task next runs: by then
+        # another follower may have started the read this one can join. A
+        # follower still busy with an earlier note keeps its current mark
+        # until it waits again, so that the reads of one round stay shared
+        # and followers of one job stay at one position (and share frames).
+        self._noted_at = woke_at
         self._changed.set()
 
     async def wait_for_change(self) -> None:
         await self._changed.wait()
         self._changed.clear()
+        self._woke_at = self._noted_at
 
     def watch(self, key: Hashable, probe: Probe) -> None:
         """Let the job's re-check timer run ``probe`` (a shared read summing up the job) for this follower."""
