@@ -413,3 +413,27 @@ async def test_a_follower_whose_read_finds_the_pool_busy_keeps_its_stream(make_g
     event = (await _events(next_event, 1))[0]
     assert (event.event, event.payload["points_sent"]) == ("data_chunk", 2)
     response.close()
+
+
+async def test_followers_of_one_job_share_one_snapshot_and_one_chunk_read_per_append(
+    make_gateway, writer, token, redis_client
+):
+    client = await make_gateway(follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 1})
+    responses = [await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(50)]
+    readers = [_reader(r) for r in responses]
+    for next_event in readers:
+        await _events(next_event, 3)
+    before = await _commands(redis_client, "lrange"), await _commands(redis_client, "hgetall")
+    for n in range(5):
+        await w.append("minute", make_candles(1, first=1 + n))
+        for next_event in readers:
+            assert (await _events(next_event, 1))[0].payload["points_sent"] == 2 + n
+    lranges = await _commands(redis_client, "lrange") - before[0]
+    hgetalls = await _commands(redis_client, "hgetall") - before[1]
+    assert (lranges, hgetalls) == (5, 5)
+    frames = client.server.app[NOTES]._jobs[f"job:{{{JOB}}}:events".encode()].frames
+    assert frames.misses == 5  # one frame built per append, for all 50
+    for response in responses:
+        response.close()
