@@ -404,6 +404,8 @@ async def fanout_section(
                 "GATEWAY_SERVER_PORT": str(port),
                 "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
                 "GATEWAY_SERVER_ACCESS_LOG": "false",
+                # Thousands of open streams: no grace, or stopping the gateway outlasts the bench's wait.
+                "GATEWAY_SERVER_SHUTDOWN_GRACE_S": "0",
             }
             if source is not None:
                 env["PYTHONPATH"] = source
@@ -424,9 +426,9 @@ async def fanout_section(
                     token=token,
                     work=work,
                 )
-            result.label = "baseline" if source else ""
-            print(table([result])[-1], file=sys.stderr)
-            results.append(result)
+                result.label = "baseline" if source else ""
+                print(table([result])[-1], file=sys.stderr)
+                results.append(result)
     finally:
         await client.aclose()
     return [
