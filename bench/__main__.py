@@ -39,6 +39,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from bench.fanout import fanout_section
 from gateway.config import BigQuerySettings
 from gateway.devtools.bigquery_emulator import (
     BigQueryEmulator,
@@ -572,6 +573,12 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
     valkey = EmbeddedRedis(work / "valkey")
     redis_url = valkey.start()
     key = DevSigningKey.generate()
+    if args.only == "fanout":
+        try:
+            async with certificate_endpoint(key) as certs_url:
+                return await fanout_section(args, work, redis_url, certs_url, PROJECT, key)
+        finally:
+            valkey.stop()
     try:
         client = aioredis.Redis.from_url(redis_url)
         if args.only == "warehouse":
@@ -645,10 +652,12 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 )
                 per_follower = await idle_followers(base, token, follower_gateway.pid, args.followers)
                 lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
-            if args.bq_points:
+            if args.bq_points and args.only is None:
                 lines += await warehouse_section(args, work, env, key, client, redis_url)
-            if args.ops_rounds:
+            if args.ops_rounds and args.only is None:
                 lines += await ops_section(args, work, env, key, redis_url)
+            if args.only is None:
+                lines += ["", *await fanout_section(args, work, redis_url, certs_url, PROJECT, key)]
         await client.aclose()
         return lines
     finally:
@@ -754,17 +763,25 @@ def main() -> None:
     parser.add_argument("--ops-streams", type=int, default=64, help="concurrent streams of that comparison")
     parser.add_argument(
         "--only",
-        choices=["warehouse", "ops"],
-        help="run one section only: the warehouse (BigQuery emulator), or ops (metrics on/off, 1 and 2 workers)",
+        choices=["streams", "warehouse", "ops", "fanout"],
+        help="run one section only: streams (vs the floor), warehouse (BigQuery emulator), "
+        "ops (metrics on/off, 1 and 2 workers), fanout (followers x jobs)",
     )
+    parser.add_argument("--quick", action="store_true", help="fan-out: 8 s per size instead of 30")
+    parser.add_argument("--fanout-seconds", type=float, default=30.0, help="fan-out: seconds of appends per size")
+    parser.add_argument("--fanout-sizes", default="", help="fan-out: followers x jobs, e.g. 1000x1,10000x100")
+    parser.add_argument("--fanout-baseline", default="", help="fan-out: also run a gateway from this source tree")
+    parser.add_argument("--fanout-idle", type=int, default=19_000, help="fan-out: idle followers held (0: skip)")
     args = parser.parse_args()
+    if args.quick:
+        args.fanout_seconds = min(args.fanout_seconds, 8.0)
     from gateway.server import install_uvloop
 
     install_uvloop()
     with tempfile.TemporaryDirectory(prefix="candle-bench-") as tmp:
         lines = asyncio.run(run(args, Path(tmp)))
     key = DevSigningKey.generate()
-    if args.only is None:
+    if args.only in (None, "streams"):
         lines.append(row("token verification (warm cache, in process)", verify_cost_us(key), None, "µs"))
     header = [
         "command: make bench" + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else ""),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import tomllib
 from collections.abc import Mapping
@@ -49,6 +50,7 @@ class ServerSettings(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 8080
     retry_ms: NonNegativeInt = 3000
+    retry_jitter: Annotated[float, Meta(ge=0, le=10)] = 1.0
     ping_interval_s: PositiveSeconds = 15.0
     send_timeout_s: PositiveSeconds = 30.0
     max_streams_per_user: NonNegativeInt = 8
@@ -57,9 +59,14 @@ class ServerSettings(_Section, frozen=True):
     access_log: bool = True
     workers: Annotated[int, Meta(ge=1, le=512)] | Literal["auto"] = 1
 
+    def jittered_retry_ms(self) -> int:
+        """One connection's ``retry:``: ``retry_ms`` stretched by up to ``retry_jitter``, at random."""
+        return round(self.retry_ms * (1 + self.retry_jitter * random.random()))  # noqa: S311 (not crypto)
+
 
 class RedisSettings(_Section, frozen=True):
     url: str = ""
+    cluster: bool = False
     max_connections: PositiveInt = 64
     pool_timeout_s: PositiveSeconds = 5.0
     socket_timeout_s: PositiveSeconds = 5.0
@@ -100,6 +107,7 @@ class CacheSettings(_Section, frozen=True):
 class FollowSettings(_Section, frozen=True):
     recheck_interval_s: PositiveSeconds = 1.0
     status_min_interval_s: PositiveSeconds = 0.25
+    max_reads_in_flight: PositiveInt = 16
 
 
 class LogSettings(_Section, frozen=True):

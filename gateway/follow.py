@@ -1,27 +1,40 @@
 """Follow mode (SPEC 6): after the snapshot, send what workers append until the job ends.
 
 The tail runs on a ``CandleStream`` whose snapshot is complete: it looks at
-the job whenever its ``LiveFeed`` wakes it (a worker's note, or the re-check
-timer), sends every new point in chunks that continue each interval's
-counts, and sends coalesced ``job_status`` events. It returns when the job
-is completed (the stream then sends ``all_complete``); a failed or
-cancelled job ends the stream with ``job_error`` through ``check_state``.
+the job whenever its ``LiveFeed`` wakes it (a worker's note, or the job's
+re-check found a change), sends every new point in chunks that continue each
+interval's counts, and sends coalesced ``job_status`` events. It returns
+when the job is completed (the stream then sends ``all_complete``); a failed
+or cancelled job ends the stream with ``job_error`` through ``check_state``.
+
+Reads, and the frames built from them, are shared with the job's other
+followers (``live.py``). A read that finds every connection busy
+(``RedisBusy``) is tried again after a pause: the follower keeps its stream.
+Redis being unreachable still ends it with ``connection_error`` (SPEC 5).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from gateway.errors import DataError
 from gateway.position import Phase
+from gateway.redis_client import RedisBusy
 from gateway.sources.base import Chunk, Snapshot, Source
-from gateway.stream import CandleStream
+from gateway.stream import CandleStream, FrameStore
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Pauses of a follower whose read found the pool busy: first, and longest.
+_BUSY_PAUSE_S: Final = (0.05, 1.0)
 
 
 class LiveFeed(Protocol):
@@ -33,6 +46,19 @@ class LiveFeed(Protocol):
 
     async def shared(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
         """``read()``, or an identical read that another follower of the job started since the last wake-up."""
+        ...
+
+    @property
+    def frames(self) -> FrameStore:
+        """Encoded events shared by the job's followers."""
+        ...
+
+    def watch(self, key: Hashable, probe: Callable[[], Awaitable[object]]) -> None:
+        """Have the job's re-check run ``probe`` (the shared read under ``key``) and wake us when it changes."""
+        ...
+
+    def unwatch(self, key: Hashable) -> None:
+        """Undo ``watch``."""
         ...
 
 
@@ -58,21 +84,53 @@ class LiveTail:
         """Send new points and status changes until the job is no longer active."""
         stream = self._stream
         names = stream.request.intervals
-        last_status_at = -math.inf
+        key = ("snapshot", names)
+        read_snapshot = partial(self._source.snapshot, names)
         stream.mark_status_sent_with_snapshot()
+        stream.share_frames(self._feed.frames)
+        self._feed.watch(key, read_snapshot)
+        try:
+            await self._follow(key, read_snapshot)
+        finally:
+            self._feed.unwatch(key)
+
+    async def _follow(self, key: Hashable, read_snapshot: Callable[[], Awaitable[Snapshot]]) -> None:
+        stream = self._stream
+        last_status_at = -math.inf
+        pause = _BUSY_PAUSE_S[0]
         while True:
-            # Every follower of the job woken by the same note shares this read.
-            snapshot = await self._feed.shared(("snapshot", names), partial(self._source.snapshot, names))
-            stream.check_state(snapshot.job.state)
-            for index in range(len(names)):
-                await self._catch_up(index, snapshot)
-            if not stream.state.is_active:
-                return  # completed: everything stored has been sent
-            now = self._clock()
-            if stream.status_changed() and now - last_status_at >= self._status_min_interval_s:
-                last_status_at = now
-                await stream.send_job_status()
-            await self._feed.wait_for_change()
+            try:
+                # Every follower of the job woken by the same note shares this read.
+                snapshot = await self._feed.shared(key, read_snapshot)
+                stream.check_state(snapshot.job.state)
+                for index in range(len(stream.request.intervals)):
+                    await self._catch_up(index, snapshot)
+            except RedisBusy:
+                # Every connection is taken (a burst of new streams): Redis is
+                # fine, so keep the stream and look again shortly.
+                log.info("follower of %s waits for a free Redis connection", stream.request.id)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _BUSY_PAUSE_S[1])
+                continue
+            pause = _BUSY_PAUSE_S[0]
+            if not snapshot.job.state.is_active:
+                # Completed when the lengths were read, so they were final and all is sent.
+                # (Not the stream's state: a chunk read may have seen "completed" after
+                # this snapshot counted, with points appended in between still unsent.)
+                return
+            held_back = math.inf
+            if stream.status_changed():
+                now = self._clock()
+                if now - last_status_at >= self._status_min_interval_s:
+                    last_status_at = now
+                    await stream.send_job_status()
+                else:  # coalesced: send it when the interval is over, change or not
+                    held_back = last_status_at + self._status_min_interval_s - now
+            if held_back == math.inf:
+                await self._feed.wait_for_change()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._feed.wait_for_change(), held_back)
 
     async def _catch_up(self, index: int, snapshot: Snapshot) -> None:
         """Send what was appended to one interval since it was last looked at."""

@@ -140,7 +140,7 @@ async def _respond(
         try:
             if source is None or snapshot is None:
                 assert failure is not None
-                body = send_start_error(failure, params, position, send, retry_ms=server.retry_ms)
+                body = send_start_error(failure, params, position, send, retry_ms=server.jittered_retry_ms())
             else:
                 body = _run_stream(request, settings, params, position, source, snapshot, send)
             entry.body = asyncio.ensure_future(body)
@@ -175,7 +175,7 @@ async def _run_stream(
     snapshot: Snapshot,
     send: Callable[[bytes], Awaitable[None]],
 ) -> None:
-    stream = CandleStream(params, snapshot, source, position, send, retry_ms=settings.server.retry_ms)
+    stream = CandleStream(params, snapshot, source, position, send, retry_ms=settings.server.jittered_retry_ms())
     job_id = snapshot.job.job_id
     if not (params.follow and position.is_partial and job_id is not None):
         await stream.run()

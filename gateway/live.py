@@ -1,11 +1,29 @@
-"""Follow mode's wake-ups: one pub/sub connection per process, fanned out to followers.
+"""Follow mode's wake-ups: per process, one subscription, one re-check timer and one read per followed job.
 
 Workers publish a note on ``job:{id}:events`` after each change (SPEC 6).
 The gateway treats any note as "look again" and never depends on one
-arriving: every follower also wakes on a timer (``follow.recheck_interval_s``),
-so a lost note delays an update by at most that long. The process subscribes
-to a job's channel when its first follower arrives and unsubscribes after
-the last one leaves, however many streams follow the job.
+arriving. Everything here is per *job*, never per follower, so that ten
+thousand idle followers cost what one does:
+
+- the process subscribes to a job's channel when its first follower arrives
+  and unsubscribes after the last one leaves;
+- a note wakes every follower of the job; woken followers share one read of
+  the job (``SharedReads``) and one encoding of each event (``FrameCache``);
+- one timer per job (``follow.recheck_interval_s``) covers lost notes: when
+  no note arrived during the last interval, it reads the job once and wakes
+  the followers only if something changed. An idle follower is an
+  ``asyncio.Event`` that nobody sets: no timer, no task switch, no read, no
+  Redis connection;
+- reads of followers go through one gate of ``follow.max_reads_in_flight``,
+  so followers never take the whole pool from new streams, and a read that
+  waits for the gate holds no connection.
+
+On a Redis Cluster (``redis.cluster = true``) notes may come by classic
+``PUBLISH`` (broadcast to every node, so one connection to any node hears
+them) or by sharded ``SPUBLISH`` (heard only on the shard that owns the
+channel's slot): the process listens for both, with one connection for the
+classic channels and one per shard for the sharded ones (redis-py's
+``ClusterPubSub.ssubscribe``).
 """
 
 from __future__ import annotations
@@ -19,7 +37,11 @@ from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
+from gateway.errors import GatewayError
+from gateway.redis_client import RedisBusy, is_cluster
 from gateway.sources import keys
 
 log = logging.getLogger(__name__)
@@ -42,122 +64,308 @@ class SharedReads:
 
     _KEEP: Final = 64  # recent reads remembered, per job
 
-    def __init__(self) -> None:
+    def __init__(self, gate: asyncio.Semaphore | None = None) -> None:
         self.started = 0  # reads started so far: a follower's wake-up mark
+        self._gate = gate
         self._reads: OrderedDict[Hashable, tuple[int, asyncio.Future[Any]]] = OrderedDict()
 
-    async def read(self, key: Hashable, woke_at: int, read: Callable[[], Awaitable[T]]) -> T:
+    def start(self, key: Hashable, woke_at: int, read: Callable[[], Awaitable[T]]) -> tuple[int, asyncio.Future[T]]:
+        """The read of ``key`` that started at or after ``woke_at`` (started now if there is none)."""
         entry = self._reads.get(key)
         if entry is None or entry[0] < woke_at or (entry[1].done() and entry[1].exception() is not None):
-            entry = (self.started, asyncio.ensure_future(read()))
+            entry = (self.started, asyncio.ensure_future(self._gated(read)))
             self.started += 1
             self._reads[key] = entry
             self._reads.move_to_end(key)
             if len(self._reads) > self._KEEP:
                 self._reads.popitem(last=False)
+        return entry
+
+    async def read(self, key: Hashable, woke_at: int, read: Callable[[], Awaitable[T]]) -> T:
+        _, future = self.start(key, woke_at, read)
+        if future.done():
+            return future.result()  # the common case at many followers: no task switch, no shield
         # shield: one follower leaving must not cancel the others' read.
-        result: T = await asyncio.shield(entry[1])
+        result: T = await asyncio.shield(future)
         return result
+
+    async def _gated(self, read: Callable[[], Awaitable[T]]) -> T:
+        if self._gate is None:
+            return await read()
+        async with self._gate:  # waiting here holds no Redis connection
+            return await read()
+
+
+class FrameCache:
+    """Encoded events of one job, shared by its followers that would send the very same bytes.
+
+    ``CandleStream`` keys a frame by everything its bytes depend on (the
+    event, its id, the request's shape, the job state and the chunk), so a
+    hit is exactly the frame the stream would have built itself.
+    """
+
+    _KEEP: Final = 256
+
+    def __init__(self) -> None:
+        self._frames: OrderedDict[Hashable, bytes] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> bytes | None:
+        frame = self._frames.get(key)
+        if frame is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return frame
+
+    def put(self, key: Hashable, frame: bytes) -> None:
+        self._frames[key] = frame
+        if len(self._frames) > self._KEEP:
+            self._frames.popitem(last=False)
+
+
+Probe = Callable[[], Awaitable[object]]
+
+
+class _Job:
+    """What the process keeps for one followed job."""
+
+    def __init__(self, gate: asyncio.Semaphore) -> None:
+        self.followers: set[Follower] = set()
+        self.reads = SharedReads(gate)
+        self.frames = FrameCache()
+        # key -> (how many followers use it, the read): one probe per distinct request.
+        self.probes: dict[Hashable, tuple[int, Probe]] = {}
+        self.seen: dict[Hashable, object] = {}  # probe key -> what its last probe read
+        self.noted = False  # a note arrived since the last tick
+        self.timer: asyncio.TimerHandle | None = None
+        self.probing: asyncio.Task[None] | None = None
+
+    def wake_all(self, woke_at: int | None = None) -> None:
+        mark = self.reads.started if woke_at is None else woke_at
+        for follower in self.followers:
+            follower.notify(mark)
 
 
 class Follower:
-    """One stream's view of its job's notes: ``wait_for_change`` returns on a note or the timer."""
+    """One stream's view of its job: ``wait_for_change`` returns when the job (probably) changed."""
 
-    def __init__(self, recheck_interval_s: float, reads: SharedReads) -> None:
+    def __init__(self, job: _Job) -> None:
+        self._job = job
         self._changed = asyncio.Event()
-        self._recheck_interval_s = recheck_interval_s
-        self._reads = reads
-        self._woke_at = reads.started
+        self._woke_at = self._noted_at = job.reads.started
 
-    def notify(self) -> None:
-        if not self._changed.is_set():
-            # Marked when the note arrives, not when this task next runs: by
-            # then another follower may have started the read this one can join.
-            self._woke_at = self._reads.started
+    @property
+    def frames(self) -> FrameCache:
+        """Frames shared with the job's other followers."""
+        return self._job.frames
+
+    def notify(self, woke_at: int) -> None:
+        # Marked when the note arrives, not when this task next runs: by then
+        # another follower may have started the read this one can join. A
+        # follower still busy with an earlier note keeps its current mark
+        # until it waits again, so that the reads of one round stay shared
+        # and followers of one job stay at one position (and share frames).
+        self._noted_at = woke_at
         self._changed.set()
 
     async def wait_for_change(self) -> None:
-        try:
-            async with asyncio.timeout(self._recheck_interval_s):
-                await self._changed.wait()
-        except TimeoutError:
-            self._woke_at = self._reads.started
+        await self._changed.wait()
         self._changed.clear()
+        self._woke_at = self._noted_at
+
+    def watch(self, key: Hashable, probe: Probe) -> None:
+        """Let the job's re-check timer run ``probe`` (a shared read summing up the job) for this follower."""
+        count, _ = self._job.probes.get(key, (0, probe))
+        self._job.probes[key] = (count + 1, probe)
+
+    def unwatch(self, key: Hashable) -> None:
+        entry = self._job.probes.get(key)
+        if entry is None or entry[0] <= 1:
+            self._job.probes.pop(key, None)
+            self._job.seen.pop(key, None)
+        else:
+            self._job.probes[key] = (entry[0] - 1, entry[1])
 
     async def shared(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
         """``read()``, or the result of an identical read another follower started since this one woke."""
-        return await self._reads.read(key, self._woke_at, read)
+        return await self._job.reads.read(key, self._woke_at, read)
 
 
 class JobNotes:
-    """The process's pub/sub subscriptions, shared by all followers of each job.
+    """The process's subscriptions and re-check timers, shared by all followers of each job.
 
-    One task owns the pub/sub connection: it alone subscribes, unsubscribes
+    One task owns each pub/sub connection: it alone subscribes, unsubscribes
     and reads (redis-py's connection is not safe to drive from two tasks at
     once). Between short reads it brings the subscriptions in line with the
     jobs that have followers.
     """
 
-    def __init__(self, client: aioredis.Redis, recheck_interval_s: float) -> None:
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+    def __init__(self, client: aioredis.Redis, recheck_interval_s: float, max_reads_in_flight: int = 16) -> None:
+        self._client = client
         self._recheck_interval_s = recheck_interval_s
-        self._followers: dict[bytes, set[Follower]] = {}
-        self._shared: dict[bytes, SharedReads] = {}
-        self._subscribed: set[bytes] = set()
-        self._reader: asyncio.Task[None] | None = None
+        self._max_reads_in_flight = max_reads_in_flight
+        self._gate: asyncio.Semaphore | None = None
+        self._jobs: dict[bytes, _Job] = {}
+        self._listeners: list[_Listener] = [_Listener(self, sharded=False)]
+        if is_cluster(client):
+            self._listeners.append(_Listener(self, sharded=True))
+        self._readers: list[asyncio.Task[None]] = []
 
     @property
     def subscribed_jobs(self) -> int:
         """How many job channels this process listens to (for tests and metrics)."""
-        return len(self._subscribed)
+        return len(self._listeners[0].subscribed)
+
+    @property
+    def followed_jobs(self) -> int:
+        """How many jobs have followers in this process."""
+        return len(self._jobs)
 
     @contextlib.asynccontextmanager
     async def follow(self, job_id: str) -> AsyncIterator[Follower]:
         """Notes of ``job_id`` for the body's duration."""
         channel = keys.events_channel(job_id).encode()
-        follower = Follower(self._recheck_interval_s, self._shared.setdefault(channel, SharedReads()))
-        self._followers.setdefault(channel, set()).add(follower)
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read_notes(), name="job-notes-reader")
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(self._max_reads_in_flight)
+        job = self._jobs.get(channel)
+        if job is None:
+            job = self._jobs[channel] = _Job(self._gate)
+            self._arm(job)
+        follower = Follower(job)
+        job.followers.add(follower)
+        if not self._readers or all(reader.done() for reader in self._readers):
+            self._readers = [
+                asyncio.create_task(listener.run(), name=f"job-notes-{listener.kind}") for listener in self._listeners
+            ]
         try:
             yield follower
         finally:
-            followers = self._followers.get(channel, set())
-            followers.discard(follower)
-            if not followers:
-                self._followers.pop(channel, None)
-                self._shared.pop(channel, None)
+            job.followers.discard(follower)
+            if not job.followers:
+                self._jobs.pop(channel, None)
+                if job.timer is not None:
+                    job.timer.cancel()
 
-    async def _read_notes(self) -> None:
-        while True:
+    def wanted(self) -> set[bytes]:
+        return set(self._jobs)
+
+    def noted(self, channel: bytes) -> None:
+        job = self._jobs.get(channel)
+        if job is not None:
+            job.noted = True
+            job.wake_all()
+
+    # -- the re-check timer, one per job -----------------------------------
+
+    def _arm(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        job.timer = loop.call_later(self._recheck_interval_s, self._tick, job)
+
+    def _tick(self, job: _Job) -> None:
+        if not job.followers:
+            return
+        self._arm(job)
+        if job.noted:
+            job.noted = False  # notes arrive: the followers were woken by them
+            return
+        if job.probing is None or job.probing.done():
+            job.probing = asyncio.create_task(self._probe(job), name="job-recheck")
+
+    async def _probe(self, job: _Job) -> None:
+        for key, (_, probe) in list(job.probes.items()):
+            mark, future = job.reads.start(key, job.reads.started, probe)
             try:
-                await self._reconcile()
-                if not self._subscribed:
-                    await asyncio.sleep(_RECONCILE_S)
-                    continue
-                message = await self._pubsub.get_message(timeout=_RECONCILE_S)
-            except (redis.exceptions.RedisError, OSError):
-                log.warning("job notes connection failed; followers rely on their timers meanwhile")
-                self._subscribed.clear()  # resubscribe once the connection is back
-                await asyncio.sleep(_RETRY_DELAY_S)
+                summary = await asyncio.shield(future)
+            except RedisBusy:
+                continue  # try again at the next tick
+            except GatewayError:
+                job.wake_all(mark)  # let the followers meet the error (connection_error, job_not_found...)
                 continue
-            if message is None or message.get("type") != "message":
-                continue
-            for follower in self._followers.get(message["channel"], ()):
-                follower.notify()
-
-    async def _reconcile(self) -> None:
-        wanted = set(self._followers)
-        if new := wanted - self._subscribed:
-            await self._pubsub.subscribe(*new)
-            self._subscribed |= new
-        if gone := self._subscribed - wanted:
-            await self._pubsub.unsubscribe(*gone)
-            self._subscribed -= gone
+            if job.seen.get(key) != summary:
+                job.seen[key] = summary
+                job.wake_all(mark)
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for reader in self._readers:
+            reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await reader
+        for job in self._jobs.values():
+            if job.timer is not None:
+                job.timer.cancel()
+        for listener in self._listeners:
+            await listener.aclose()
+
+
+class _Listener:
+    """One kind of subscription (classic or sharded) and the task that reads it."""
+
+    def __init__(self, notes: JobNotes, *, sharded: bool) -> None:
+        self._notes = notes
+        self.sharded = sharded
+        self.kind = "sharded" if sharded else "classic"
+        self.subscribed: set[bytes] = set()
+        self._pubsub: PubSub | None = None
+
+    def _connect(self) -> PubSub:
+        client = self._notes._client
+        if isinstance(client, RedisCluster):
+            return ClusterPubSub(client, ignore_subscribe_messages=True)
+        return client.pubsub(ignore_subscribe_messages=True)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                if self._pubsub is None:
+                    self._pubsub = self._connect()
+                await self._reconcile(self._pubsub)
+                if not self.subscribed:
+                    await asyncio.sleep(_RECONCILE_S)
+                    continue
+                message = await self._next(self._pubsub)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                log.warning("job notes connection (%s) failed (%s); re-checks cover meanwhile", self.kind, exc)
+                await self._drop()
+                await asyncio.sleep(_RETRY_DELAY_S)
+                continue
+            if message is None or message.get("type") not in ("message", "smessage"):
+                continue
+            self._notes.noted(message["channel"])
+
+    async def _next(self, pubsub: PubSub) -> dict[str, Any] | None:
+        if self.sharded:
+            assert isinstance(pubsub, ClusterPubSub)
+            message = await pubsub.get_sharded_message(timeout=_RECONCILE_S / max(1, len(pubsub.node_pubsub_mapping)))
+        else:
+            message = await pubsub.get_message(timeout=_RECONCILE_S)
+        return message
+
+    async def _reconcile(self, pubsub: PubSub) -> None:
+        wanted = self._notes.wanted()
+        if new := wanted - self.subscribed:
+            if self.sharded:
+                assert isinstance(pubsub, ClusterPubSub)
+                await pubsub.ssubscribe(*new)
+            else:
+                await pubsub.subscribe(*new)
+            self.subscribed |= new
+        if gone := self.subscribed - wanted:
+            if self.sharded:
+                assert isinstance(pubsub, ClusterPubSub)
+                await pubsub.sunsubscribe(*gone)
+            else:
+                await pubsub.unsubscribe(*gone)
+            self.subscribed -= gone
+
+    async def _drop(self) -> None:
+        """Forget the connection: the next round makes a new one and subscribes again."""
+        self.subscribed.clear()
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        await self._drop()

@@ -3,8 +3,11 @@
 Everything else hands a coroutine to ``call_redis`` and gets back a result
 or a ``gateway.errors`` exception:
 
-- the store cannot be reached (connection refused or reset, a timeout, the
-  pool exhausted, a cluster that is down or moving slots): ``RedisUnreachable``;
+- the store cannot be reached (connection refused or reset, a timeout, a
+  cluster that is down or moving slots): ``RedisUnreachable``;
+- every pooled connection stayed busy for the whole bounded wait:
+  ``RedisBusy``, a ``RedisUnreachable`` that a follower rides out (it tries
+  again later and keeps its stream) where a new stream answers 503;
 - a key holds another type than the contract says (``WRONGTYPE``, a worker
   broke SPEC 6): ``StoredValueMalformed``, which callers report as the
   ``data_error`` or ``job_error`` of what they were reading;
@@ -15,11 +18,13 @@ or a ``gateway.errors`` exception:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -29,10 +34,33 @@ from gateway.errors import RedisUnreachable, StoredValueMalformed
 
 T = TypeVar("T")
 
+# The sources, the slots and the cache are typed against ``Redis``; in
+# cluster mode they get a ``RedisCluster``, whose command, script and
+# pipeline methods are the same (``is_cluster`` tells the two apart).
 RedisClient = aioredis.Redis
 
 
+class RedisBusy(RedisUnreachable):
+    """No pooled connection became free within ``redis.pool_timeout_s``: Redis is fine, we are busy."""
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` talks to a Redis Cluster (``redis.cluster = true``)."""
+    return isinstance(client, RedisCluster)
+
+
 def build_redis_client(settings: RedisSettings) -> RedisClient:
+    """The client ``settings`` ask for: one server, or the cluster that ``redis.url`` is a node of."""
+    if settings.cluster:
+        return cast(aioredis.Redis, _build_cluster_client(settings))
+    return _build_single_client(settings)
+
+
+def _retry(settings: RedisSettings) -> Retry:
+    return Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.retries)
+
+
+def _build_single_client(settings: RedisSettings) -> aioredis.Redis:
     """A client on a blocking pool whose connections retry a failed command on a fresh connection.
 
     The retry policy goes to the pool's connections: redis-py ignores a
@@ -40,14 +68,13 @@ def build_redis_client(settings: RedisSettings) -> RedisClient:
     connection that died with a Redis restart would otherwise fail its next
     command instead of reconnecting.
     """
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.retries)
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.url,
         max_connections=settings.max_connections,
         timeout=settings.pool_timeout_s,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.connect_timeout_s,
-        retry=retry,
+        retry=_retry(settings),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         # No health-check PING (and no clock read) before commands: a dead
         # pooled connection fails its command, which the retry repeats.
@@ -56,12 +83,92 @@ def build_redis_client(settings: RedisSettings) -> RedisClient:
     return aioredis.Redis(connection_pool=pool)
 
 
+def _build_cluster_client(settings: RedisSettings) -> RedisCluster:
+    """A cluster client that discovers every node from the one ``redis.url`` names.
+
+    redis-py's cluster pools do not wait: past ``max_connections`` to one
+    node a command fails at once with ``MaxConnectionsError``. A gate of
+    ``redis.max_connections`` commands in flight per process gives the
+    cluster the bounded wait of the single-server pool (and so never more
+    connections to any one node than that).
+    """
+    client = cast(
+        _GatedRedisCluster,
+        _GatedRedisCluster.from_url(
+            settings.url,
+            max_connections=settings.max_connections,
+            socket_timeout=settings.socket_timeout_s,
+            socket_connect_timeout=settings.connect_timeout_s,
+            retry=_retry(settings),
+            health_check_interval=0,
+        ),
+    )
+    client.gate = _Gate(settings.max_connections, settings.pool_timeout_s)
+    return client
+
+
+class _Gate:
+    """At most ``size`` commands (or pipelines) in flight; a wait past ``timeout_s`` is ``MaxConnectionsError``."""
+
+    def __init__(self, size: int, timeout_s: float) -> None:
+        self._size = size
+        self._timeout_s = timeout_s
+        self._free: asyncio.Semaphore | None = None  # made on first use, in the loop that uses it
+
+    async def run(self, call: Callable[[], Awaitable[T]]) -> T:
+        if self._free is None:
+            self._free = asyncio.Semaphore(self._size)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._free.acquire()
+        except TimeoutError:
+            raise redis.exceptions.MaxConnectionsError("No connection available.") from None
+        try:
+            return await call()
+        finally:
+            self._free.release()
+
+
+class _GatedRedisCluster(RedisCluster):
+    gate: _Gate
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.gate.run(lambda: super(_GatedRedisCluster, self).execute_command(*args, **kwargs))
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise redis.exceptions.RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _GatedClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _GatedClusterPipeline(ClusterPipeline):
+    """A cluster pipeline through the gate, that allows ``RENAME`` within one slot.
+
+    redis-py refuses ``RENAME`` in any cluster pipeline, as it could span two
+    slots; ours never does (both names carry the same ``{id}`` tag, and Redis
+    answers ``CROSSSLOT`` if they did not), and the backtest cache renames a
+    filled staging list into place inside a transaction.
+    """
+
+    def rename(self, src: Any, dst: Any) -> Any:
+        return self.execute_command("RENAME", src, dst)
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client = cast(_GatedRedisCluster, self.cluster_client)
+        parent = super().execute
+        return await client.gate.run(lambda: parent(raise_on_error, allow_redirections))
+
+
 @metrics.observe_redis
 async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
     """Run one Redis call (or pipeline); redis-py's errors become the gateway's, naming ``what``."""
     try:
         return await operation()
+    except redis.exceptions.MaxConnectionsError as exc:
+        raise RedisBusy(f"no Redis connection free while {what}") from exc
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        if str(exc).startswith("No connection available"):  # BlockingConnectionPool's wait ran out
+            raise RedisBusy(f"no Redis connection free while {what}") from exc
         raise RedisUnreachable(f"Redis unreachable while {what}") from exc
     except redis.exceptions.ResponseError as exc:
         raise response_error(exc, what) from exc
@@ -74,6 +181,7 @@ def response_error(exc: redis.exceptions.ResponseError, what: str) -> StoredValu
     text = str(exc)
     if text.startswith("WRONGTYPE"):
         return StoredValueMalformed(f"{what}: the stored value has the wrong Redis type")
-    if text.startswith("MOVED") or text.startswith("ASK"):
+    # redis-py parses MOVED/ASK into their own classes, whose text lacks the word.
+    if isinstance(exc, redis.exceptions.MovedError | redis.exceptions.AskError) or text.startswith(("MOVED", "ASK")):
         return RedisUnreachable(f"Redis is a cluster (set redis.cluster = true) while {what}")
     return RedisUnreachable(f"Redis refused a command while {what}: {text[:120]}")

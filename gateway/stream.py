@@ -10,8 +10,10 @@ HTTP (it hands finished frames to ``send``).
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
+from functools import partial
+from typing import Protocol
 
 import msgspec
 
@@ -34,6 +36,14 @@ from gateway.protocol import (
 from gateway.sources.base import Chunk, ChunkReader, JobState, ReadPlan, Snapshot, Source
 
 Send = Callable[[bytes], Awaitable[None]]
+
+
+class FrameStore(Protocol):
+    """Frames shared between streams (follow mode's encode-once cache, ``live.FrameCache``)."""
+
+    def get(self, key: Hashable) -> bytes | None: ...
+
+    def put(self, key: Hashable, frame: bytes) -> None: ...
 
 
 class CandleStream:
@@ -68,6 +78,9 @@ class CandleStream:
         self._readers: dict[int, ChunkReader] = {}
         # Time of the last candle sent per interval: live chunks must come after it.
         self._last_times: dict[int, datetime] = {}
+        self._frames: FrameStore | None = None
+        # What a live event's bytes depend on besides its id, the state and the chunk.
+        self._shape = (request.intervals, request.limit, request.chunk_size, request.order, tuple(self._exists))
 
     @property
     def state(self) -> JobState:
@@ -175,21 +188,21 @@ class CandleStream:
         await self._emit_chunk(index, chunk.points, is_last=is_last)
 
     async def _emit_chunk(self, index: int, points: bytes, *, is_last: bool) -> None:
+        await self._emit(protocol.DATA_CHUNK, self._chunk_payload(index, points, is_last=is_last))
+
+    def _chunk_payload(self, index: int, points: bytes, *, is_last: bool) -> DataChunk:
         interval = self.position.intervals[index]
-        await self._emit(
-            protocol.DATA_CHUNK,
-            DataChunk(
-                interval=self._names[index],
-                data_points=msgspec.Raw(points),
-                points_sent=interval.points_sent,
-                total_points=interval.total_points,
-                chunk_index=interval.chunks_sent - 1,
-                is_last_chunk=is_last,
-                is_partial=self.position.is_partial,
-                current_bar=self._state.current_bar,
-                job_status=self._state.status,
-                progress=self._progress(self._names[index]),
-            ),
+        return DataChunk(
+            interval=self._names[index],
+            data_points=msgspec.Raw(points),
+            points_sent=interval.points_sent,
+            total_points=interval.total_points,
+            chunk_index=interval.chunks_sent - 1,
+            is_last_chunk=is_last,
+            is_partial=self.position.is_partial,
+            current_bar=self._state.current_bar,
+            job_status=self._state.status,
+            progress=self._progress(self._names[index]),
         )
 
     async def _complete(self, index: int) -> None:
@@ -238,7 +251,14 @@ class CandleStream:
             return
         self._account(index, chunk)
         interval.total_points = interval.points_sent
-        await self._emit_chunk(index, chunk.points, is_last=False)
+        await self._emit_shared(protocol.DATA_CHUNK, (index, chunk.points), partial(self._live_chunk, index, chunk))
+
+    def _live_chunk(self, index: int, chunk: Chunk) -> DataChunk:
+        return self._chunk_payload(index, chunk.points, is_last=False)
+
+    def share_frames(self, frames: FrameStore) -> None:
+        """Live events (after the snapshot) reuse the frames of other streams that send the same bytes."""
+        self._frames = frames
 
     async def fail_live(self, index: int, exc: DataError) -> None:
         """A data_error for an interval being followed: no more points for it."""
@@ -260,15 +280,15 @@ class CandleStream:
     async def send_job_status(self) -> None:
         self.position.job_status = self._state.status
         self.position.current_bar = self._state.current_bar
-        await self._emit(
-            protocol.JOB_STATUS,
-            JobStatusEvent(
-                job_id=self._job.job_id,
-                backtest_id=self._job.backtest_id,
-                job_status=self._state.status,
-                current_bar=self._state.current_bar,
-                is_partial=self._state.is_active,
-            ),
+        await self._emit_shared(protocol.JOB_STATUS, None, self._job_status)
+
+    def _job_status(self) -> JobStatusEvent:
+        return JobStatusEvent(
+            job_id=self._job.job_id,
+            backtest_id=self._job.backtest_id,
+            job_status=self._state.status,
+            current_bar=self._state.current_bar,
+            is_partial=self._state.is_active,
         )
 
     # -- helpers -------------------------------------------------------------
@@ -350,6 +370,29 @@ class CandleStream:
                 points_sent=points_sent,
             ),
         )
+
+    async def _emit_shared(self, event: bytes, extra: Hashable, build: Callable[[], Payload]) -> None:
+        """A live event, through the shared frame cache when there is one.
+
+        The key holds everything the frame's bytes depend on: the event, its
+        id (the position after it, which carries the request's fingerprint),
+        the request's shape, which intervals exist, the job's state and
+        backtest id, and ``extra`` (the chunk's interval and points). Equal
+        keys therefore mean equal bytes: a hit is exactly what this stream
+        would have built. The first event of a connection (with its
+        ``retry:``) and streams still in their snapshot never use it.
+        """
+        if self._frames is None or self._retry_ms is not None:
+            await self._emit(event, build())
+            return
+        event_id = self.position.encode()
+        state = self._state
+        key = (event, event_id, self._shape, state.status, state.current_bar, self._job.backtest_id, extra)
+        frame = self._frames.get(key)
+        if frame is None:
+            frame = protocol.frame(event, build(), event_id)
+            self._frames.put(key, frame)
+        await self._send(frame)
 
     async def _emit(self, event: bytes, payload: Payload) -> None:
         frame = protocol.frame(event, payload, self.position.encode(), self._retry_ms)

@@ -4,6 +4,13 @@ Workers in other languages follow SPEC 6 directly; this module is the
 reference implementation, and the demo job and the tests write through it.
 Every change is one MULTI/EXEC transaction that also publishes a note on the
 job's channel, so a follower never sees a note before the data it announces.
+
+On a Redis Cluster the note is a sharded ``SPUBLISH`` inside the same
+transaction (the channel carries the job's hash tag, so it lives in the
+job's slot): the shard that owns the job delivers it, instead of every node
+of the cluster relaying a classic ``PUBLISH``. ``sharded=False`` keeps the
+classic ``PUBLISH`` (sent right after the transaction, since a keyless
+command cannot join a cluster transaction); the gateway hears both.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ from datetime import UTC, date, datetime
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
+from gateway.redis_client import is_cluster
 from gateway.sources import keys
 from gateway.sources.base import JOB_STATUSES
 from gateway.sources.candles import Candle, encode_candle
@@ -26,11 +35,28 @@ _encode = msgspec.json.Encoder().encode
 class JobWriter:
     """Creates one job's records and appends its candles, as a worker would."""
 
-    def __init__(self, client: aioredis.Redis, job_id: str) -> None:
+    def __init__(self, client: aioredis.Redis, job_id: str, *, sharded: bool | None = None) -> None:
         self._redis = client
         self.job_id = job_id
         self._job_key = keys.job_key(job_id)
         self._channel = keys.events_channel(job_id)
+        self._cluster = is_cluster(client)
+        # Sharded notes by default on a cluster (cheaper there); classic PUBLISH elsewhere.
+        self._sharded = self._cluster if sharded is None else sharded
+
+    def _note(self, pipe: Pipeline, note: bytes) -> bytes | None:
+        """Queue the note in ``pipe``; or return it, to be published after the transaction."""
+        if self._sharded:
+            pipe.spublish(self._channel, note)
+            return None
+        if self._cluster:
+            return note
+        pipe.publish(self._channel, note)
+        return None
+
+    async def _publish_after(self, note: bytes | None) -> None:
+        if note is not None:
+            await self._redis.publish(self._channel, note)
 
     async def create(
         self,
@@ -62,8 +88,9 @@ class JobWriter:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._job_key)
             pipe.hset(self._job_key, mapping=fields)
-            pipe.publish(self._channel, _encode({"status": status}))
+            after = self._note(pipe, _encode({"status": status}))
             await pipe.execute()
+        await self._publish_after(after)
 
     async def append(self, interval: str, candles: Iterable[Candle]) -> int:
         """Append candles (ascending time) to an interval; returns the list's new length."""
@@ -83,11 +110,13 @@ class JobWriter:
                         pipe.rpush(key, *stored)
                     pipe.hset(self._job_key, "updated_at", _now())
                     new_length = length + len(stored)
-                    pipe.publish(self._channel, _encode({"interval": interval, "length": new_length}))
+                    after = self._note(pipe, _encode({"interval": interval, "length": new_length}))
                     await pipe.execute()
-                    return new_length
+                    break
                 except redis.exceptions.WatchError:
                     continue
+        await self._publish_after(after)
+        return new_length
 
     async def update(
         self,
@@ -111,8 +140,9 @@ class JobWriter:
             fields["backtest_id"] = note["backtest_id"] = backtest_id
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._job_key, mapping=fields)
-            pipe.publish(self._channel, _encode(note))
+            after = self._note(pipe, _encode(note))
             await pipe.execute()
+        await self._publish_after(after)
 
 
 def candle(time: datetime, open: float, high: float, low: float, close: float, volume: int) -> Candle:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
+import redis.exceptions
 
-from gateway.resources import NOTES
+from gateway.resources import NOTES, REDIS
 from tests.helpers import expected_points, make_candles, open_stream, seed_job, stream
 from tests.sse_client import SSEParser, Transcript
 
@@ -30,7 +32,7 @@ async def test_resuming_after_every_event_continues_exactly_the_uninterrupted_st
     for index, event in enumerate(reference.events[:-1]):
         resumed = await stream(client, JOB, token=token(), headers={"Last-Event-ID": event.id}, **params)
         assert _shape(reference.events[: index + 1] + resumed.events) == _shape(reference.events), index
-        assert resumed.events[0].retry == 3000
+        assert 3000 <= resumed.events[0].retry <= 6000
 
     after_end = await open_stream(
         client, JOB, token=token(), headers={"Last-Event-ID": reference.events[-1].id}, **params
@@ -318,3 +320,120 @@ async def test_follow_in_interleaved_order_goes_live_after_every_interval_comple
     final = (await _events(next_event, 1))[0]
     assert final.event == "all_complete"
     assert final.payload["total_points"] == {"day": 2, "minute": 4}
+
+
+async def _commands(redis_client, name):
+    stats = await redis_client.info("commandstats")
+    return stats.get(f"cmdstat_{name}", {"calls": 0})["calls"]
+
+
+async def test_idle_followers_cost_one_read_per_job_and_recheck_not_one_per_follower(
+    make_gateway, writer, token, redis_client
+):
+    client = await make_gateway(follow={"recheck_interval_s": 0.1}, server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 1})
+    responses = [await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(30)]
+    readers = [_reader(r) for r in responses]
+    for next_event in readers:
+        await _events(next_event, 3)
+    before = await _commands(redis_client, "hgetall")
+    await asyncio.sleep(1.0)
+    reads = await _commands(redis_client, "hgetall") - before
+    assert 5 <= reads <= 13  # one per 0.1 s tick for the job, not 30 per tick
+    # A bare RPUSH (no note) is still found by the job's re-check, and every follower gets it.
+    from gateway.sources.candles import encode_candle
+    from gateway.sources.keys import candles_key
+
+    await redis_client.rpush(candles_key(JOB, "minute"), encode_candle(make_candles(1, first=1)[0]))
+    for next_event in readers:
+        assert (await _events(next_event, 1))[0].payload["points_sent"] == 2
+    for response in responses:
+        response.close()
+
+
+async def test_followers_at_one_position_share_one_frame_and_the_others_get_their_own(make_gateway, writer, token):
+    client = await make_gateway(follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 3})
+    same = {"intervals": "minute", "follow": "true", "chunk_size": 2}
+    first = await open_stream(client, JOB, token=token(), **same)
+    next_first = _reader(first)
+    head = await _events(next_first, 4)
+    twin = await open_stream(client, JOB, token=token(), **same)
+    next_twin = _reader(twin)
+    await _events(next_twin, 4)
+    # Same request, resumed from an earlier event: another position, so its own bytes.
+    behind = await open_stream(client, JOB, token=token(), headers={"Last-Event-ID": head[1].id}, **same)
+    next_behind = _reader(behind)
+    assert [e.payload["points_sent"] for e in await _events(next_behind, 1)] == [3]
+    await _events(next_behind, 1)  # its interval_complete
+    other = await open_stream(client, JOB, token=token(), intervals="minute", follow="true", chunk_size=5)
+    next_other = _reader(other)
+    await _events(next_other, 3)
+
+    appended = make_candles(2, first=3)
+    await w.append("minute", appended)
+    got_first, got_twin = (await _events(next_first, 1))[0], (await _events(next_twin, 1))[0]
+    got_behind, got_other = (await _events(next_behind, 1))[0], (await _events(next_other, 1))[0]
+    assert (got_first.id, got_first.data) == (got_twin.id, got_twin.data)
+    assert got_first.payload["points_sent"] == 5 and got_first.payload["chunk_index"] == 2
+    assert got_behind.id == got_first.id  # resumed behind, caught up: same position, same bytes
+    assert got_other.payload["chunk_index"] == 1 and got_other.payload["points_sent"] == 5
+    assert got_other.id != got_first.id
+    for event in (got_first, got_behind, got_other):
+        assert event.payload["data_points"] == expected_points(appended)
+    frames = client.server.app[NOTES]._jobs[f"job:{{{JOB}}}:events".encode()].frames
+    assert frames.hits >= 2  # the twin and the caught-up stream reused the first one's frame
+    for response in (first, twin, behind, other):
+        response.close()
+
+
+async def test_a_follower_whose_read_finds_the_pool_busy_keeps_its_stream(make_gateway, writer, token):
+    client = await make_gateway(
+        redis={"max_connections": 2, "pool_timeout_s": 0.05},
+        follow={"recheck_interval_s": 30.0},
+        server={"max_streams_per_user": 0},
+    )
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 1})
+    response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true")
+    next_event = _reader(response)
+    await _events(next_event, 3)
+    pool = client.server.app[REDIS].connection_pool
+    held = []
+    with contextlib.suppress(redis.exceptions.ConnectionError):
+        while True:  # every connection busy elsewhere (one is the notes' subscription)
+            held.append(await pool.get_connection())
+    assert held
+    await w.append("minute", make_candles(1, first=1))
+    await asyncio.sleep(0.3)  # the follower's reads time out meanwhile, and it waits
+    for connection in held:
+        await pool.release(connection)
+    event = (await _events(next_event, 1))[0]
+    assert (event.event, event.payload["points_sent"]) == ("data_chunk", 2)
+    response.close()
+
+
+async def test_followers_of_one_job_share_one_snapshot_and_one_chunk_read_per_append(
+    make_gateway, writer, token, redis_client
+):
+    client = await make_gateway(follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 1})
+    responses = [await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(50)]
+    readers = [_reader(r) for r in responses]
+    for next_event in readers:
+        await _events(next_event, 3)
+    before = await _commands(redis_client, "lrange"), await _commands(redis_client, "hgetall")
+    for n in range(5):
+        await w.append("minute", make_candles(1, first=1 + n))
+        for next_event in readers:
+            assert (await _events(next_event, 1))[0].payload["points_sent"] == 2 + n
+    lranges = await _commands(redis_client, "lrange") - before[0]
+    hgetalls = await _commands(redis_client, "hgetall") - before[1]
+    assert (lranges, hgetalls) == (5, 5)
+    frames = client.server.app[NOTES]._jobs[f"job:{{{JOB}}}:events".encode()].frames
+    assert frames.misses == 5  # one frame built per append, for all 50
+    for response in responses:
+        response.close()

@@ -1,0 +1,446 @@
+"""``make bench BENCH_ARGS="--only fanout"``: many live followers on one gateway process.
+
+For each size (followers x jobs) it starts a fresh gateway (``python -m
+gateway serve``) on one embedded Valkey, and a raw-socket client in a
+process of its own (``python -m bench.fanout client``) that opens the
+follow streams, then:
+
+- connect: how many follow streams a second the gateway accepted (each
+  counted once its snapshot's ``interval_complete`` arrived);
+- idle: gateway CPU and the gateway's Redis reads per second (commandstats
+  of the read commands) while nothing is appended, and memory per follower;
+- live: one append per job every 200 ms (``JobWriter``, as a worker would)
+  for the run's duration; delivered fraction (appended points that reached
+  every follower within 2 s of the last append), append -> receipt
+  p50/p95/p99, gateway CPU, the gateway's Redis reads per second, data_chunk
+  events per second, ``connection_error`` events and refused (non-200)
+  streams, and the client's own CPU (to show it is not the bottleneck).
+
+Times are wall-clock (``time.time()``) in both processes, on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import cast
+
+import redis.asyncio as aioredis
+
+from gateway.devtools.dev_auth import DevSigningKey, mint_token
+from gateway.workers import JobWriter, candle
+
+APPEND_EVERY_S = 0.2
+START = datetime(2020, 1, 1, tzinfo=UTC)
+
+
+def raise_open_files() -> None:
+    """Up to the hard limit: 10,000 sockets on each side need more than the usual 1,024."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def job_id(n: int) -> str:
+    return f"fanout-{n}"
+
+
+# -- the client process ---------------------------------------------------------
+
+
+class _Follower(asyncio.Protocol):
+    """One follow stream read off a raw socket: only the live data_chunk's points_sent is parsed."""
+
+    def __init__(self, client: _Client, follower: int, request: bytes) -> None:
+        self._client = client
+        self._follower = follower
+        self._request = request
+        self._buffer = b""
+        self.ready = asyncio.get_running_loop().create_future()
+        self.status_ok: bool | None = None
+        self.live = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).write(self._request)  # uvloop's is no asyncio.Transport subclass
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        if self.status_ok is None:
+            if b"\r\n" not in buffer:
+                self._buffer = buffer
+                return
+            self.status_ok = buffer.startswith(b"HTTP/1.1 200")
+            if not self.status_ok:
+                self._client.refused += 1
+                self._done()
+                return
+        *events, self._buffer = buffer.split(b"\n\n")
+        now = time.time()
+        for event in events:
+            if not self.live:
+                if b"event: interval_complete" in event:
+                    self.live = True
+                    self._done()
+                continue
+            if b"event: data_chunk" in event:
+                at = event.find(b'"points_sent":') + 14
+                self._client.record(self._follower, int(event[at : event.find(b",", at)]), now)
+            elif b"connection_error" in event:
+                self._client.connection_errors += 1
+
+    def _done(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.live:
+            self._client.closed += 1
+        self._done()
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.followers = array("I")
+        self.points = array("I")
+        self.times = array("d")
+        self.refused = self.connection_errors = self.closed = 0
+
+    def record(self, follower: int, points_sent: int, at: float) -> None:
+        self.followers.append(follower)
+        self.points.append(points_sent)
+        self.times.append(at)
+
+
+async def _client_main(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    client = _Client()
+    transports: list[asyncio.BaseTransport] = []
+    in_flight = asyncio.Semaphore(args.concurrency)
+
+    async def open_one(n: int) -> None:
+        job = n % args.jobs
+        path = f"/api/sse/backtest/{job_id(job)}/data/multi?intervals=day&follow=true&token={args.token}"
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode()
+        async with in_flight:
+            transport, follower = await loop.create_connection(
+                lambda: _Follower(client, n, request), "127.0.0.1", args.port
+            )
+            transports.append(transport)
+            await follower.ready
+
+    started = time.time()
+    await asyncio.gather(*(open_one(n) for n in range(args.followers)))
+    print(json.dumps({"connect_s": time.time() - started, "refused": client.refused}), flush=True)
+    # Wait for the bench to say stop (a line on stdin), reading streams meanwhile.
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await reader.readline()
+    _write_records(client, Path(args.out))
+    print(
+        json.dumps({"connection_errors": client.connection_errors, "closed": client.closed, "refused": client.refused}),
+        flush=True,
+    )
+    for transport in transports:
+        transport.close()
+
+
+def _write_records(client: _Client, path: Path) -> None:
+    with path.open("wb") as out:
+        for column in (client.followers, client.points, client.times):
+            out.write(len(column).to_bytes(8, "little"))
+            column.tofile(out)
+
+
+def client_command(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.fanout client")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--followers", type=int, required=True)
+    parser.add_argument("--jobs", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    raise_open_files()
+    from gateway.server import install_uvloop
+
+    install_uvloop()
+    asyncio.run(_client_main(args))
+
+
+def _read_records(path: Path) -> tuple[array[int], array[int], array[float]]:
+    jobs, points, times = array("I"), array("I"), array("d")
+    with path.open("rb") as source:
+        for column in (jobs, points, times):
+            count = int.from_bytes(source.read(8), "little")
+            column.fromfile(source, count)
+    return jobs, points, times
+
+
+# -- the bench side ---------------------------------------------------------------
+
+
+@dataclass
+class FanoutResult:
+    followers: int
+    jobs: int
+    connect_per_s: float
+    refused: int
+    idle_cpu: float
+    idle_redis_per_s: float
+    rss_per_follower_kib: float
+    live_cpu: float = 0.0
+    live_redis_per_s: float = 0.0
+    delivered: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    connection_errors: int = 0
+    events_per_s: float = 0.0
+    label: str = ""
+    client_cpu: float = 0.0
+
+
+# What the gateway reads with (HGETALL, LRANGE, HMGET are the gateway's alone; the
+# workers' LLEN, one per append, is subtracted): the appends' own commands are not counted.
+_READS = ("hgetall", "lrange", "hmget", "llen", "evalsha")
+
+
+async def _commands(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {"calls": 0})["calls"]) for name in _READS)
+
+
+async def _seed(client: aioredis.Redis, jobs: int) -> list[JobWriter]:
+    writers = []
+    for n in range(jobs):
+        await client.delete(f"job:{{{job_id(n)}}}", f"job:{{{job_id(n)}}}:candles:day")
+        writer = JobWriter(client, job_id(n))
+        await writer.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=["day"], status="running")
+        await writer.append("day", [candle(START, 1.0, 2.0, 0.5, 1.5, 10)])
+        writers.append(writer)
+    return writers
+
+
+async def _append_for(writers: list[JobWriter], duration_s: float) -> dict[tuple[int, int], float]:
+    """One append per job every 200 ms, jobs spread over the period; (job, new length) -> time."""
+    appended: dict[tuple[int, int], float] = {}
+    loop = asyncio.get_running_loop()
+    stop_at = loop.time() + duration_s
+
+    async def one(n: int, writer: JobWriter) -> None:
+        await asyncio.sleep(APPEND_EVERY_S * n / len(writers))
+        length, tick = 1, loop.time()
+        while tick < stop_at:
+            at = time.time()
+            bar = candle(START + timedelta(days=length), 1.0, 2.0, 0.5, 1.5, 10)
+            length = await writer.append("day", [bar])
+            appended[(n, length)] = at
+            tick += APPEND_EVERY_S
+            await asyncio.sleep(max(0.0, tick - loop.time()))
+
+    await asyncio.gather(*(one(n, writer) for n, writer in enumerate(writers)))
+    return appended
+
+
+def _percentile(ordered: Sequence[float], fraction: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def _start_client(port: int, token: str, followers: int, jobs: int, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.fanout", "client", "--port", str(port), "--token", token,
+         "--followers", str(followers), "--jobs", str(jobs), "--out", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def run_size(
+    followers: int,
+    jobs: int,
+    duration_s: float,
+    *,
+    redis_client: aioredis.Redis,
+    gateway_pid: int,
+    port: int,
+    token: str,
+    work: Path,
+    idle_s: float = 5.0,
+) -> FanoutResult:
+    from bench.__main__ import rss_kib
+
+    writers = await _seed(redis_client, jobs)
+    out = work / f"fanout-{followers}x{jobs}.bin"
+    rss_before = rss_kib(gateway_pid)
+    client = _start_client(port, token, followers, jobs, out)
+    assert client.stdin is not None and client.stdout is not None
+    loop = asyncio.get_running_loop()
+    try:
+        connected = json.loads(await loop.run_in_executor(None, client.stdout.readline))
+        await asyncio.sleep(1.0)
+        rss_after = rss_kib(gateway_pid)
+        cpu0, commands0, t0 = cpu_seconds(gateway_pid), await _commands(redis_client), time.time()
+        await asyncio.sleep(idle_s)
+        cpu1, commands1, t1 = cpu_seconds(gateway_pid), await _commands(redis_client), time.time()
+        result = FanoutResult(
+            followers=followers,
+            jobs=jobs,
+            connect_per_s=followers / connected["connect_s"],
+            refused=connected["refused"],
+            idle_cpu=(cpu1 - cpu0) / (t1 - t0),
+            idle_redis_per_s=(commands1 - commands0) / (t1 - t0),
+            rss_per_follower_kib=(rss_after - rss_before) / followers,
+        )
+        if duration_s <= 0:
+            return result
+        client_cpu0 = cpu_seconds(client.pid)
+        appended = await _append_for(writers, duration_s)
+        await asyncio.sleep(2.0)  # the last appends' deliveries
+        cpu2, commands2, t2 = cpu_seconds(gateway_pid), await _commands(redis_client), time.time()
+        result.client_cpu = (cpu_seconds(client.pid) - client_cpu0) / (t2 - t1)
+        client.stdin.write(b"stop\n")
+        client.stdin.flush()
+        ended = json.loads(await loop.run_in_executor(None, client.stdout.readline))
+    finally:
+        if client.poll() is None:
+            with contextlib.suppress(BrokenPipeError):
+                client.stdin.close()
+            await loop.run_in_executor(None, client.wait)
+    result.live_cpu = (cpu2 - cpu1) / (t2 - t1)
+    result.live_redis_per_s = (commands2 - commands1 - len(appended)) / (t2 - t1)
+    result.connection_errors = ended["connection_errors"]
+    result.refused += ended["refused"]
+    followers_col, points_col, times_col = _read_records(out)
+    out.unlink()
+    latencies: list[float] = []
+    seen = [1] * followers  # points each follower had before the live part (the seeded one)
+    for follower, points, at in zip(followers_col, points_col, times_col, strict=True):
+        job = follower % jobs
+        # One chunk may carry several appends: each counts from its own append.
+        latencies.extend(at - appended[(job, k)] for k in range(seen[follower] + 1, points + 1) if (job, k) in appended)
+        seen[follower] = max(seen[follower], points)
+    per_job = [0] * jobs
+    for job, _ in appended:
+        per_job[job] += 1
+    expected = sum(per_job[follower % jobs] for follower in range(followers))
+    latencies.sort()
+    result.delivered = len(latencies) / expected if expected else float("nan")
+    result.p50_ms = _percentile(latencies, 0.5) * 1000
+    result.p95_ms = _percentile(latencies, 0.95) * 1000
+    result.p99_ms = _percentile(latencies, 0.99) * 1000
+    received_points = len(points_col)
+    result.events_per_s = received_points / duration_s
+    return result
+
+
+def table(results: Sequence[FanoutResult]) -> list[str]:
+    lines = [
+        "| followers x jobs | connect /s | idle CPU | idle Redis reads/s | RSS / follower | delivered |"
+        " append -> receipt p50 / p95 / p99 | live CPU | live Redis reads/s | events /s |"
+        " connection_error / refused | client CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        live = (
+            f"{r.delivered:.2%} | {r.p50_ms:.0f} / {r.p95_ms:.0f} / {r.p99_ms:.0f} ms | {r.live_cpu:.0%} |"
+            f" {r.live_redis_per_s:,.0f} | {r.events_per_s:,.0f}"
+            if r.events_per_s
+            else "- | - | - | - | -"
+        )
+        lines.append(
+            f"| {r.followers:,} x {r.jobs:,}{' ' + r.label if r.label else ''}"
+            f" | {r.connect_per_s:,.0f} | {r.idle_cpu:.1%} | {r.idle_redis_per_s:,.0f} |"
+            f" {r.rss_per_follower_kib:.1f} KiB | {live} | {r.connection_errors} / {r.refused} | {r.client_cpu:.0%} |"
+        )
+    return lines
+
+
+SIZES = ((1000, 1), (10_000, 1), (10_000, 100))
+
+
+async def fanout_section(
+    args: argparse.Namespace, work: Path, redis_url: str, certs_url: str, project: str, key: DevSigningKey
+) -> list[str]:
+    """Every size on a fresh gateway process, then 19,000 idle followers."""
+    from bench.__main__ import free_port, server_process
+
+    raise_open_files()
+    token = mint_token(key, project, "bench", lifetime_s=3600)
+    duration = args.fanout_seconds
+    sizes = [(f, j) for f, j in SIZES]
+    if args.fanout_sizes:
+        sizes = [tuple(int(x) for x in size.split("x")) for size in args.fanout_sizes.split(",")]  # type: ignore[misc]
+    client = aioredis.Redis.from_url(redis_url)
+    results = []
+    try:
+        runs = [(f, j, None) for f, j in sizes]
+        if args.fanout_baseline:  # the same sizes on another source tree, side by side
+            runs = [run for f, j in sizes for run in ((f, j, args.fanout_baseline), (f, j, None))]
+        for followers, jobs, source in [*runs, (args.fanout_idle, 1, None)]:
+            if followers <= 0:
+                continue
+            port = free_port()
+            env = {
+                "GATEWAY_REDIS_URL": redis_url,
+                "GATEWAY_AUTH_CERTS_URL": certs_url,
+                "GATEWAY_AUTH_FIREBASE_PROJECT_ID": project,
+                "GATEWAY_SERVER_PORT": str(port),
+                "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
+                "GATEWAY_SERVER_ACCESS_LOG": "false",
+                # Thousands of open streams: no grace, or stopping the gateway outlasts the bench's wait.
+                "GATEWAY_SERVER_SHUTDOWN_GRACE_S": "0",
+            }
+            if source is not None:
+                env["PYTHONPATH"] = source
+            idle_only = (followers, jobs) == (args.fanout_idle, 1)
+            command = [sys.executable, "-m", "gateway", "serve"]
+            if os.environ.get("BENCH_PROFILE"):  # a pyinstrument profile of each gateway, for iteration
+                profile = Path(os.environ["BENCH_PROFILE"]) / f"fanout-{followers}x{jobs}.txt"
+                command[1:1] = ["-m", "pyinstrument", "-r", "text", "-o", str(profile)]
+            with server_process(command, env, port, work / f"fanout-{followers}.log") as gateway:
+                await asyncio.sleep(0.5)
+                result = await run_size(
+                    followers,
+                    jobs,
+                    0 if idle_only else duration,
+                    redis_client=client,
+                    gateway_pid=gateway.pid,
+                    port=port,
+                    token=token,
+                    work=work,
+                )
+                result.label = "baseline" if source else ""
+                print(table([result])[-1], file=sys.stderr)
+                results.append(result)
+    finally:
+        await client.aclose()
+    return [
+        f"fan-out: one append per job every {APPEND_EVERY_S * 1000:.0f} ms for {duration:.0f} s;"
+        " one gateway process; raw-socket client in its own process",
+        "",
+        *table(results),
+    ]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["client"]:
+        client_command(sys.argv[2:])
+    else:
+        raise SystemExit("usage: python -m bench.fanout client ... (make bench BENCH_ARGS='--only fanout' runs it)")
