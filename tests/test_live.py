@@ -437,3 +437,28 @@ async def test_followers_of_one_job_share_one_snapshot_and_one_chunk_read_per_ap
     assert frames.misses == 5  # one frame built per append, for all 50
     for response in responses:
         response.close()
+
+
+async def test_points_appended_just_before_the_job_completes_are_all_sent(make_gateway, writer, token):
+    # While a follower catches up chunk by chunk, chunk reads see the job "completed";
+    # the points appended after the follower last counted must still all be sent.
+    client = await make_gateway(follow={"recheck_interval_s": 30.0})
+    w = writer(JOB)
+    stored = await seed_job(w, counts={"minute": 1})
+    response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true", chunk_size=1)
+    next_event = _reader(response)
+    assert [e.event for e in await _events(next_event, 3)] == ["interval_start", "data_chunk", "interval_complete"]
+    burst = make_candles(300, first=1)
+    await w.append("minute", burst)
+    first_live = await asyncio.wait_for(next_event(), timeout=10)
+    assert first_live.event == "data_chunk"
+    tail = make_candles(20, first=301)
+    await w.append("minute", tail)
+    await w.update(status="completed")
+    events = [first_live]
+    while events[-1].event != "all_complete":
+        events.append(await asyncio.wait_for(next_event(), timeout=10))
+    points = [p for e in events if e.event == "data_chunk" for p in e.payload["data_points"]]
+    assert points == expected_points(burst + tail)
+    assert events[-1].payload["total_points"] == {"minute": 1 + 300 + 20}
+    assert stored["minute"]  # the snapshot's point came before
