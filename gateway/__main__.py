@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import sys
 from pathlib import Path
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "schema":
         return _schema(args.output, typescript=args.typescript)
+    # What loading the settings logs (unknown GATEWAY_* variables) waits until the
+    # settings say how logs are written.
+    early = logging.handlers.MemoryHandler(capacity=1000, flushLevel=logging.CRITICAL + 1)
+    logging.getLogger().addHandler(early)
     try:
         settings = load_settings(args.config)
         if getattr(args, "workers", None) is not None:
@@ -109,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"configuration error: cannot read {args.config}: {exc.strerror}; pass --config PATH", file=sys.stderr)
         return 2
-    configure_logging(settings.log.format, getattr(logging, settings.log.level.upper()))
+    finally:
+        logging.getLogger().removeHandler(early)
+    handler = configure_logging(settings.log.format, getattr(logging, settings.log.level.upper()))
+    early.setTarget(handler)
+    early.close()  # flushes to the target
 
     try:
         if args.command == "serve":

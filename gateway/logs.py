@@ -133,8 +133,8 @@ def _text_value(value: object) -> str:
     return text if text and " " not in text and '"' not in text else json.dumps(text)
 
 
-def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
-    """One stderr handler on the root logger, in ``log_format``, that never writes a token."""
+def configure_logging(log_format: str = "text", level: int = logging.INFO) -> logging.Handler:
+    """One stderr handler on the root logger, in ``log_format``, that never writes a token; returns it."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_gateway", False):
@@ -146,6 +146,7 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     root.addHandler(handler)
     root.setLevel(level)
     install_redaction()
+    return handler
 
 
 def install_redaction() -> None:

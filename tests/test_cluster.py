@@ -98,9 +98,14 @@ def test_every_multi_key_operation_stays_in_one_slot():
     for name in (
         keys.backtest_candles_key(bt, "day"),
         keys.backtest_complete_key(bt),
-        keys.backtest_staging_key(bt, "day", "w1"),
+        keys.backtest_staging_key(bt, "day"),
+        keys.backtest_fill_key(bt, "day"),
+        keys.backtest_fill_lock_key(bt, "day"),
+        keys.backtest_missing_key(bt),
     ):
         assert key_slot(name.encode()) == bt_slot
+    job_lookups = key_slot(keys.job_backtest_key("j1").encode())
+    assert key_slot(keys.job_backtest_missing_key("j1").encode()) == job_lookups
     # The stream-limit script touches one key only.
     assert keys.user_streams_key("alice") == "gateway:streams:{alice}"
 
