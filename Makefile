@@ -26,7 +26,7 @@ run: $(STAMP) $(NPM_STAMP)
 	$(PY) -m gateway dev
 
 test: $(STAMP) $(NPM_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --cov --cov-report=term $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check gateway tests bench

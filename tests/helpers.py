@@ -81,7 +81,7 @@ async def open_stream(
     job_id: str,
     *,
     token: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Any = None,  # a mapping of header names to values
     **params: Any,
 ):
     query = {key: str(value) for key, value in params.items()}

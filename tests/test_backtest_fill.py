@@ -46,7 +46,7 @@ class QueryLog:
                 time.sleep(self.delay_s)  # on the executor thread, as a slow answer would keep it
             return original(query, **kwargs)
 
-        client.query_and_wait = query_and_wait
+        client.query_and_wait = query_and_wait  # type: ignore[method-assign]
         return client
 
     def kinds(self) -> Counter[str]:

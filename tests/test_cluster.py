@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
-from redis.cluster import key_slot
+from redis.crc import key_slot
 
 from gateway.config import Settings, with_overrides
 from gateway.redis_client import build_redis_client, is_cluster

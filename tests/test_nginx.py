@@ -23,14 +23,15 @@ from tests.helpers import START, expected_points, make_candles, seed_job, stream
 from tests.replicas import REPO, Replica, ResumingClient, free_port, replica_env, wait_for_port
 from tests.sse_client import SSEParser, Transcript
 
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+_FOUND = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
 SHIPPED = REPO / "deploy" / "nginx.conf"
 GRACE_S = 1.0
 
-if NGINX is None:
+if _FOUND is None:
     if os.environ.get("CI"):
         raise RuntimeError("nginx is not installed; .ci/run installs it (apt-get install nginx)")
     pytest.skip("nginx is not installed (it is in CI)", allow_module_level=True)
+NGINX: str = _FOUND or "nginx"
 
 
 def test_shipped_config_passes_nginx_t():
@@ -150,7 +151,7 @@ async def test_resume_with_last_event_id_through_nginx(site, writer, token):
                     break
         last_id = head.events[-1].id
         async with session.get(
-            base + stream_path("nginx-resume"), params=query, headers={"Last-Event-ID": last_id}
+            base + stream_path("nginx-resume"), params=query, headers={"Last-Event-ID": str(last_id)}
         ) as rest_response:
             assert rest_response.status == 200
             parser, rest = SSEParser(), Transcript()

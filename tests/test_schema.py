@@ -169,7 +169,7 @@ async def test_each_request_level_answer_matches_the_document(make_gateway, writ
 
     finished = await stream(client, JOB, token=token(), intervals="day")
     done = await call(
-        None, lambda: _call(base_url, JOB, intervals="day", token=token(), last_event_id=finished.events[-1].id)
+        None, lambda: _call(base_url, JOB, intervals="day", token=token(), last_event_id=str(finished.events[-1].id))
     )
     assert done.status_code == 204
     assert done.content == b""

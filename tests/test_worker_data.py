@@ -339,7 +339,12 @@ def _same_candles(fast: bytes, slow: bytes) -> None:
 
 
 # Derandomized: the same examples on every run (no flaky suite, no example database on disk).
-_PROPERTY = {"deadline": None, "derandomize": True, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
+_PROPERTY: dict[str, Any] = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": [HealthCheck.too_slow],
+}
 
 
 @settings(max_examples=600, **_PROPERTY)

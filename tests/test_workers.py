@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from tests.helpers import make_candles
 
 
 async def _notes(pubsub, count):
-    notes = []
+    notes: list[Any] = []
     deadline = asyncio.get_running_loop().time() + 5
     while len(notes) < count and asyncio.get_running_loop().time() < deadline:
         # None also stands for a skipped subscribe confirmation: keep reading.
