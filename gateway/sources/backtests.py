@@ -19,7 +19,6 @@ from functools import partial
 
 from gateway import metrics
 from gateway.errors import DataError
-from gateway.sources import keys
 from gateway.sources.base import COMPLETED, ChunkReader, JobInfo, JobState, ReadPlan, Snapshot
 from gateway.sources.cache import BacktestCache
 from gateway.sources.lists import ListReads
@@ -109,8 +108,7 @@ class BacktestSource:
 
     def reader(self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool) -> ChunkReader:
         read = self._read_cached if interval in self._cached else self._read_filling
-        key = keys.backtest_candles_key(self.backtest_id, interval)
-        return self._lists.reader(partial(read, interval), key, interval, start, stop, chunk_size, prefetch=prefetch)
+        return self._lists.reader(partial(read, interval), interval, start, stop, chunk_size, prefetch=prefetch)
 
     async def _read_cached(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState | None]:
         return await self._cache.read_range(self.backtest_id, interval, start, count), None

@@ -123,7 +123,6 @@ class CandleValidator:
         position: int = 0,
         *,
         memo: ValidatedChunks | None = None,
-        key: str = "",  # unused: the memo is keyed by content; kept so that callers need no change
     ) -> None:
         self._interval = interval
         # Index (in the stored list) of the next candle to validate, for messages.
@@ -256,11 +255,6 @@ def _repeated_field(raw: bytes) -> str | None:
 
 def _pairs(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return pairs
-
-
-def encode_candles(candles: Sequence[Candle]) -> bytes:
-    """The canonical JSON array of already validated candles (times in UTC)."""
-    return _encode(candles)
 
 
 def encode_candle(candle: Candle) -> bytes:

@@ -35,13 +35,13 @@ class ListReads:
 
     def __init__(self) -> None:
         # Each stored chunk is validated once per process, whoever reads it.
-        self.validated = ValidatedChunks()
+        self.memo = ValidatedChunks()
         self.read_ahead = ReadAheadBudget()
 
     def reader(
-        self, fetch: RangeFetch, key: str, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool
+        self, fetch: RangeFetch, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool
     ) -> ListChunkReader:
-        """A reader of list ``key`` (one interval's candles) from ``start`` to ``stop``."""
+        """A reader of one interval's stored candles (what ``fetch`` reads) from ``start`` to ``stop``."""
         return ListChunkReader(
             fetch,
             interval,
@@ -49,8 +49,7 @@ class ListReads:
             stop,
             chunk_size,
             prefetch=prefetch,
-            key=key,
-            memo=self.validated,
+            memo=self.memo,
             budget=self.read_ahead,
         )
 
@@ -67,7 +66,6 @@ class ListChunkReader:
         chunk_size: int,
         *,
         prefetch: bool,
-        key: str,
         memo: ValidatedChunks | None,
         budget: ReadAheadBudget | None = None,
     ) -> None:
@@ -76,7 +74,7 @@ class ListChunkReader:
         self._stop = stop
         self._chunk_size = chunk_size
         self._prefetch = prefetch
-        self._validator = CandleValidator(interval, position=start, memo=memo, key=key)
+        self._validator = CandleValidator(interval, position=start, memo=memo)
         self._pending: deque[asyncio.Future[tuple[list[bytes], JobState | None]]] = deque()
         self._requested = start  # position after the last chunk asked for
         self._budget = budget

@@ -25,7 +25,7 @@ import redis.exceptions
 from gateway.errors import JobNotFound, RequestError
 from gateway.sources import keys
 from gateway.sources.cache import BacktestCache
-from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError, unavailable
+from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError, warehouse_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -134,4 +134,4 @@ class BacktestLookups:
             # shield: one caller going away must not cancel the others' query.
             return await asyncio.shield(pending)
         except WarehouseError as exc:
-            raise unavailable(exc) from exc
+            raise warehouse_unavailable(exc) from exc

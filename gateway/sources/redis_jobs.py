@@ -100,9 +100,8 @@ class RedisJobSource:
         return length
 
     def reader(self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool) -> ListChunkReader:
-        key = keys.candles_key(self.job_id, interval)
         fetch = partial(self.read_range, interval)
-        return self._lists.reader(fetch, key, interval, start, stop, chunk_size, prefetch=prefetch)
+        return self._lists.reader(fetch, interval, start, stop, chunk_size, prefetch=prefetch)
 
     async def read_range(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState | None]:
         """``count`` stored candles from ``start``, and every few chunks the job's state read with them."""

@@ -209,7 +209,8 @@ def make_client(settings: BigQuerySettings) -> bigquery.Client:
     )
 
 
-def unavailable(exc: WarehouseError) -> SourceUnavailable:
+def warehouse_unavailable(exc: WarehouseError) -> SourceUnavailable:
+    """The stream error for a warehouse that did not answer (an exception to raise, not raised here)."""
     return SourceUnavailable(f"the warehouse failed: {exc}")
 
 
