@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,3 +91,22 @@ async def read_stream(response: aiohttp.ClientResponse, *, stop_after: int | Non
         if stop_after is not None and len(transcript.events) >= stop_after:
             break
     return transcript
+
+
+def event_reader(response: aiohttp.ClientResponse) -> Callable[[], Awaitable[Event]]:
+    """``next_event()``: the stream's events one at a time, as they arrive."""
+    parser, transcript = SSEParser(), Transcript()
+    iterator = response.content.iter_any().__aiter__()
+
+    async def next_event() -> Event:
+        while True:
+            if transcript.events:
+                return transcript.events.pop(0)
+            parser.feed(await iterator.__anext__(), transcript)
+
+    return next_event
+
+
+async def next_events(next_event: Callable[[], Awaitable[Event]], count: int, wait_s: float = 10) -> list[Event]:
+    """The next ``count`` events, each within ``wait_s``."""
+    return [await asyncio.wait_for(next_event(), timeout=wait_s) for _ in range(count)]

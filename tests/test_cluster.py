@@ -24,7 +24,7 @@ from gateway.sources import keys
 from gateway.workers import JobWriter
 from tests.cluster import LocalCluster
 from tests.helpers import expected_points, make_candles, open_stream, seed_job
-from tests.sse_client import SSEParser, Transcript
+from tests.sse_client import event_reader, next_events
 
 # The rest of the suite, run again here against the cluster (fixtures below).
 from tests.test_backtests import (  # noqa: F401
@@ -70,23 +70,6 @@ async def redis_client(valkey_cluster: LocalCluster) -> AsyncIterator[aioredis.R
 @pytest.fixture
 def settings(settings: Settings, valkey_cluster: LocalCluster) -> Settings:
     return with_overrides(settings, redis={"url": valkey_cluster.url, "cluster": True})
-
-
-def _reader(response):
-    parser, transcript = SSEParser(), Transcript()
-    iterator = response.content.iter_any().__aiter__()
-
-    async def next_event():
-        while True:
-            if transcript.events:
-                return transcript.events.pop(0)
-            parser.feed(await iterator.__anext__(), transcript)
-
-    return next_event
-
-
-async def _events(next_event, count, wait_s=10):
-    return [await asyncio.wait_for(next_event(), timeout=wait_s) for _ in range(count)]
 
 
 def test_every_multi_key_operation_stays_in_one_slot():
@@ -155,11 +138,11 @@ async def test_followers_hear_sharded_and_classic_notes(make_gateway, redis_clie
     w = JobWriter(redis_client, JOB, sharded=sharded)
     await seed_job(w, counts={"minute": 2})
     response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true")
-    next_event = _reader(response)
-    await _events(next_event, 3)
+    next_event = event_reader(response)
+    await next_events(next_event, 3)
     appended = make_candles(1, first=2)
     await w.append("minute", appended)
-    live = (await _events(next_event, 1))[0]
+    live = (await next_events(next_event, 1))[0]
     assert (live.event, live.payload["points_sent"]) == ("data_chunk", 3)
     assert live.payload["data_points"] == expected_points(appended)
     assert client.server.app[NOTES].subscribed_jobs == 1
@@ -178,17 +161,17 @@ async def test_a_node_restarting_mid_stream_ends_it_with_connection_error_and_th
     await seed_job(w, counts={"minute": 3})
     params = {"intervals": "minute", "follow": "true", "chunk_size": 2}
     response = await open_stream(client, JOB, token=token(), **params)
-    next_event = _reader(response)
-    await _events(next_event, 4)
+    next_event = event_reader(response)
+    await next_events(next_event, 4)
     await w.append("minute", make_candles(1, first=3))
-    live = (await _events(next_event, 1))[0]
+    live = (await next_events(next_event, 1))[0]
     assert live.payload["points_sent"] == 4
 
     loop = asyncio.get_running_loop()
     owner = valkey_cluster.owner_of(keys.job_key(JOB))
     await loop.run_in_executor(None, valkey_cluster.stop, owner)
     try:
-        ended = (await _events(next_event, 1, wait_s=20))[0]
+        ended = (await next_events(next_event, 1, wait_s=20))[0]
         assert (ended.event, ended.payload["error"]) == ("error", "connection_error")
         assert await response.content.read() == b""  # the stream ended
     finally:
@@ -203,7 +186,7 @@ async def test_a_node_restarting_mid_stream_ends_it_with_connection_error_and_th
             await asyncio.sleep(0.2)
     resumed = await open_stream(client, JOB, token=token(), headers={"Last-Event-ID": live.id}, **params)
     assert resumed.status == 200
-    events = await _events(_reader(resumed), 1)
+    events = await next_events(event_reader(resumed), 1)
     assert [(e.event, e.payload["chunk_index"], e.payload["points_sent"]) for e in events] == [("data_chunk", 3, 6)]
     assert events[0].payload["data_points"] == expected_points(appended)
     resumed.close()

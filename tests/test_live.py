@@ -10,7 +10,7 @@ import redis.exceptions
 
 from gateway.resources import NOTES, REDIS
 from tests.helpers import expected_points, make_candles, open_stream, seed_job, stream
-from tests.sse_client import SSEParser, Transcript
+from tests.sse_client import event_reader, next_events
 
 JOB = "live-job"
 
@@ -92,30 +92,13 @@ async def test_resume_of_a_running_job_keeps_started_totals_and_counts_new_inter
     assert resumed.events[3].payload["total_points"] == 3  # day started after the resume
 
 
-def _reader(response):
-    parser, transcript = SSEParser(), Transcript()
-    iterator = response.content.iter_any().__aiter__()
-
-    async def next_event():
-        while True:
-            if transcript.events:
-                return transcript.events.pop(0)
-            parser.feed(await iterator.__anext__(), transcript)
-
-    return next_event
-
-
-async def _events(next_event, count):
-    return [await asyncio.wait_for(next_event(), timeout=10) for _ in range(count)]
-
-
 async def test_follow_sends_appended_points_status_changes_and_completes(make_gateway, writer, token):
     client = await make_gateway(follow={"recheck_interval_s": 30.0, "status_min_interval_s": 0.01})
     w = writer(JOB)
     stored = await seed_job(w, counts={"minute": 5, "day": 1}, current_bar=5)
     response = await open_stream(client, JOB, token=token(), intervals="minute,day", follow="true", chunk_size=2)
-    next_event = _reader(response)
-    snapshot = await _events(next_event, 8)
+    next_event = event_reader(response)
+    snapshot = await next_events(next_event, 8)
     assert [e.event for e in snapshot] == [
         "interval_start",
         "data_chunk",
@@ -129,7 +112,7 @@ async def test_follow_sends_appended_points_status_changes_and_completes(make_ga
 
     appended = make_candles(3, first=5)
     await w.append("minute", appended)  # publishes a note: the recheck timer (30 s) is not what wakes us
-    live = await _events(next_event, 2)
+    live = await next_events(next_event, 2)
     assert [e.event for e in live] == ["data_chunk", "data_chunk"]
     first, second = (e.payload for e in live)
     assert (first["chunk_index"], first["points_sent"], first["total_points"], first["is_last_chunk"]) == (
@@ -148,7 +131,7 @@ async def test_follow_sends_appended_points_status_changes_and_completes(make_ga
     }
 
     await w.update(current_bar=8)
-    status = await _events(next_event, 1)
+    status = await next_events(next_event, 1)
     assert status[0].event == "job_status"
     assert status[0].payload == {
         "job_id": JOB,
@@ -161,9 +144,9 @@ async def test_follow_sends_appended_points_status_changes_and_completes(make_ga
     last = make_candles(1, first=8)
     await w.append("minute", last)
     await w.update(status="completed")
-    tail = await _events(next_event, 1)
+    tail = await next_events(next_event, 1)
     while tail[-1].event != "all_complete":
-        tail += await _events(next_event, 1)
+        tail += await next_events(next_event, 1)
     chunks = [e for e in tail if e.event == "data_chunk"]
     assert [p for e in chunks for p in e.payload["data_points"]] == expected_points(last)
     final = tail[-1].payload
@@ -179,14 +162,14 @@ async def test_follow_without_any_note_still_delivers_within_the_recheck_interva
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
     response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true")
-    next_event = _reader(response)
-    await _events(next_event, 3)
+    next_event = event_reader(response)
+    await next_events(next_event, 3)
     # A worker that forgets to publish: a bare RPUSH.
     from gateway.sources.candles import encode_candle
     from gateway.sources.keys import candles_key
 
     await redis_client.rpush(candles_key(JOB, "minute"), encode_candle(make_candles(1, first=1)[0]))
-    event = (await _events(next_event, 1))[0]
+    event = (await next_events(next_event, 1))[0]
     assert event.event == "data_chunk"
     assert event.payload["points_sent"] == 2
     response.close()
@@ -197,10 +180,10 @@ async def test_cancelled_or_failed_job_ends_a_follow_stream_with_job_error(clien
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
     response = await open_stream(client, JOB, token=token(), intervals="minute", follow="1")
-    next_event = _reader(response)
-    await _events(next_event, 3)
+    next_event = event_reader(response)
+    await next_events(next_event, 3)
     await w.update(status=status, error="stopped by user")
-    event = (await _events(next_event, 1))[0]
+    event = (await next_events(next_event, 1))[0]
     assert event.event == "error"
     assert event.payload["error"] == "job_error"
     assert "stopped by user" in event.payload["message"]
@@ -211,11 +194,11 @@ async def test_follow_never_exceeds_limit(client, writer, token):
     w = writer(JOB)
     await seed_job(w, counts={"minute": 5})
     response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true", limit=6)
-    next_event = _reader(response)
-    await _events(next_event, 3)
+    next_event = event_reader(response)
+    await next_events(next_event, 3)
     await w.append("minute", make_candles(3, first=5))
     await w.update(status="completed")
-    tail = await _events(next_event, 2)
+    tail = await next_events(next_event, 2)
     assert [e.event for e in tail] == ["data_chunk", "all_complete"]
     assert len(tail[0].payload["data_points"]) == 1
     assert tail[1].payload["total_points"] == {"minute": 6}
@@ -233,16 +216,16 @@ async def test_many_followers_of_one_job_share_one_subscription(make_gateway, wr
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
     responses = [await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(20)]
-    readers = [_reader(r) for r in responses]
+    readers = [event_reader(r) for r in responses]
     for next_event in readers:
-        await _events(next_event, 3)
+        await next_events(next_event, 3)
     notes = client.server.app[NOTES]
     assert notes.subscribed_jobs == 1
     channel = f"job:{{{JOB}}}:events"
     assert dict(await redis_client.pubsub_numsub(channel)) == {channel.encode(): 1}
     await w.append("minute", make_candles(1, first=1))
     for next_event in readers:
-        assert (await _events(next_event, 1))[0].payload["points_sent"] == 2
+        assert (await next_events(next_event, 1))[0].payload["points_sent"] == 2
     for response in responses:
         response.close()
     for _ in range(100):
@@ -258,16 +241,16 @@ async def test_resume_in_follow_mode_while_the_worker_appends(client, writer, to
     await seed_job(w, counts={"minute": 3})
     params = {"intervals": "minute", "follow": "true", "chunk_size": 2}
     response = await open_stream(client, JOB, token=token(), **params)
-    next_event = _reader(response)
-    await _events(next_event, 4)
+    next_event = event_reader(response)
+    await next_events(next_event, 4)
     await w.append("minute", make_candles(1, first=3))
-    live = (await _events(next_event, 1))[0]
+    live = (await next_events(next_event, 1))[0]
     assert live.payload["points_sent"] == 4
     response.close()
     await w.append("minute", make_candles(3, first=4))  # appended while disconnected
     resumed = await open_stream(client, JOB, token=token(), headers={"Last-Event-ID": live.id}, **params)
-    next_resumed = _reader(resumed)
-    events = await _events(next_resumed, 2)
+    next_resumed = event_reader(resumed)
+    events = await next_events(next_resumed, 2)
     assert [(e.payload["chunk_index"], e.payload["points_sent"]) for e in events] == [(3, 6), (4, 7)]
     assert [p for e in events for p in e.payload["data_points"]] == expected_points(make_candles(3, first=4))
     resumed.close()
@@ -304,20 +287,20 @@ async def test_follow_in_interleaved_order_goes_live_after_every_interval_comple
     response = await open_stream(
         client, JOB, token=token(), intervals="day,minute", follow="true", order="interleaved", chunk_size=2
     )
-    next_event = _reader(response)
-    snapshot = await _events(next_event, 7)
+    next_event = event_reader(response)
+    snapshot = await next_events(next_event, 7)
     assert [(e.event, e.payload.get("interval")) for e in snapshot] == [
         ("interval_start", "day"), ("interval_start", "minute"),
         ("data_chunk", "day"), ("interval_complete", "day"),
         ("data_chunk", "minute"), ("data_chunk", "minute"), ("interval_complete", "minute"),
     ]  # fmt: skip
     await w.append("minute", make_candles(1, first=3))
-    live = (await _events(next_event, 1))[0]
+    live = (await next_events(next_event, 1))[0]
     assert (live.event, live.payload["interval"], live.payload["chunk_index"], live.payload["points_sent"]) == (
         "data_chunk", "minute", 2, 4,
     )  # fmt: skip
     await w.update(status="completed")
-    final = (await _events(next_event, 1))[0]
+    final = (await next_events(next_event, 1))[0]
     assert final.event == "all_complete"
     assert final.payload["total_points"] == {"day": 2, "minute": 4}
 
@@ -334,9 +317,9 @@ async def test_idle_followers_cost_one_read_per_job_and_recheck_not_one_per_foll
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
     responses = [await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(30)]
-    readers = [_reader(r) for r in responses]
+    readers = [event_reader(r) for r in responses]
     for next_event in readers:
-        await _events(next_event, 3)
+        await next_events(next_event, 3)
     before = await _commands(redis_client, "hgetall")
     await asyncio.sleep(1.0)
     reads = await _commands(redis_client, "hgetall") - before
@@ -347,7 +330,7 @@ async def test_idle_followers_cost_one_read_per_job_and_recheck_not_one_per_foll
 
     await redis_client.rpush(candles_key(JOB, "minute"), encode_candle(make_candles(1, first=1)[0]))
     for next_event in readers:
-        assert (await _events(next_event, 1))[0].payload["points_sent"] == 2
+        assert (await next_events(next_event, 1))[0].payload["points_sent"] == 2
     for response in responses:
         response.close()
 
@@ -358,24 +341,24 @@ async def test_followers_at_one_position_share_one_frame_and_the_others_get_thei
     await seed_job(w, counts={"minute": 3})
     same = {"intervals": "minute", "follow": "true", "chunk_size": 2}
     first = await open_stream(client, JOB, token=token(), **same)
-    next_first = _reader(first)
-    head = await _events(next_first, 4)
+    next_first = event_reader(first)
+    head = await next_events(next_first, 4)
     twin = await open_stream(client, JOB, token=token(), **same)
-    next_twin = _reader(twin)
-    await _events(next_twin, 4)
+    next_twin = event_reader(twin)
+    await next_events(next_twin, 4)
     # Same request, resumed from an earlier event: another position, so its own bytes.
     behind = await open_stream(client, JOB, token=token(), headers={"Last-Event-ID": head[1].id}, **same)
-    next_behind = _reader(behind)
-    assert [e.payload["points_sent"] for e in await _events(next_behind, 1)] == [3]
-    await _events(next_behind, 1)  # its interval_complete
+    next_behind = event_reader(behind)
+    assert [e.payload["points_sent"] for e in await next_events(next_behind, 1)] == [3]
+    await next_events(next_behind, 1)  # its interval_complete
     other = await open_stream(client, JOB, token=token(), intervals="minute", follow="true", chunk_size=5)
-    next_other = _reader(other)
-    await _events(next_other, 3)
+    next_other = event_reader(other)
+    await next_events(next_other, 3)
 
     appended = make_candles(2, first=3)
     await w.append("minute", appended)
-    got_first, got_twin = (await _events(next_first, 1))[0], (await _events(next_twin, 1))[0]
-    got_behind, got_other = (await _events(next_behind, 1))[0], (await _events(next_other, 1))[0]
+    got_first, got_twin = (await next_events(next_first, 1))[0], (await next_events(next_twin, 1))[0]
+    got_behind, got_other = (await next_events(next_behind, 1))[0], (await next_events(next_other, 1))[0]
     assert (got_first.id, got_first.data) == (got_twin.id, got_twin.data)
     assert got_first.payload["points_sent"] == 5 and got_first.payload["chunk_index"] == 2
     assert got_behind.id == got_first.id  # resumed behind, caught up: same position, same bytes
@@ -398,8 +381,8 @@ async def test_a_follower_whose_read_finds_the_pool_busy_keeps_its_stream(make_g
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
     response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true")
-    next_event = _reader(response)
-    await _events(next_event, 3)
+    next_event = event_reader(response)
+    await next_events(next_event, 3)
     pool = client.server.app[REDIS].connection_pool
     held = []
     with contextlib.suppress(redis.exceptions.ConnectionError):
@@ -410,7 +393,7 @@ async def test_a_follower_whose_read_finds_the_pool_busy_keeps_its_stream(make_g
     await asyncio.sleep(0.3)  # the follower's reads time out meanwhile, and it waits
     for connection in held:
         await pool.release(connection)
-    event = (await _events(next_event, 1))[0]
+    event = (await next_events(next_event, 1))[0]
     assert (event.event, event.payload["points_sent"]) == ("data_chunk", 2)
     response.close()
 
@@ -422,14 +405,14 @@ async def test_followers_of_one_job_share_one_snapshot_and_one_chunk_read_per_ap
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
     responses = [await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(50)]
-    readers = [_reader(r) for r in responses]
+    readers = [event_reader(r) for r in responses]
     for next_event in readers:
-        await _events(next_event, 3)
+        await next_events(next_event, 3)
     before = await _commands(redis_client, "lrange"), await _commands(redis_client, "hgetall")
     for n in range(5):
         await w.append("minute", make_candles(1, first=1 + n))
         for next_event in readers:
-            assert (await _events(next_event, 1))[0].payload["points_sent"] == 2 + n
+            assert (await next_events(next_event, 1))[0].payload["points_sent"] == 2 + n
     lranges = await _commands(redis_client, "lrange") - before[0]
     hgetalls = await _commands(redis_client, "hgetall") - before[1]
     assert (lranges, hgetalls) == (5, 5)
@@ -446,8 +429,8 @@ async def test_points_appended_just_before_the_job_completes_are_all_sent(make_g
     w = writer(JOB)
     stored = await seed_job(w, counts={"minute": 1})
     response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true", chunk_size=1)
-    next_event = _reader(response)
-    assert [e.event for e in await _events(next_event, 3)] == ["interval_start", "data_chunk", "interval_complete"]
+    next_event = event_reader(response)
+    assert [e.event for e in await next_events(next_event, 3)] == ["interval_start", "data_chunk", "interval_complete"]
     burst = make_candles(300, first=1)
     await w.append("minute", burst)
     first_live = await asyncio.wait_for(next_event(), timeout=10)

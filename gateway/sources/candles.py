@@ -43,21 +43,6 @@ _QUOTES_PER_CANDLE: Final = 2 * (len(_FIELDS) + 1)
 _OPEN_BRACE: Final = ord("{")
 
 
-class CanonicalCandle(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A stored candle that may go to clients byte for byte, once its time is seen to end in Z.
-
-    The time is parsed (in C) to validate it and to check the order; no
-    unknown field may ride along, since the bytes are sent as stored.
-    """
-
-    time: Annotated[datetime, Meta(tz=True)]
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: Volume
-
-
 class Candle(msgspec.Struct, gc=False):
     """Any candle the worker contract allows: RFC 3339 time with any offset."""
 
@@ -67,6 +52,14 @@ class Candle(msgspec.Struct, gc=False):
     low: float
     close: float
     volume: Volume
+
+
+class CanonicalCandle(Candle, forbid_unknown_fields=True):
+    """A stored candle that may go to clients byte for byte, once its time is seen to end in Z.
+
+    The time is parsed (in C) to validate it and to check the order; no
+    unknown field may ride along, since the bytes are sent as stored.
+    """
 
 
 _decode_canonical = msgspec.json.Decoder(list[CanonicalCandle]).decode
