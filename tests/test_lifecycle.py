@@ -148,6 +148,7 @@ async def test_a_draining_replica_answers_503(client, writer, token):
     client.server.app[LIFECYCLE].draining = True
     response = await open_stream(client, JOB, token=token(), intervals="minute")
     assert response.status == 503
+    assert response.headers["Retry-After"] == "1"  # the ingress retries another replica at once
     assert (await response.json())["error"] == "unavailable"
     assert (await client.get("/readyz")).status == 503
 
