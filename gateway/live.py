@@ -212,6 +212,7 @@ class JobNotes:
         if is_cluster(client):
             self._listeners.append(_Listener(self, sharded=True))
         self._readers: list[asyncio.Task[None]] = []
+        self.closed = False
 
     @property
     def subscribed_jobs(self) -> int:
@@ -288,13 +289,19 @@ class JobNotes:
                 job.wake_all(mark)
 
     async def aclose(self) -> None:
+        # The flag as well as the cancel: redis-py's get_message can swallow a
+        # cancellation that lands inside its own timeout, and the reader would
+        # then poll on forever (a shutdown that never ended, seen in a test run).
+        self.closed = True
         for reader in self._readers:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        if self._readers:
+            await asyncio.wait(self._readers, timeout=2.0)
         for job in self._jobs.values():
             if job.timer is not None:
                 job.timer.cancel()
+            if job.probing is not None:
+                job.probing.cancel()
         for listener in self._listeners:
             await listener.aclose()
 
@@ -316,7 +323,7 @@ class _Listener:
         return client.pubsub(ignore_subscribe_messages=True)
 
     async def run(self) -> None:
-        while True:
+        while not self._notes.closed:
             try:
                 if self._pubsub is None:
                     self._pubsub = self._connect()
