@@ -178,6 +178,10 @@ def test_a_setting_refused_only_at_start_up_is_the_same_one_line(monkeypatch, ca
         raise ConfigError("bigquery.dataset", "must be a BigQuery identifier")
 
     monkeypatch.setattr(gateway.server, "serve", refuse)
+    # main() installs its log handler on the root logger, bound to this test's captured stderr.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
     assert main(["serve"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "configuration error: setting bigquery.dataset: must be a BigQuery identifier"
