@@ -23,6 +23,7 @@ from gateway.config import Settings
 from gateway.errors import RedisUnreachable, StreamError, Unauthenticated, Unavailable
 from gateway.follow import LiveTail
 from gateway.lifecycle import Lifecycle, StreamStopped
+from gateway.limits import retry_after_seconds
 from gateway.observe import StreamWatch
 from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
@@ -96,13 +97,9 @@ async def _riding_out_outage(step: Callable[[], Awaitable[T]], settings: Setting
             return await step()
         except RedisUnreachable as exc:
             if lifecycle.draining or loop.time() + pause > deadline:
-                raise Unavailable(exc.message, retry_after_s=_retry_after_s(settings)) from exc
+                raise Unavailable(exc.message, retry_after_s=retry_after_seconds(settings.server.retry_ms)) from exc
         await asyncio.sleep(pause)
         pause = min(pause * 2, _OUTAGE_LONGEST_PAUSE_S)
-
-
-def _retry_after_s(settings: Settings) -> int:
-    return max(1, round(settings.server.retry_ms / 1000))
 
 
 async def _respond(
