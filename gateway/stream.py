@@ -9,29 +9,21 @@ HTTP (it hands finished frames to ``send``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
 from functools import partial
 from typing import Protocol
 
-import msgspec
-
 from gateway import protocol
 from gateway.errors import DataError, JobFailed, StreamError
 from gateway.params import StreamRequest
+from gateway.payloads import Payloads
 from gateway.policy import Complete, SendChunk, Start, next_action
-from gateway.position import IntervalPosition, Phase, StreamPosition
+from gateway.position import Phase, StreamPosition
 from gateway.protocol import (
-    AllComplete,
     DataChunk,
     ErrorEvent,
-    IntervalComplete,
-    IntervalProgress,
-    IntervalStart,
-    JobStatusEvent,
     Payload,
-    Progress,
 )
 from gateway.sources.base import Chunk, ChunkReader, JobState, ReadPlan, Snapshot, Source
 
@@ -70,7 +62,7 @@ class CandleStream:
         self._retry_ms = retry_ms
         self._chunk_size = request.chunk_size
         self._names = request.intervals
-        self._exists = [name in job.intervals for name in request.intervals]
+        self._payloads = Payloads(request, job)
         # Stored lengths read with the job; an interval that starts before any
         # chunk has been sent may use them, later ones count again.
         self._lengths = dict(snapshot.lengths)
@@ -80,7 +72,7 @@ class CandleStream:
         self._last_times: dict[int, datetime] = {}
         self._frames: FrameStore | None = None
         # What a live event's bytes depend on besides its id, the state and the chunk.
-        self._shape = (request.intervals, request.limit, request.chunk_size, request.order, tuple(self._exists))
+        self._shape = (request.intervals, request.limit, request.chunk_size, request.order, self._payloads.exists)
 
     @property
     def state(self) -> JobState:
@@ -119,7 +111,7 @@ class CandleStream:
     async def _start(self, index: int) -> None:
         name = self._names[index]
         interval = self.position.intervals[index]
-        if not self._exists[index]:
+        if not self._payloads.exists[index]:
             interval.phase = Phase.FAILED
             kind = "backtest" if self._job.job_id is None else "job"
             await self._error(
@@ -133,28 +125,9 @@ class CandleStream:
         except DataError as exc:
             await self._fail(index, exc)
             return
-        total = min(stored, self.request.limit)
         interval.phase = Phase.STARTED
-        interval.total_points = total
-        job = self._job
-        await self._emit(
-            protocol.INTERVAL_START,
-            IntervalStart(
-                interval=name,
-                interval_index=index,
-                total_intervals=len(self._names),
-                total_points=total,
-                total_chunks=math.ceil(total / self._chunk_size),
-                chunk_size=self._chunk_size,
-                backtest_id=job.backtest_id,
-                job_id=job.job_id,
-                symbol=job.symbol,
-                exchange=job.exchange,
-                is_partial=self.position.is_partial,
-                current_bar=self._state.current_bar,
-                job_status=self._state.status,
-            ),
-        )
+        interval.total_points = min(stored, self.request.limit)
+        await self._emit(protocol.INTERVAL_START, self._payloads.interval_start(self.position, self._state, index))
 
     async def _stored_length(self, name: str) -> int:
         if name in self._failures:
@@ -191,51 +164,19 @@ class CandleStream:
         await self._emit(protocol.DATA_CHUNK, self._chunk_payload(index, points, is_last=is_last))
 
     def _chunk_payload(self, index: int, points: bytes, *, is_last: bool) -> DataChunk:
-        interval = self.position.intervals[index]
-        return DataChunk(
-            interval=self._names[index],
-            data_points=msgspec.Raw(points),
-            points_sent=interval.points_sent,
-            total_points=interval.total_points,
-            chunk_index=interval.chunks_sent - 1,
-            is_last_chunk=is_last,
-            is_partial=self.position.is_partial,
-            current_bar=self._state.current_bar,
-            job_status=self._state.status,
-            progress=self._progress(self._names[index]),
+        return self._payloads.data_chunk(
+            self.position, self._state, index, points, is_last=is_last, lengths=self._lengths
         )
 
     async def _complete(self, index: int) -> None:
-        interval = self.position.intervals[index]
-        interval.phase = Phase.COMPLETE
+        self.position.intervals[index].phase = Phase.COMPLETE
         await self._emit(
-            protocol.INTERVAL_COMPLETE,
-            IntervalComplete(
-                interval=self._names[index],
-                total_points=interval.total_points,
-                points_sent=interval.points_sent,
-                backtest_id=self._job.backtest_id,
-                job_id=self._job.job_id,
-                is_partial=self.position.is_partial,
-                job_status=self._state.status,
-            ),
+            protocol.INTERVAL_COMPLETE, self._payloads.interval_complete(self.position, self._state, index)
         )
 
     async def _finish(self) -> None:
         self.position.finished = True
-        await self._emit(
-            protocol.ALL_COMPLETE,
-            AllComplete(
-                intervals=list(self._names),
-                completed_intervals=self._completed(),
-                total_points={
-                    name: interval.total_points for name, interval, exists in self._each_interval() if exists
-                },
-                backtest_id=self._job.backtest_id,
-                job_id=self._job.job_id,
-                job_status=self._state.status,
-            ),
-        )
+        await self._emit(protocol.ALL_COMPLETE, self._payloads.all_complete(self.position, self._state))
 
     # -- what follow mode (follow.py) drives ----------------------------------
 
@@ -280,16 +221,7 @@ class CandleStream:
     async def send_job_status(self) -> None:
         self.position.job_status = self._state.status
         self.position.current_bar = self._state.current_bar
-        await self._emit_shared(protocol.JOB_STATUS, None, self._job_status)
-
-    def _job_status(self) -> JobStatusEvent:
-        return JobStatusEvent(
-            job_id=self._job.job_id,
-            backtest_id=self._job.backtest_id,
-            job_status=self._state.status,
-            current_bar=self._state.current_bar,
-            is_partial=self._state.is_active,
-        )
+        await self._emit_shared(protocol.JOB_STATUS, None, partial(self._payloads.job_status, self._state))
 
     # -- helpers -------------------------------------------------------------
 
@@ -316,36 +248,6 @@ class CandleStream:
             detail = f": {state.error}" if state.error else ""
             raise JobFailed(f"Job '{self._job.job_id or self._job.backtest_id}' {state.status}{detail}")
 
-    def _progress(self, current: str) -> Progress:
-        overall: dict[str, IntervalProgress] = {}
-        for name, interval, exists in self._each_interval():
-            if not exists:
-                continue
-            if interval.phase is Phase.PENDING:
-                total = min(self._lengths.get(name, 0), self.request.limit)
-                overall[name] = IntervalProgress(total, math.ceil(total / self._chunk_size), 0, 0)
-            else:
-                total_chunks = (
-                    interval.chunks_sent
-                    if interval.phase is Phase.COMPLETE
-                    else math.ceil(interval.total_points / self._chunk_size)
-                )
-                overall[name] = IntervalProgress(
-                    interval.total_points, total_chunks, interval.chunks_sent, interval.points_sent
-                )
-        return Progress(
-            total_intervals=len(self._names),
-            completed_intervals=self._completed(),
-            current_interval=current,
-            overall_progress=overall,
-        )
-
-    def _completed(self) -> list[str]:
-        return [name for name, interval, _ in self._each_interval() if interval.phase is Phase.COMPLETE]
-
-    def _each_interval(self) -> list[tuple[str, IntervalPosition, bool]]:
-        return list(zip(self._names, self.position.intervals, self._exists, strict=True))
-
     async def _close_reader(self, index: int) -> None:
         reader = self._readers.pop(index, None)
         if reader is not None:
@@ -359,17 +261,8 @@ class CandleStream:
         code: str | None = None,
         points_sent: int | None = None,
     ) -> None:
-        await self._emit(
-            protocol.ERROR,
-            ErrorEvent(
-                error=code or exc.code,
-                message=exc.message,
-                interval=interval,
-                job_id=self._job.job_id,
-                backtest_id=self._job.backtest_id,
-                points_sent=points_sent,
-            ),
-        )
+        payload = self._payloads.error(exc, interval=interval, code=code, points_sent=points_sent)
+        await self._emit(protocol.ERROR, payload)
 
     async def _emit_shared(self, event: bytes, extra: Hashable, build: Callable[[], Payload]) -> None:
         """A live event, through the shared frame cache when there is one.
