@@ -317,27 +317,11 @@ async def test_oversized_certificate_answer_is_a_failed_refresh_read_no_further(
 
 
 def _ec_certificate_pem() -> str:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "an EC key")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+    from gateway.devtools.dev_auth import self_signed_certificate_pem
+
+    return self_signed_certificate_pem(ec.generate_private_key(ec.SECP256R1()), "an EC key", valid_days=30)
 
 
 async def test_a_certificate_that_cannot_verify_rs256_fails_only_tokens_naming_it(

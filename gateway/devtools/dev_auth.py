@@ -21,6 +21,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from google.auth import crypt
 
@@ -40,22 +41,10 @@ class DevSigningKey:
     @classmethod
     def generate(cls) -> DevSigningKey:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "candle-gateway development")])
-        now = datetime.datetime.now(datetime.UTC)
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=3650))
-            .sign(key, hashes.SHA256())
-        )
+        certificate_pem = self_signed_certificate_pem(key, "candle-gateway development", valid_days=3650)
         private_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ).decode()
-        certificate_pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
         return cls(private_pem, certificate_pem, kid=uuid.uuid4().hex)
 
     @classmethod
@@ -142,3 +131,20 @@ class CertificateEndpoint:
             {key.kid: key.certificate_pem for key in self.keys},
             headers={"Cache-Control": f"public, max-age={self.max_age_s}, must-revalidate, no-transform"},
         )
+
+
+def self_signed_certificate_pem(key: CertificateIssuerPrivateKeyTypes, name: str, *, valid_days: int) -> str:
+    """An X.509 certificate of ``key``'s public half, signed by ``key`` itself, as PEM."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=valid_days))
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
