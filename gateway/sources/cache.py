@@ -200,13 +200,9 @@ class BacktestCache:
         through it, so the warehouse is not asked for what could not be served.
         """
 
-        async def read() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.get(keys.backtest_meta_key(backtest_id))
-            pipe.exists(keys.backtest_missing_key(backtest_id))
-            return await pipe.execute()
-
-        blob, missing = await call_redis(read, "reading the backtest cache")
+        blob, missing = await self._value_or_miss(
+            keys.backtest_meta_key(backtest_id), keys.backtest_missing_key(backtest_id)
+        )
         try:
             return (_decode_record(blob) if blob else None), bool(missing)
         except msgspec.DecodeError:
@@ -222,14 +218,22 @@ class BacktestCache:
     async def job_backtest(self, job_id: str) -> tuple[str | None, bool]:
         """The backtest id a job produced as cached (None on a miss), and whether the warehouse lately had none."""
 
+        backtest_id, missing = await self._value_or_miss(
+            keys.job_backtest_key(job_id), keys.job_backtest_missing_key(job_id)
+        )
+        return (backtest_id.decode() if backtest_id else None), missing
+
+    async def _value_or_miss(self, key: str, missing_key: str) -> tuple[bytes | None, bool]:
+        """A cached value, and whether the warehouse lately said there is none (one round trip)."""
+
         async def read() -> list[Any]:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.get(keys.job_backtest_key(job_id))
-            pipe.exists(keys.job_backtest_missing_key(job_id))
+            pipe.get(key)
+            pipe.exists(missing_key)
             return await pipe.execute()
 
-        backtest_id, missing = await call_redis(read, "reading the backtest cache")
-        return (backtest_id.decode() if backtest_id else None), bool(missing)
+        value, missing = await call_redis(read, "reading the backtest cache")
+        return value, bool(missing)
 
     async def store_job_backtest(self, job_id: str, record: BacktestRecord) -> None:
         await self.store_record(record)
