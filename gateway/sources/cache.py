@@ -65,8 +65,14 @@ _encode_record = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(BacktestRecord).decode
 _decode_candle = msgspec.json.Decoder(Candle).decode
 
-# KEYS: lock, fill hash. ARGV: writer, lock TTL (ms). A new filler clears the last one's error.
+# KEYS: lock, fill hash, complete hash, final list. ARGV: writer, lock TTL (ms), interval.
+# No lock for an interval already cached whole (a stream that looked just before the last
+# page landed must not read it again); a new filler clears the last one's error.
 _ACQUIRE: Final = """
+local done = redis.call('HGET', KEYS[3], ARGV[3])
+if done and (tonumber(done) == 0 or redis.call('LLEN', KEYS[4]) == tonumber(done)) then
+  return 0
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('HDEL', KEYS[2], 'error')
   return 1
@@ -388,7 +394,9 @@ class BacktestCache:
         k = _FillKeys.of(backtest_id, interval)
         writer = uuid.uuid4().hex
         won = await call_redis(
-            lambda: self._acquire(keys=[k.lock, k.fill], args=[writer, self._lock_ttl_ms]),
+            lambda: self._acquire(
+                keys=[k.lock, k.fill, k.complete, k.final], args=[writer, self._lock_ttl_ms, interval]
+            ),
             f"starting to cache interval '{interval}'",
         )
         if won and key not in self._fills:
