@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import random
 import socket
 import statistics
 import subprocess
@@ -51,6 +50,7 @@ from gateway.devtools.bigquery_emulator import (
 )
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.devtools.ports import free_port, free_port_block
 from gateway.server import usable_cpus
 from gateway.sources import keys
 from gateway.sources.warehouse import Warehouse
@@ -95,12 +95,6 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its child processes (the workers), from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -115,28 +109,6 @@ def cpu_seconds(pid: int) -> float:
         if int(entry.name) == pid or int(fields[1]) == pid:
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
-
-
-def free_port_block(count: int, first: int = 20000, last: int = 32000) -> int:
-    """The first of ``count`` consecutive free ports below the ephemeral range.
-
-    Worker i serves /metrics on ``metrics.port + i``; in the ephemeral range an
-    outgoing connection may take one of those ports meanwhile.
-    """
-    for start in random.sample(range(first, last - count), 200):
-        sockets = []
-        try:
-            for port in range(start, start + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return start
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no block of free ports")
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:

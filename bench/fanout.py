@@ -379,7 +379,8 @@ async def fanout_section(
     args: argparse.Namespace, work: Path, redis_url: str, certs_url: str, project: str, key: DevSigningKey
 ) -> list[str]:
     """Every size on a fresh gateway process, then 19,000 idle followers."""
-    from bench.__main__ import free_port, server_process
+    from bench.__main__ import server_process
+    from gateway.devtools.ports import free_port
 
     raise_open_files()
     token = mint_token(key, project, "bench", lifetime_s=3600)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,18 +43,12 @@ from gateway.app import create_app
 from gateway.config import Settings, with_overrides
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
 from gateway.devtools.devserver import add_console_routes
+from gateway.devtools.ports import free_port
 from gateway.workers import JobWriter
 from tests.helpers import STEPS, make_candles
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_MODULES = ROOT / "frontend" / "node_modules"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Harness:

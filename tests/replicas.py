@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,37 +15,10 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.devtools.ports import free_port, free_port_block
 from tests.sse_client import Event, SSEParser, Transcript
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_port_block(count: int, first: int = 20000, last: int = 32000) -> int:
-    """The first of ``count`` consecutive free ports below the ephemeral range.
-
-    Worker i serves /metrics on ``metrics.port + i``; in the ephemeral range an
-    outgoing connection may take one of those ports meanwhile.
-    """
-    for start in random.sample(range(first, last - count), 200):
-        sockets = []
-        try:
-            for port in range(start, start + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return start
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no block of free ports")
 
 
 async def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 30) -> None:

@@ -17,10 +17,11 @@ from datetime import timedelta
 import aiohttp
 import pytest
 
+from gateway.devtools.ports import free_port
 from gateway.workers import candle
 from tests.conftest import PROJECT
 from tests.helpers import START, expected_points, make_candles, seed_job, stream_path
-from tests.replicas import REPO, Replica, ResumingClient, free_port, replica_env, wait_for_port
+from tests.replicas import REPO, Replica, ResumingClient, replica_env, wait_for_port
 from tests.sse_client import SSEParser, Transcript
 
 _FOUND = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)

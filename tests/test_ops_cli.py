@@ -15,10 +15,11 @@ import aiohttp
 import pytest
 
 from gateway.__main__ import build_parser
+from gateway.devtools.ports import free_port
 from gateway.server import cgroup_cpu_quota, usable_cpus, worker_count
 from tests.conftest import DATASET, PROJECT
 from tests.helpers import expected_points, seed_job, stream_path
-from tests.replicas import REPO, Replica, ResumingClient, free_port, replica_env, wait_for_port
+from tests.replicas import REPO, Replica, ResumingClient, replica_env, wait_for_port
 from tests.test_backtests import new_backtest
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
