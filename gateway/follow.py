@@ -24,11 +24,12 @@ from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
 from typing import Final, Protocol, TypeVar
 
+from gateway.broadcast import Leave, Seat
 from gateway.errors import DataError
 from gateway.position import Phase
 from gateway.redis_client import RedisBusy
 from gateway.sources.base import Chunk, Snapshot, Source
-from gateway.stream import CandleStream, FrameStore
+from gateway.stream import CandleStream, FrameStore, StreamOver
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class LiveFeed(Protocol):
         """Encoded events shared by the job's followers."""
         ...
 
+    async def ride(self, stream: CandleStream, seat: Seat, lead: LeadWith) -> Leave | None:
+        """Wait for changes riding a cohort of the job's followers (``broadcast.py``); None if it cannot board now."""
+        ...
+
     def watch(self, key: Hashable, probe: Callable[[], Awaitable[object]]) -> None:
         """Have the job's re-check run ``probe`` (the shared read under ``key``) and wake us when it changes."""
         ...
@@ -62,8 +67,19 @@ class LiveFeed(Protocol):
         ...
 
 
+# Runs a cohort's leader stream (a fork of the boarding stream) on a feed of its own.
+LeadWith = Callable[[CandleStream, "LiveFeed"], Awaitable[None]]
+
+
 class LiveTail:
-    """The live part of one follow stream."""
+    """The live part of one follow stream.
+
+    With a ``seat`` (the stream's response and watch), a caught-up stream
+    rides a cohort instead of waiting on its own (``broadcast.py``): the
+    cohort's leader, itself a ``LiveTail`` without a seat, writes the events
+    to every rider's socket, until the stream ends or the rider falls behind
+    and goes on here.
+    """
 
     def __init__(
         self,
@@ -72,16 +88,22 @@ class LiveTail:
         feed: LiveFeed,
         *,
         status_min_interval_s: float,
+        seat: Seat | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stream = stream
         self._source = source
         self._feed = feed
         self._status_min_interval_s = status_min_interval_s
+        self._seat = seat
         self._clock = clock
 
-    async def run(self) -> None:
-        """Send new points and status changes until the job is no longer active."""
+    async def run(self, *, first_wait: bool = False) -> None:
+        """Send new points and status changes until the job is no longer active.
+
+        ``first_wait``: the stream is known to be caught up (a cohort's new
+        leader): wait for a change before the first look.
+        """
         stream = self._stream
         names = stream.request.intervals
         key = ("snapshot", names)
@@ -90,13 +112,35 @@ class LiveTail:
         stream.share_frames(self._feed.frames)
         self._feed.watch(key, read_snapshot)
         try:
+            if first_wait:
+                await self._feed.wait_for_change()
             await self._follow(key, read_snapshot)
         finally:
             self._feed.unwatch(key)
 
+    async def _lead(self, leader: CandleStream, feed: LiveFeed) -> None:
+        """Run a cohort's leader: this tail's settings, the leader's stream and feed, no seat."""
+        tail = LiveTail(
+            leader, self._source, feed, status_min_interval_s=self._status_min_interval_s, clock=self._clock
+        )
+        await leader.run(live_tail=partial(tail.run, first_wait=True))
+
+    async def _wait_for_change(self) -> None:
+        """Wait for the job to change: riding a cohort when the stream can, else on this task."""
+        if self._seat is not None:
+            left = await self._feed.ride(self._stream, self._seat, self._lead)
+            if left is Leave.GONE:
+                raise ConnectionResetError("the client's connection closed")
+            if left is Leave.ENDED or left is Leave.BEHIND:
+                await self._seat.response.wait_until_drained()
+            if left is Leave.ENDED:
+                raise StreamOver
+            if left is not None:
+                return  # SET_DOWN or BEHIND: look again on this task
+        await self._feed.wait_for_change()
+
     async def _follow(self, key: Hashable, read_snapshot: Callable[[], Awaitable[Snapshot]]) -> None:
         stream = self._stream
-        last_status_at = -math.inf
         pause = _BUSY_PAUSE_S[0]
         while True:
             try:
@@ -121,13 +165,13 @@ class LiveTail:
             held_back = math.inf
             if stream.status_changed():
                 now = self._clock()
-                if now - last_status_at >= self._status_min_interval_s:
-                    last_status_at = now
+                if now - stream.status_sent_at >= self._status_min_interval_s:
+                    stream.status_sent_at = now
                     await stream.send_job_status()
                 else:  # coalesced: send it when the interval is over, change or not
-                    held_back = last_status_at + self._status_min_interval_s - now
+                    held_back = stream.status_sent_at + self._status_min_interval_s - now
             if held_back == math.inf:
-                await self._feed.wait_for_change()
+                await self._wait_for_change()
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._feed.wait_for_change(), held_back)

@@ -19,6 +19,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from gateway import metrics
+from gateway.broadcast import Seat
 from gateway.config import Settings
 from gateway.errors import RedisUnreachable, StreamError, Unauthenticated, Unavailable
 from gateway.follow import LiveTail
@@ -139,7 +140,8 @@ async def _respond(
                 assert failure is not None
                 body = send_start_error(failure, params, position, send, retry_ms=server.jittered_retry_ms())
             else:
-                body = _run_stream(request, settings, params, position, source, snapshot, send)
+                seat = Seat(response, watch)
+                body = _run_stream(request, settings, params, position, source, snapshot, send, seat)
             entry.body = asyncio.ensure_future(body)
             try:
                 await entry.body
@@ -171,6 +173,7 @@ async def _run_stream(
     source: Source,
     snapshot: Snapshot,
     send: Callable[[bytes], Awaitable[None]],
+    seat: Seat,
 ) -> None:
     stream = CandleStream(params, snapshot, source, position, send, retry_ms=settings.server.jittered_retry_ms())
     job_id = snapshot.job.job_id
@@ -178,7 +181,7 @@ async def _run_stream(
         await stream.run()
         return
     async with request.app[NOTES].follow(job_id) as feed:
-        tail = LiveTail(stream, source, feed, status_min_interval_s=settings.follow.status_min_interval_s)
+        tail = LiveTail(stream, source, feed, status_min_interval_s=settings.follow.status_min_interval_s, seat=seat)
         metrics.FOLLOWERS.inc()
         try:
             await stream.run(live_tail=tail.run)

@@ -33,6 +33,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from functools import partial
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
@@ -40,9 +41,12 @@ import redis.exceptions
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
+from gateway.broadcast import Cohort, Leave, Seat, wire_for
 from gateway.errors import GatewayError
+from gateway.follow import LeadWith
 from gateway.redis_client import RedisBusy, is_cluster
 from gateway.sources import keys
+from gateway.stream import CandleStream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -132,7 +136,10 @@ class _Job:
     """What the process keeps for one followed job."""
 
     def __init__(self, gate: asyncio.Semaphore) -> None:
+        self.streams = 0  # follow streams of the job in this process
+        # The followers a note wakes: streams waiting on their own task, and cohort leaders (not riders).
         self.followers: set[Follower] = set()
+        self.cohorts: list[Cohort] = []
         self.reads = SharedReads(gate)
         self.frames = FrameCache()
         # key -> (how many followers use it, the read): one probe per distinct request.
@@ -192,6 +199,36 @@ class Follower:
         """``read()``, or the result of an identical read another follower started since this one woke."""
         return await self._job.reads.read(key, self._woke_at, read)
 
+    async def ride(self, stream: CandleStream, seat: Seat, lead: LeadWith) -> Leave | None:
+        """Board the job's cohort at ``stream``'s position (starting one, led by ``lead``) until let go.
+
+        None when the stream cannot board now (a note is pending, it has not
+        sent its first data_chunk, its response cannot be written to directly).
+        While it rides, notes do not wake it: the cohort's leader reads for it.
+        """
+        job = self._job
+        if self._changed.is_set() or (wire := wire_for(stream, seat)) is None:
+            return None
+        cohort = next((cohort for cohort in job.cohorts if cohort.accepts(stream)), None)
+        if cohort is None:
+            cohort = Cohort(stream, partial(self._lead, lead), job.cohorts.remove)
+            job.cohorts.append(cohort)
+        job.followers.discard(self)
+        try:
+            return await cohort.ride(stream, seat, wire)
+        finally:
+            job.followers.add(self)
+            # It adopted what the leader sent: its next read must start after that.
+            self._woke_at = self._noted_at = job.reads.started
+
+    async def _lead(self, lead: LeadWith, leader: CandleStream) -> None:
+        feed = Follower(self._job)
+        self._job.followers.add(feed)
+        try:
+            await lead(leader, feed)
+        finally:
+            self._job.followers.discard(feed)
+
 
 class JobNotes:
     """The process's subscriptions and re-check timers, shared by all followers of each job.
@@ -236,6 +273,7 @@ class JobNotes:
             self._arm(job)
         follower = Follower(job)
         job.followers.add(follower)
+        job.streams += 1
         if not self._readers or all(reader.done() for reader in self._readers):
             self._readers = [
                 asyncio.create_task(listener.run(), name=f"job-notes-{listener.kind}") for listener in self._listeners
@@ -244,7 +282,8 @@ class JobNotes:
             yield follower
         finally:
             job.followers.discard(follower)
-            if not job.followers:
+            job.streams -= 1
+            if not job.streams:
                 self._jobs.pop(channel, None)
                 if job.timer is not None:
                     job.timer.cancel()
@@ -265,7 +304,7 @@ class JobNotes:
         job.timer = loop.call_later(self._recheck_interval_s, self._tick, job)
 
     def _tick(self, job: _Job) -> None:
-        if not job.followers:
+        if not job.streams:
             return
         self._arm(job)
         if job.noted:

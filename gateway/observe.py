@@ -100,6 +100,19 @@ class StreamWatch:
             self._report_error(frame)
         entry.check()
 
+    @property
+    def saw_data_chunk(self) -> bool:
+        """Whether a data_chunk went out (and the time to the first one was measured)."""
+        return not self._first_chunk
+
+    def sent_elsewhere(self, events: int, sent_bytes: int, last_event: bytes, error_frames: list[bytes]) -> None:
+        """Count what a follow cohort (broadcast.py) wrote to this stream; its metrics counted the events already."""
+        self._events += events
+        self._bytes += sent_bytes
+        self._last_event = last_event
+        for frame in error_frames:
+            self._report_error(frame)
+
     def bind(self, write: Send) -> Send:
         """``send`` writing through ``write`` (the response's ``send_frame``)."""
         self._write = write

@@ -64,6 +64,17 @@ class StreamPosition(msgspec.Struct, array_like=True):
         return base64.urlsafe_b64encode(_encode(self)).rstrip(b"=")
 
 
+def copy_position(source: StreamPosition, target: StreamPosition) -> None:
+    """Make ``target`` (an object others hold on to) equal to ``source``, sharing nothing with it."""
+    target.version = source.version
+    target.fingerprint = source.fingerprint
+    target.is_partial = source.is_partial
+    target.finished = source.finished
+    target.intervals = [msgspec.structs.replace(interval) for interval in source.intervals]
+    target.job_status = source.job_status
+    target.current_bar = source.current_bar
+
+
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(StreamPosition).decode
 

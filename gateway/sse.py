@@ -21,9 +21,12 @@ client. Two things differ from its defaults:
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import weakref
+from typing import Final
 
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from gateway.protocol import PING
@@ -31,6 +34,17 @@ from gateway.protocol import PING
 # Heartbeat ticks per ping interval (or send timeout): a ping goes out after
 # between 1 and 1 + 1/TICKS intervals of silence.
 _TICKS = 4
+# A stream written to directly (DirectWire) with more than this waiting in its
+# socket's buffer has fallen behind: aiohttp's own write waits for a drain there.
+DIRECT_BUFFER_LIMIT: Final = 64 * 1024
+
+
+class Delivery(enum.IntEnum):
+    """What became of a direct write."""
+
+    SENT = 0
+    BEHIND = 1  # written, but the client is not keeping up: stop writing directly, wait for a drain
+    GONE = 2  # not written: the connection is closing
 
 
 class _Heartbeat:
@@ -96,6 +110,33 @@ class CandleEventResponse(EventSourceResponse):
             self._write_pending = False
         self._writes += 1
 
+    def direct_wire(self) -> DirectWire | None:
+        """A way to write this stream's next frames without its task, if the response allows it."""
+        writer = self._payload_writer
+        transport = None if writer is None else writer.transport
+        if transport is None or transport.is_closing() or self.compression or self.content_length is not None:
+            return None
+        assert writer is not None
+        if not self._headers_out():
+            return None
+        return DirectWire(self, transport, writer)
+
+    def _headers_out(self) -> bool:
+        # aiohttp holds the headers back to send them with the first body write.
+        return self._writes > 0
+
+    async def wait_until_drained(self) -> None:
+        """After direct writes left the socket's buffer full: wait for the client (the heartbeat cuts off a stall)."""
+        writer = self._payload_writer
+        if writer is None:
+            return
+        self._write_pending = True
+        try:
+            await writer.drain()
+        finally:
+            self._write_pending = False
+        self._writes += 1
+
     def _tick_s(self) -> float:
         return min(self._ping_interval, self._send_timeout or math.inf) / _TICKS
 
@@ -149,3 +190,43 @@ class CandleEventResponse(EventSourceResponse):
         """The keep-alive is over (as when aiohttp-sse's ping task returns)."""
         if self._alive is not None and not self._alive.done():
             self._alive.set_result(None)
+
+
+class DirectWire:
+    """Writes into one stream's socket from outside its task: a follow cohort's broadcast (``broadcast.py``).
+
+    One frame goes to many streams in one pass, with no task switch per
+    stream. A write never waits: the bytes go to the socket, or to its
+    buffer, and the caller learns whether the client has fallen behind (more
+    than ``DIRECT_BUFFER_LIMIT`` buffered) or is gone. It keeps what aiohttp's
+    own write keeps: the chunked framing, the byte count, and the write count
+    the heartbeat reads (so a stream written to this way gets no ping).
+    """
+
+    __slots__ = ("_chunked", "_response", "_transport", "_writer")
+
+    def __init__(
+        self, response: CandleEventResponse, transport: asyncio.WriteTransport, writer: AbstractStreamWriter
+    ) -> None:
+        self._response = response
+        self._transport = transport
+        self._writer = writer
+        self._chunked = response.chunked
+
+    def write(self, frame: bytes, chunked_frame: bytes) -> Delivery:
+        """Write ``frame`` (``chunked_frame``: the same in HTTP/1.1 chunked encoding)."""
+        transport = self._transport
+        if transport.is_closing():
+            return Delivery.GONE
+        data = chunked_frame if self._chunked else frame
+        transport.write(data)
+        self._writer.output_size += len(data)
+        self._response._writes += 1
+        if transport.get_write_buffer_size() > DIRECT_BUFFER_LIMIT:
+            return Delivery.BEHIND
+        return Delivery.SENT
+
+
+def chunked(frame: bytes) -> bytes:
+    """``frame`` as one chunk of HTTP/1.1 chunked transfer encoding (what aiohttp's writer would send)."""
+    return b"%x\r\n%b\r\n" % (len(frame), frame)

@@ -9,6 +9,7 @@ HTTP (it hands finished frames to ``send``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
 from functools import partial
@@ -19,7 +20,7 @@ from gateway.errors import DataError, JobFailed, StreamError
 from gateway.params import StreamRequest
 from gateway.payloads import Payloads
 from gateway.policy import Complete, SendChunk, Start, next_action
-from gateway.position import Phase, StreamPosition
+from gateway.position import Phase, StreamPosition, copy_position
 from gateway.protocol import (
     DataChunk,
     ErrorEvent,
@@ -28,6 +29,10 @@ from gateway.protocol import (
 from gateway.sources.base import Chunk, ChunkReader, JobState, ReadPlan, Snapshot, Source
 
 Send = Callable[[bytes], Awaitable[None]]
+
+
+class StreamOver(Exception):
+    """Raised by a live tail whose stream's last event went out elsewhere (a follow cohort, ``broadcast.py``)."""
 
 
 class FrameStore(Protocol):
@@ -71,8 +76,12 @@ class CandleStream:
         # Time of the last candle sent per interval: live chunks must come after it.
         self._last_times: dict[int, datetime] = {}
         self._frames: FrameStore | None = None
+        # When follow mode last sent a job_status (its clock), for coalescing.
+        self.status_sent_at = -math.inf
         # What a live event's bytes depend on besides its id, the state and the chunk.
         self._shape = (request.intervals, request.limit, request.chunk_size, request.order, self._payloads.exists)
+        # What the payloads say of the job besides its state.
+        self._identity = (job.job_id, job.backtest_id, job.symbol, job.exchange)
 
     @property
     def state(self) -> JobState:
@@ -97,6 +106,8 @@ class CandleStream:
             if live_tail is not None and self.position.is_partial:
                 await live_tail()
             await self._finish()
+        except StreamOver:
+            return
         except StreamError as exc:
             if not exc.fatal:
                 raise
@@ -222,6 +233,43 @@ class CandleStream:
         self.position.job_status = self._state.status
         self.position.current_bar = self._state.current_bar
         await self._emit_shared(protocol.JOB_STATUS, None, partial(self._payloads.job_status, self._state))
+
+    # -- what a follow cohort (broadcast.py) needs -----------------------------
+
+    @property
+    def first_event_sent(self) -> bool:
+        """Whether the connection's first event (the one with ``retry:``) went out."""
+        return self._retry_ms is None
+
+    def same_spot(self, other: CandleStream) -> bool:
+        """Whether ``other``'s next events are byte for byte this stream's (same request, job, position)."""
+        return (
+            self._shape == other._shape
+            and self._identity == other._identity
+            and self.position == other.position
+            and self._last_times == other._last_times
+        )
+
+    def fork(self, send: Send) -> CandleStream:
+        """A stream at this one's position and state, writing through ``send`` (a cohort's leader)."""
+        twin = CandleStream(
+            self.request,
+            Snapshot(job=self._job, lengths=self._lengths, failures=self._failures),
+            self._source,
+            StreamPosition.start(self.request, is_partial=self.position.is_partial),
+            send,
+            retry_ms=None,
+        )
+        twin.adopt(self)
+        twin._frames = self._frames
+        twin.status_sent_at = self.status_sent_at
+        return twin
+
+    def adopt(self, other: CandleStream) -> None:
+        """Take over where ``other`` (a cohort's leader) is: what it sent went to this stream's client too."""
+        copy_position(other.position, self.position)
+        self._state = other._state
+        self._last_times = dict(other._last_times)
 
     # -- helpers -------------------------------------------------------------
 

@@ -366,8 +366,11 @@ async def test_followers_at_one_position_share_one_frame_and_the_others_get_thei
     assert got_other.id != got_first.id
     for event in (got_first, got_behind, got_other):
         assert event.payload["data_points"] == expected_points(appended)
-    frames = client.server.app[NOTES]._jobs[f"job:{{{JOB}}}:events".encode()].frames
-    assert frames.hits >= 2  # the twin and the caught-up stream reused the first one's frame
+    job = client.server.app[NOTES]._jobs[f"job:{{{JOB}}}:events".encode()]
+    # Four streams, two distinct byte strings, each encoded once: the first, the twin and the
+    # caught-up stream ride one cohort (one leader writes to all three), the other its own.
+    assert job.frames.misses == 2
+    assert sorted(len(cohort) for cohort in job.cohorts) == [1, 3]
     for response in (first, twin, behind, other):
         response.close()
 

@@ -1,0 +1,211 @@
+"""Encode once, write many: follow streams of one job at one position ride one cohort.
+
+Followers of a job that are caught up, made the same request and stand at
+the same position would send the very same bytes for every event to come.
+Instead of each waking up, reading, building and writing on its own task, a
+caught-up follower *boards* a cohort: one task (the cohort's leader, a
+``CandleStream`` with its own ``LiveTail``) reads the job, builds each event
+once and writes its frame straight into every rider's socket
+(``sse.DirectWire``): per rider and event, one ``transport.write`` and no
+task switch. That is what lets one process feed ten thousand followers.
+
+A rider's own task meanwhile waits for the cohort to let it go:
+
+- ``ENDED``: the leader sent the stream's last event (``all_complete`` or a
+  fatal ``error``); the rider's stream adopts the leader's position and
+  returns without sending anything more;
+- ``BEHIND``: its client did not keep up (its socket's buffer went over the
+  limit); it adopts the leader's position (the frame that filled the buffer
+  was written) and goes on by itself, waiting for the drain first;
+- ``GONE``: its connection is closing; its task ends as a failed write would;
+- ``SET_DOWN``: the cohort stopped for any other reason (cancelled, a bug);
+  the rider adopts the position and goes on by itself.
+
+However it leaves (cancellation included: a drain stops a rider like any
+waiting stream), the rider's stream adopts the leader's position, so the
+client's last event id, the stream's log line and its metrics say exactly
+what it was sent. Equality of everything a frame's bytes depend on is
+checked when a follower boards (``CandleStream.same_spot``); a follower that
+matches no cohort starts one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from gateway import metrics, protocol
+from gateway.observe import StreamWatch
+from gateway.sse import CandleEventResponse, Delivery, DirectWire, chunked
+from gateway.stream import CandleStream
+
+log = logging.getLogger(__name__)
+
+_EVENT_MARK: Final = b"\nevent: "
+
+
+class Leave(enum.Enum):
+    """Why a rider left its cohort."""
+
+    ENDED = "ended"
+    BEHIND = "behind"
+    GONE = "gone"
+    SET_DOWN = "set_down"
+
+
+class Seat:
+    """What a stream brings to a cohort: its response (written to directly) and its watch (told what it was sent)."""
+
+    def __init__(self, response: CandleEventResponse, watch: StreamWatch) -> None:
+        self.response = response
+        self.watch = watch
+
+
+def wire_for(stream: CandleStream, seat: Seat) -> DirectWire | None:
+    """How a cohort would write to ``stream``, or None if it cannot board now.
+
+    Not before its first event went out (that one carries ``retry:``) nor
+    before its first data_chunk (its watch measures the time to it).
+    """
+    if not stream.first_event_sent or not seat.watch.saw_data_chunk:
+        return None
+    return seat.response.direct_wire()
+
+
+class _Rider:
+    __slots__ = ("bytes_at_boarding", "errors_at_boarding", "events_at_boarding", "left", "seat", "stream", "wire")
+
+    def __init__(self, stream: CandleStream, seat: Seat, wire: DirectWire, cohort: Cohort) -> None:
+        self.stream = stream
+        self.seat = seat
+        self.wire = wire
+        self.left: asyncio.Future[Leave] = asyncio.get_running_loop().create_future()
+        self.events_at_boarding = cohort.events
+        self.bytes_at_boarding = cohort.bytes
+        self.errors_at_boarding = len(cohort.error_frames)
+
+
+class Cohort:
+    """One leader stream and the riders it writes to."""
+
+    def __init__(
+        self,
+        template: CandleStream,
+        run_leader: Callable[[CandleStream], Awaitable[None]],
+        on_over: Callable[[Cohort], None],
+    ) -> None:
+        self.leader = template.fork(self._broadcast)
+        self._riders: dict[_Rider, None] = {}  # in boarding order
+        self._on_over = on_over
+        self.over = False
+        self.ended = False  # the leader sent the stream's last event
+        # What the leader sent so far, for the riders' watches when they leave.
+        self.events = 0
+        self.bytes = 0
+        self.last_event = b""
+        self.error_frames: list[bytes] = []
+        self._pending: list[tuple[bytes, bytes]] = []  # (event, frame) sent by the leader, not yet written
+        self._task = asyncio.create_task(self._run(run_leader), name="follow-cohort")
+
+    def __len__(self) -> int:
+        return len(self._riders)
+
+    def accepts(self, stream: CandleStream) -> bool:
+        """Whether ``stream`` would send exactly what the leader sends from now on."""
+        return not self.over and self.leader.same_spot(stream)
+
+    async def ride(self, stream: CandleStream, seat: Seat, wire: DirectWire) -> Leave:
+        """The leader writes ``stream``'s events through ``wire`` until it lets go; the stream adopts its position."""
+        # Coalescing holds for every rider: the next job_status waits for the latest one any of them was sent.
+        self.leader.status_sent_at = max(self.leader.status_sent_at, stream.status_sent_at)
+        # The stream already sent what the leader has queued (it stands where the leader stands).
+        self._flush()
+        rider = _Rider(stream, seat, wire, self)
+        self._riders[rider] = None
+        try:
+            return await rider.left
+        finally:
+            self._let_go(rider, Leave.SET_DOWN)  # only if still aboard (its task was cancelled)
+
+    def _let_go(self, rider: _Rider, why: Leave) -> None:
+        if rider not in self._riders:
+            return
+        self._flush()  # what the leader already sent goes to this rider too (a no-op while flushing)
+        del self._riders[rider]
+        # (A rider that is GONE did not get the last frame; its client resumes
+        # from the id it received, so only its log line counts one event more.)
+        rider.stream.adopt(self.leader)
+        self._tell_watch(rider)
+        if not rider.left.done():
+            rider.left.set_result(why)
+        if not self._riders and not self.over:
+            self._task.cancel()  # nobody left to write to: the leader stops reading
+
+    def _tell_watch(self, rider: _Rider) -> None:
+        events = self.events - rider.events_at_boarding
+        if events:
+            rider.seat.watch.sent_elsewhere(
+                events,
+                self.bytes - rider.bytes_at_boarding,
+                self.last_event,
+                self.error_frames[rider.errors_at_boarding :],
+            )
+
+    async def _broadcast(self, frame: bytes) -> None:
+        """The leader's ``send``: queue the frame; the whole round's frames go out together once the leader waits.
+
+        A round (one wake-up of the leader) often makes two events (a
+        data_chunk and a job_status): written together, they cost each rider
+        one socket write instead of two.
+        """
+        start = frame.find(_EVENT_MARK) + len(_EVENT_MARK)
+        event = frame[start : frame.find(b"\n", start)]
+        self.events += 1
+        self.bytes += len(frame)
+        self.last_event = event
+        if event == protocol.ERROR:
+            self.error_frames.append(frame)
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append((event, frame))
+
+    def _flush(self) -> None:
+        """Write the queued frames to every rider's socket, in one pass, without waiting."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        frames = pending[0][1] if len(pending) == 1 else b"".join(frame for _, frame in pending)
+        chunk = chunked(frames)
+        # After the stream's last event a rider that fell behind has nothing left to catch up with.
+        behind = Leave.ENDED if self.ended else Leave.BEHIND
+        dropped: list[tuple[_Rider, Leave]] = []
+        for rider in self._riders:
+            delivery = rider.wire.write(frames, chunk)
+            if delivery is not Delivery.SENT:
+                dropped.append((rider, behind if delivery is Delivery.BEHIND else Leave.GONE))
+        delivered = len(self._riders) - sum(why is Leave.GONE for _, why in dropped)
+        if metrics.SWITCH.on and delivered:
+            for event, frame in pending:
+                metrics.event_counter(event).inc(delivered)
+                metrics.BYTES_SENT.inc(len(frame) * delivered)
+        for rider, why in dropped:
+            self._let_go(rider, why)
+
+    async def _run(self, run_leader: Callable[[CandleStream], Awaitable[None]]) -> None:
+        why = Leave.SET_DOWN
+        try:
+            await run_leader(self.leader)
+            why = Leave.ENDED
+            self.ended = True
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("follow cohort stopped; its streams go on by themselves")
+        finally:
+            self.over = True
+            for rider in list(self._riders):
+                self._let_go(rider, why)
+            self._on_over(self)
