@@ -39,7 +39,10 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from bench.processes import cpu_seconds, rss_kib, server_process
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
+from gateway.devtools.ports import free_port
+from gateway.devtools.processes import gateway_serve
 from gateway.workers import JobWriter, candle
 
 APPEND_EVERY_S = 0.2
@@ -50,11 +53,6 @@ def raise_open_files() -> None:
     """Up to the hard limit: 10,000 sockets on each side need more than the usual 1,024."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def job_id(n: int) -> str:
@@ -284,8 +282,6 @@ async def run_size(
     work: Path,
     idle_s: float = 5.0,
 ) -> FanoutResult:
-    from bench.__main__ import rss_kib
-
     writers = await _seed(redis_client, jobs)
     out = work / f"fanout-{followers}x{jobs}.bin"
     rss_before = rss_kib(gateway_pid)
@@ -379,9 +375,6 @@ async def fanout_section(
     args: argparse.Namespace, work: Path, redis_url: str, certs_url: str, project: str, key: DevSigningKey
 ) -> list[str]:
     """Every size on a fresh gateway process, then 19,000 idle followers."""
-    from bench.__main__ import server_process
-    from gateway.devtools.ports import free_port
-
     raise_open_files()
     token = mint_token(key, project, "bench", lifetime_s=3600)
     duration = args.fanout_seconds
@@ -411,11 +404,11 @@ async def fanout_section(
             if source is not None:
                 env["PYTHONPATH"] = source
             idle_only = (followers, jobs) == (args.fanout_idle, 1)
-            command = [sys.executable, "-m", "gateway", "serve"]
+            command = gateway_serve()
             if os.environ.get("BENCH_PROFILE"):  # a pyinstrument profile of each gateway, for iteration
                 profile = Path(os.environ["BENCH_PROFILE"]) / f"fanout-{followers}x{jobs}.txt"
                 command[1:1] = ["-m", "pyinstrument", "-r", "text", "-o", str(profile)]
-            with server_process(command, env, port, work / f"fanout-{followers}.log") as gateway:
+            async with server_process(command, env, port, work / f"fanout-{followers}.log") as gateway:
                 await asyncio.sleep(0.5)
                 result = await run_size(
                     followers,
