@@ -36,7 +36,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from bench.fanout import fanout_section
+from bench.fanout import fanout_section, worker_counts
 from bench.processes import cpu_seconds, rss_kib, server_process
 from gateway.config import BigQuerySettings
 from gateway.devtools.bigquery_emulator import (
@@ -703,6 +703,12 @@ def main() -> None:
     parser.add_argument("--fanout-sizes", default="", help="fan-out: followers x jobs, e.g. 1000x1,10000x100")
     parser.add_argument("--fanout-baseline", default="", help="fan-out: also run a gateway from this source tree")
     parser.add_argument("--fanout-idle", type=int, default=19_000, help="fan-out: idle followers held (0: skip)")
+    parser.add_argument(
+        "--fanout-workers",
+        type=worker_counts,
+        default="1",
+        help="fan-out: gateway worker processes (--workers), e.g. 1,2 runs every size with 1, then 2",
+    )
     args = parser.parse_args()
     if args.quick:
         args.fanout_seconds = min(args.fanout_seconds, 8.0)
