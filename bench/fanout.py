@@ -421,7 +421,7 @@ def _check_baseline_workers(source: str, counts: Sequence[int]) -> None:
         return
     help_text = subprocess.run(
         [*gateway_serve(), "--help"],
-        env={**os.environ, "PYTHONPATH": source},
+        cwd=source,
         capture_output=True,
         text=True,
         check=False,  # a tree whose help fails cannot run workers either
@@ -486,13 +486,13 @@ async def fanout_section(
             # which came with it.
             if run.source is None or run.workers > 1:
                 env["GATEWAY_METRICS_PORT"] = str(metrics_port)
-            if run.source is not None:
-                env["PYTHONPATH"] = run.source
             name = f"fanout-{run.followers}x{run.jobs}-{run.workers}w{'-baseline' if run.source else ''}"
             if os.environ.get("BENCH_PROFILE"):  # a pyinstrument profile of each gateway, for iteration
                 profile = Path(os.environ["BENCH_PROFILE"]) / f"{name}.txt"  # of the parent only, with workers
                 command[1:1] = ["-m", "pyinstrument", "-r", "text", "-o", str(profile)]
-            async with server_process(command, env, port, work / f"{name}.log") as gateway:
+            # The baseline runs in its own tree: ``python -m`` puts the working directory first on
+            # sys.path, ahead of PYTHONPATH, so from here it would run this tree's gateway.
+            async with server_process(command, env, port, work / f"{name}.log", cwd=run.source) as gateway:
                 await asyncio.sleep(0.5)
                 # Every worker listening (it binds the public port before its metrics port):
                 # until then SO_REUSEPORT gives every connection to the ones that do.

@@ -18,10 +18,10 @@ from gateway.devtools.processes import start_server
 
 @contextlib.asynccontextmanager
 async def server_process(
-    args: list[str], env: dict[str, str], port: int, log: Path
+    args: list[str], env: dict[str, str], port: int, log: Path, cwd: str | None = None
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
     """``args`` with this environment plus ``env``, once ``port`` accepts; terminated on the way out."""
-    process = await start_server(args, env={**os.environ, **env}, log=log, port=port)
+    process = await start_server(args, env={**os.environ, **env}, log=log, port=port, cwd=cwd)
     try:
         yield process
     finally:

@@ -25,7 +25,7 @@ async def start_server(
     env: Mapping[str, str],
     log: Path,
     port: int,
-    cwd: Path | None = None,
+    cwd: str | Path | None = None,
     timeout_s: float = 30,
 ) -> subprocess.Popen[bytes]:
     """``args`` as a process once ``port`` accepts connections; its stdout and stderr go to ``log``.
