@@ -23,13 +23,11 @@ import asyncio
 import contextlib
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,7 +36,8 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from bench.fanout import fanout_section
+from bench.fanout import fanout_section, worker_counts
+from bench.processes import cpu_seconds, rss_kib, server_process
 from gateway.config import BigQuerySettings
 from gateway.devtools.bigquery_emulator import (
     BigQueryEmulator,
@@ -51,6 +50,7 @@ from gateway.devtools.bigquery_emulator import (
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.devtools.ports import free_port, free_port_block
+from gateway.devtools.processes import gateway_serve
 from gateway.server import usable_cpus
 from gateway.sources import keys
 from gateway.sources.warehouse import Warehouse
@@ -93,47 +93,6 @@ async def read_one(session: aiohttp.ClientSession, url: str) -> StreamResult:
 def percentile(values: Sequence[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its child processes (the workers), from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} for {pid}")
-
-
-@contextlib.contextmanager
-def server_process(args: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{args} did not start; see {log}:\n{log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @contextlib.asynccontextmanager
@@ -423,8 +382,8 @@ async def warehouse_section(
             "GATEWAY_BIGQUERY_PROJECT": PROJECT,
             "GATEWAY_BIGQUERY_API_ENDPOINT": emulator.endpoint,
         }
-        gateway_cmd = [sys.executable, "-m", "gateway", "serve"]
-        with server_process(gateway_cmd, bq_env, port, work / "bq-gateway.log"):
+        gateway_cmd = gateway_serve()
+        async with server_process(gateway_cmd, bq_env, port, work / "bq-gateway.log"):
             token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
             base = f"http://127.0.0.1:{port}"
             query = f"intervals={','.join(INTERVALS)}&limit={args.bq_points}&chunk_size=500&token={token}"
@@ -460,11 +419,11 @@ async def ops_section(
     for _ in range(args.ops_rounds):
         for name, extra, cli in configs:
             port = free_port()
-            cmd = [sys.executable, "-m", "gateway", "serve", *cli]
+            cmd = gateway_serve(*cli)
             metrics_port = str(free_port_block(2))
             process_env = {**env, "GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": metrics_port, **extra}
             log = work / f"ops-gateway-{len(walls[name])}-{name.split(',')[0].replace(' ', '')}.log"
-            with server_process(cmd, process_env, port, log) as process:
+            async with server_process(cmd, process_env, port, log) as process:
                 url = f"http://127.0.0.1:{port}/api/sse/backtest/{JOB}/data/multi?{query}&token={token}"
                 try:
                     await concurrent_streams(url, 4)  # warm-up: every worker's connections and caches
@@ -478,7 +437,7 @@ async def ops_section(
                 walls[name].append(wall)
         floor_port = free_port()
         floor_cmd = [sys.executable, "-m", "bench.floor", "--redis-url", redis_url, "--port", str(floor_port)]
-        with server_process(floor_cmd, {}, floor_port, work / "ops-floor.log"):
+        async with server_process(floor_cmd, {}, floor_port, work / "ops-floor.log"):
             url = f"http://127.0.0.1:{floor_port}/api/sse/backtest/{JOB}/data/multi?{query}"
             await concurrent_streams(url, 4)
             floor_walls.append((await concurrent_streams(url, count))[0])
@@ -582,7 +541,7 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
                 "GATEWAY_SERVER_ACCESS_LOG": "false",
             }
-            gateway_cmd = [sys.executable, "-m", "gateway", "serve"]
+            gateway_cmd = gateway_serve()
             floor_cmd = [
                 sys.executable,
                 "-m",
@@ -592,7 +551,7 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 "--port",
                 str(floor_port),
             ]
-            with (
+            async with (
                 server_process(gateway_cmd, env, gateway_port, work / "gateway.log") as gateway,
                 server_process(floor_cmd, {}, floor_port, work / "floor.log") as floor,
             ):
@@ -600,7 +559,7 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
             # Followers on a fresh gateway, so its heap is not the one the big streams grew.
             follow_port = free_port()
             follow_env = {**env, "GATEWAY_SERVER_PORT": str(follow_port)}
-            with server_process(gateway_cmd, follow_env, follow_port, work / "follow.log") as follower_gateway:
+            async with server_process(gateway_cmd, follow_env, follow_port, work / "follow.log") as follower_gateway:
                 token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
                 base = f"http://127.0.0.1:{follow_port}"
                 latencies = await follow_latency(base, token, client, args.latency_followers, args.appends)
@@ -744,6 +703,12 @@ def main() -> None:
     parser.add_argument("--fanout-sizes", default="", help="fan-out: followers x jobs, e.g. 1000x1,10000x100")
     parser.add_argument("--fanout-baseline", default="", help="fan-out: also run a gateway from this source tree")
     parser.add_argument("--fanout-idle", type=int, default=19_000, help="fan-out: idle followers held (0: skip)")
+    parser.add_argument(
+        "--fanout-workers",
+        type=worker_counts,
+        default="1",
+        help="fan-out: gateway worker processes (--workers), e.g. 1,2 runs every size with 1, then 2",
+    )
     args = parser.parse_args()
     if args.quick:
         args.fanout_seconds = min(args.fanout_seconds, 8.0)

@@ -1,14 +1,18 @@
-"""``make bench BENCH_ARGS="--only fanout"``: many live followers on one gateway process.
+"""``make bench BENCH_ARGS="--only fanout"``: many live followers on one gateway.
 
 For each size (followers x jobs) it starts a fresh gateway (``python -m
-gateway serve``) on one embedded Valkey, and a raw-socket client in a
-process of its own (``python -m bench.fanout client``) that opens the
-follow streams, then:
+gateway serve``, one process, or with ``--fanout-workers 1,2`` one run with
+each ``--workers`` count) on one embedded Valkey, and a raw-socket client in
+a process of its own (``python -m bench.fanout client``) that opens the
+follow streams (one connection each: SO_REUSEPORT spreads them over the
+workers; the row says how), then:
 
 - connect: how many follow streams a second the gateway accepted (each
   counted once its snapshot's ``interval_complete`` arrived);
 - idle: gateway CPU and the gateway's Redis reads per second (commandstats
-  of the read commands) while nothing is appended, and memory per follower;
+  of the read commands) while nothing is appended, and memory per follower
+  (CPU and memory of all the gateway's processes: with workers, the parent
+  and its workers);
 - live: one append per job every 200 ms (``JobWriter``, as a worker would)
   for the run's duration; delivered fraction (appended points that reached
   every follower within 2 s of the last append), append -> receipt
@@ -32,14 +36,18 @@ import sys
 import time
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import cast
 
+import aiohttp
 import redis.asyncio as aioredis
 
+from bench.processes import cpu_seconds, rss_kib, server_process
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
+from gateway.devtools.ports import free_port, free_port_block
+from gateway.devtools.processes import gateway_serve, wait_for_port
 from gateway.workers import JobWriter, candle
 
 APPEND_EVERY_S = 0.2
@@ -50,11 +58,6 @@ def raise_open_files() -> None:
     """Up to the hard limit: 10,000 sockets on each side need more than the usual 1,024."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def job_id(n: int) -> str:
@@ -214,6 +217,7 @@ class FanoutResult:
     events_per_s: float = 0.0
     label: str = ""
     client_cpu: float = 0.0
+    followers_per_worker: list[int] = field(default_factory=list)  # with --workers > 1
 
 
 # What the gateway reads with (HGETALL, LRANGE, HMGET are the gateway's alone; the
@@ -283,11 +287,14 @@ async def run_size(
     token: str,
     work: Path,
     idle_s: float = 5.0,
+    workers: int = 1,
+    metrics_port: int = 0,
 ) -> FanoutResult:
-    from bench.__main__ import rss_kib
-
     writers = await _seed(redis_client, jobs)
     out = work / f"fanout-{followers}x{jobs}.bin"
+    # Summed over the gateway's processes. With workers this includes what each forked worker
+    # faults in of the shared libraries on its first streams (about 10 MiB each on the bench
+    # machine, VmRSS's RssFile part): a fixed cost that small sizes spread over few followers.
     rss_before = rss_kib(gateway_pid)
     client = _start_client(port, token, followers, jobs, out)
     assert client.stdin is not None and client.stdout is not None
@@ -296,6 +303,8 @@ async def run_size(
         connected = json.loads(await loop.run_in_executor(None, client.stdout.readline))
         await asyncio.sleep(1.0)
         rss_after = rss_kib(gateway_pid)
+        # Outside the idle window: how SO_REUSEPORT spread the connections.
+        spread = await _followers_per_worker(metrics_port, workers) if workers > 1 else []
         cpu0, commands0, t0 = cpu_seconds(gateway_pid), await _commands(redis_client), time.time()
         await asyncio.sleep(idle_s)
         cpu1, commands1, t1 = cpu_seconds(gateway_pid), await _commands(redis_client), time.time()
@@ -307,6 +316,7 @@ async def run_size(
             idle_cpu=(cpu1 - cpu0) / (t1 - t0),
             idle_redis_per_s=(commands1 - commands0) / (t1 - t0),
             rss_per_follower_kib=(rss_after - rss_before) / followers,
+            followers_per_worker=spread,
         )
         if duration_s <= 0:
             return result
@@ -375,28 +385,89 @@ def table(results: Sequence[FanoutResult]) -> list[str]:
 SIZES = ((1000, 1), (10_000, 1), (10_000, 100))
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One gateway process and its followers: a row of the table."""
+
+    followers: int
+    jobs: int
+    workers: int
+    source: str | None = None  # another source tree's gateway (--fanout-baseline)
+    idle_only: bool = False
+
+
+def _runs(args: argparse.Namespace, worker_counts: Sequence[int]) -> list[_Run]:
+    """Each size with each worker count (the baseline just before, side by side); then the idle followers."""
+    sizes = list(SIZES)
+    if args.fanout_sizes:
+        sizes = [tuple(int(x) for x in size.split("x")) for size in args.fanout_sizes.split(",")]  # type: ignore[misc]
+    sources = [args.fanout_baseline, None] if args.fanout_baseline else [None]
+    runs = [_Run(f, j, w, source) for f, j in sizes for w in worker_counts for source in sources]
+    runs += [_Run(args.fanout_idle, 1, w, idle_only=True) for w in worker_counts]
+    return [run for run in runs if run.followers > 0]
+
+
+def worker_counts(option: str) -> list[int]:
+    """``--fanout-workers`` as numbers: "1,2" -> [1, 2]."""
+    counts = [int(count) for count in option.split(",")]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--fanout-workers {option}: worker counts are 1 or more")
+    return counts
+
+
+def _check_baseline_workers(source: str, counts: Sequence[int]) -> None:
+    """Stop at once, not after an hour of runs, if the baseline tree cannot run the worker counts asked for."""
+    if max(counts) == 1:
+        return
+    help_text = subprocess.run(
+        [*gateway_serve(), "--help"],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=False,  # a tree whose help fails cannot run workers either
+    ).stdout
+    if "--workers" not in help_text:
+        raise SystemExit(f"--fanout-baseline {source} has no --workers: run it with --fanout-workers 1")
+
+
+async def _followers_per_worker(metrics_port: int, workers: int) -> list[int]:
+    """Each worker's ``gateway_followers`` gauge, from its /metrics (worker i: metrics.port + i)."""
+    counts = []
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for index in range(workers):
+            async with session.get(f"http://127.0.0.1:{metrics_port + index}/metrics") as response:
+                text = await response.text()
+            gauge = next(line for line in text.splitlines() if line.startswith("gateway_followers "))
+            counts.append(round(float(gauge.split()[1])))
+    return counts
+
+
+def _label(run: _Run, counts: Sequence[int], followers_per_worker: Sequence[int]) -> str:
+    """ "(2 workers: 503 + 497 followers) baseline"; no worker part when only the default single worker runs."""
+    parts = []
+    if list(counts) != [1]:
+        spread = f": {' + '.join(f'{n:,}' for n in followers_per_worker)} followers" if run.workers > 1 else ""
+        parts.append(f"({run.workers} worker{'s' if run.workers > 1 else ''}{spread})")
+    if run.source:
+        parts.append("baseline")
+    return " ".join(parts)
+
+
 async def fanout_section(
     args: argparse.Namespace, work: Path, redis_url: str, certs_url: str, project: str, key: DevSigningKey
 ) -> list[str]:
-    """Every size on a fresh gateway process, then 19,000 idle followers."""
-    from bench.__main__ import server_process
-    from gateway.devtools.ports import free_port
-
+    """Every size on a fresh gateway (with each ``--fanout-workers`` count), then 19,000 idle followers."""
     raise_open_files()
     token = mint_token(key, project, "bench", lifetime_s=3600)
     duration = args.fanout_seconds
-    sizes = [(f, j) for f, j in SIZES]
-    if args.fanout_sizes:
-        sizes = [tuple(int(x) for x in size.split("x")) for size in args.fanout_sizes.split(",")]  # type: ignore[misc]
+    counts: list[int] = args.fanout_workers
+    if args.fanout_baseline:
+        _check_baseline_workers(args.fanout_baseline, counts)
     client = aioredis.Redis.from_url(redis_url)
     results = []
     try:
-        runs = [(f, j, None) for f, j in sizes]
-        if args.fanout_baseline:  # the same sizes on another source tree, side by side
-            runs = [run for f, j in sizes for run in ((f, j, args.fanout_baseline), (f, j, None))]
-        for followers, jobs, source in [*runs, (args.fanout_idle, 1, None)]:
-            if followers <= 0:
-                continue
+        for run in _runs(args, counts):
             port = free_port()
             env = {
                 "GATEWAY_REDIS_URL": redis_url,
@@ -408,33 +479,50 @@ async def fanout_section(
                 # Thousands of open streams: no grace, or stopping the gateway outlasts the bench's wait.
                 "GATEWAY_SERVER_SHUTDOWN_GRACE_S": "0",
             }
-            if source is not None:
-                env["PYTHONPATH"] = source
-            idle_only = (followers, jobs) == (args.fanout_idle, 1)
-            command = [sys.executable, "-m", "gateway", "serve"]
+            command = gateway_serve(*(["--workers", str(run.workers)] if run.workers > 1 else []))
+            metrics_port = free_port_block(run.workers)
+            # Not the default 9090, which another gateway on this machine may hold. A baseline tree
+            # may predate metrics.port (an unknown setting stops start-up), unless it has --workers,
+            # which came with it.
+            if run.source is None or run.workers > 1:
+                env["GATEWAY_METRICS_PORT"] = str(metrics_port)
+            name = f"fanout-{run.followers}x{run.jobs}-{run.workers}w{'-baseline' if run.source else ''}"
             if os.environ.get("BENCH_PROFILE"):  # a pyinstrument profile of each gateway, for iteration
-                profile = Path(os.environ["BENCH_PROFILE"]) / f"fanout-{followers}x{jobs}.txt"
+                profile = Path(os.environ["BENCH_PROFILE"]) / f"{name}.txt"  # of the parent only, with workers
                 command[1:1] = ["-m", "pyinstrument", "-r", "text", "-o", str(profile)]
-            with server_process(command, env, port, work / f"fanout-{followers}.log") as gateway:
+            # The baseline runs in its own tree: ``python -m`` puts the working directory first on
+            # sys.path, ahead of PYTHONPATH, so from here it would run this tree's gateway.
+            async with server_process(command, env, port, work / f"{name}.log", cwd=run.source) as gateway:
                 await asyncio.sleep(0.5)
+                # Every worker listening (it binds the public port before its metrics port):
+                # until then SO_REUSEPORT gives every connection to the ones that do.
+                for index in range(1, run.workers):
+                    await wait_for_port(metrics_port + index, gateway)
                 result = await run_size(
-                    followers,
-                    jobs,
-                    0 if idle_only else duration,
+                    run.followers,
+                    run.jobs,
+                    0 if run.idle_only else duration,
                     redis_client=client,
                     gateway_pid=gateway.pid,
                     port=port,
                     token=token,
                     work=work,
+                    workers=run.workers,
+                    metrics_port=metrics_port,
                 )
-                result.label = "baseline" if source else ""
+                result.label = _label(run, counts, result.followers_per_worker)
                 print(table([result])[-1], file=sys.stderr)
                 results.append(result)
     finally:
         await client.aclose()
+    processes = (
+        "one gateway process"
+        if counts == [1]
+        else f"gateway with {' / '.join(map(str, counts))} worker processes (CPU and RSS: all of its processes)"
+    )
     return [
         f"fan-out: one append per job every {APPEND_EVERY_S * 1000:.0f} ms for {duration:.0f} s;"
-        " one gateway process; raw-socket client in its own process",
+        f" {processes}; raw-socket client in its own process",
         "",
         *table(results),
     ]

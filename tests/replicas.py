@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -16,24 +15,13 @@ from pathlib import Path
 import aiohttp
 
 from gateway.devtools.ports import free_port, free_port_block
+from gateway.devtools.processes import gateway_serve, start_server, wait_for_port
 from tests.sse_client import Event, SSEParser, Transcript
 
+# wait_for_port too: the nginx and CLI tests wait with it for processes of their own.
+__all__ = ["REPO", "Replica", "ResumingClient", "replica_env", "wait_for_port"]
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-async def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"process exited with {process.returncode} before port {port} opened") from None
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
 
 
 class Replica:
@@ -60,15 +48,9 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> Replica:
-        with self.log_path.open("wb") as out:
-            self.process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the wait below is async
-                [sys.executable, "-m", "gateway", "serve", *self.args],
-                cwd=REPO,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        await wait_for_port(self.port, self.process)
+        self.process = await start_server(
+            gateway_serve(*self.args), env=self.env, log=self.log_path, port=self.port, cwd=REPO
+        )
         return self
 
     def terminate(self) -> None:
