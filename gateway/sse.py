@@ -167,6 +167,13 @@ class CandleEventResponse(EventSourceResponse):
             return
         if self._quiet >= ping_after and not self._write_pending and not self._pinging:
             self._quiet = 0
+            wire = self.direct_wire()
+            if wire is not None and wire.idle():
+                # The usual case: nothing waits in the socket's buffer, so the ping
+                # goes straight out, without a task of its own.
+                wire.write(PING, _CHUNKED_PING)
+                self._seen = self._writes
+                return
             self._pinging = True
             self._ping_write = asyncio.get_running_loop().create_task(self._send_ping())
 
@@ -213,6 +220,10 @@ class DirectWire:
         self._writer = writer
         self._chunked = response.chunked
 
+    def idle(self) -> bool:
+        """Whether nothing waits in the socket's buffer (the client read everything sent so far)."""
+        return self._transport.get_write_buffer_size() == 0
+
     def write(self, frame: bytes, chunked_frame: bytes) -> Delivery:
         """Write ``frame`` (``chunked_frame``: the same in HTTP/1.1 chunked encoding)."""
         transport = self._transport
@@ -230,3 +241,6 @@ class DirectWire:
 def chunked(frame: bytes) -> bytes:
     """``frame`` as one chunk of HTTP/1.1 chunked transfer encoding (what aiohttp's writer would send)."""
     return b"%x\r\n%b\r\n" % (len(frame), frame)
+
+
+_CHUNKED_PING: Final = chunked(PING)
