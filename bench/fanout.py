@@ -414,7 +414,9 @@ async def fanout_section(
             command = [sys.executable, "-m", "gateway", "serve"]
             if os.environ.get("BENCH_PROFILE"):  # a pyinstrument profile of each gateway, for iteration
                 profile = Path(os.environ["BENCH_PROFILE"]) / f"fanout-{followers}x{jobs}.txt"
-                command[1:1] = ["-m", "pyinstrument", "-r", "text", "-o", str(profile)]
+                # main(), not `-m gateway`: its run() leaves with os._exit, before pyinstrument writes.
+                program = "import sys; from gateway.__main__ import main; sys.exit(main())"
+                command = [sys.executable, "-m", "pyinstrument", "-o", str(profile), "-c", program, "serve"]
             with server_process(command, env, port, work / f"fanout-{followers}.log") as gateway:
                 await asyncio.sleep(0.5)
                 result = await run_size(
