@@ -1,12 +1,23 @@
-"""Many streams opening at once (issue 12): shared job reads; nothing answered staler or looser."""
+"""Many streams opening at once (issue 12): shared job reads, remembered tokens; nothing answered staler or looser."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
+import aiohttp
+import pytest
+from google.auth.crypt import rsa
+
+from gateway.auth import CertificateCache, TokenVerifier
+from gateway.config import AuthSettings
+from gateway.devtools.dev_auth import DevSigningKey
+from gateway.errors import Unauthenticated
 from gateway.sources.fresh import FreshReads
-from tests.helpers import expected_points, seed_job, stream
+from tests.conftest import PROJECT
+from tests.helpers import expected_points, open_stream, seed_job, stream
+from tests.test_tokens import FakeClock
 
 JOB = "connect-job"
 
@@ -14,6 +25,19 @@ JOB = "connect-job"
 async def command_stats(redis_client) -> Counter[str]:
     info = await redis_client.info("commandstats")
     return Counter({name.removeprefix("cmdstat_"): stats["calls"] for name, stats in info.items()})
+
+
+def count_signature_checks(monkeypatch) -> list[int]:
+    """RS256 verifications from now on (a one-element list, so it stays current)."""
+    checks = [0]
+    original = rsa.RSAVerifier.verify
+
+    def verify(self, message, signature):
+        checks[0] += 1
+        return original(self, message, signature)
+
+    monkeypatch.setattr(rsa.RSAVerifier, "verify", verify)
+    return checks
 
 
 # -- one job read for streams that open together ----------------------------------
@@ -85,3 +109,57 @@ async def test_callers_going_away_do_not_cancel_the_read_others_wait_for():
     assert await staying == "job"
     assert first.cancelled()
     assert leaving.cancelled()
+
+
+# -- verified tokens remembered -----------------------------------------------------
+
+
+async def test_a_token_presented_again_is_not_verified_again_but_a_forged_twin_is(client, writer, token, monkeypatch):
+    await seed_job(writer(JOB), counts={"day": 1})
+    checks = count_signature_checks(monkeypatch)
+    alice = token("alice")
+    for _ in range(5):
+        assert (await stream(client, JOB, token=alice, intervals="day")).names[-1] == "all_complete"
+    assert checks == [1]
+    # Same header and claims, another signature: another token, verified, refused.
+    header, claims, signature = alice.split(".")
+    forged = f"{header}.{claims}.{signature[:-8]}AAAAAAAA"
+    response = await open_stream(client, JOB, token=forged, intervals="day")
+    assert response.status == 401
+    assert "signature" in (await response.json())["message"]
+    assert checks == [2]
+
+
+async def test_a_remembered_token_is_refused_the_moment_it_expires(make_gateway, writer, token, monkeypatch):
+    client = await make_gateway(auth={"clock_skew_s": 0})
+    await seed_job(writer(JOB), counts={"day": 1})
+    checks = count_signature_checks(monkeypatch)
+    now = time.time()
+    expiring = token("alice", now=now - 3600 + 2, lifetime_s=3600)  # exp 1-2 s from now
+    assert (await stream(client, JOB, token=expiring, intervals="day")).names[-1] == "all_complete"
+    await asyncio.sleep(int(now) + 2 - time.time() + 0.05)
+    response = await open_stream(client, JOB, token=expiring, intervals="day")
+    assert response.status == 401
+    assert "exp" in (await response.json())["message"]
+    assert checks == [1]  # refused on its remembered claims, not by verifying it again
+
+
+async def test_a_remembered_token_verifies_afresh_after_a_certificate_refresh_and_not_after_rotation(
+    cert_endpoint, token, monkeypatch
+):
+    clock = FakeClock()
+    settings = AuthSettings(firebase_project_id=PROJECT, certs_url=cert_endpoint.url)
+    checks = count_signature_checks(monkeypatch)
+    async with aiohttp.ClientSession() as session:
+        verifier = TokenVerifier(settings, CertificateCache(session, settings, clock=clock))
+        alice = token("alice")
+        for _ in range(3):
+            assert (await verifier.verify(alice)).uid == "alice"
+        assert checks == [1]
+        clock.now += cert_endpoint.max_age_s + 1  # the certificates are fetched again: new verifiers
+        assert (await verifier.verify(alice)).uid == "alice"
+        assert checks == [2]
+        cert_endpoint.keys = [DevSigningKey.generate()]  # Google rotated the key that signed it away
+        clock.now += cert_endpoint.max_age_s + 1
+        with pytest.raises(Unauthenticated, match="kid is not one of the current"):
+            await verifier.verify(alice)
