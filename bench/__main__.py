@@ -119,9 +119,11 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 
 @contextlib.contextmanager
-def server_process(args: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def server_process(
+    args: list[str], env: dict[str, str], port: int, log: Path, cwd: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
-        process = subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         deadline = time.monotonic() + 30
         while True:

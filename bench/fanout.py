@@ -408,6 +408,8 @@ async def fanout_section(
                 # Thousands of open streams: no grace, or stopping the gateway outlasts the bench's wait.
                 "GATEWAY_SERVER_SHUTDOWN_GRACE_S": "0",
             }
+            # The baseline runs in its own tree: `-m` puts the working directory first on
+            # sys.path, ahead of PYTHONPATH, and config.toml is read from there too.
             if source is not None:
                 env["PYTHONPATH"] = source
             idle_only = (followers, jobs) == (args.fanout_idle, 1)
@@ -417,7 +419,7 @@ async def fanout_section(
                 # main(), not `-m gateway`: its run() leaves with os._exit, before pyinstrument writes.
                 program = "import sys; from gateway.__main__ import main; sys.exit(main())"
                 command = [sys.executable, "-m", "pyinstrument", "-o", str(profile), "-c", program, "serve"]
-            with server_process(command, env, port, work / f"fanout-{followers}.log") as gateway:
+            with server_process(command, env, port, work / f"fanout-{followers}.log", cwd=source) as gateway:
                 await asyncio.sleep(0.5)
                 result = await run_size(
                     followers,
