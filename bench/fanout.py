@@ -489,7 +489,9 @@ async def fanout_section(
             name = f"fanout-{run.followers}x{run.jobs}-{run.workers}w{'-baseline' if run.source else ''}"
             if os.environ.get("BENCH_PROFILE"):  # a pyinstrument profile of each gateway, for iteration
                 profile = Path(os.environ["BENCH_PROFILE"]) / f"{name}.txt"  # of the parent only, with workers
-                command[1:1] = ["-m", "pyinstrument", "-r", "text", "-o", str(profile)]
+                # main(), not `-m gateway`: its run() leaves with os._exit, before pyinstrument writes.
+                program = "import sys; from gateway.__main__ import main; sys.exit(main())"
+                command = [sys.executable, "-m", "pyinstrument", "-o", str(profile), "-c", program, *command[3:]]
             # The baseline runs in its own tree: ``python -m`` puts the working directory first on
             # sys.path, ahead of PYTHONPATH, so from here it would run this tree's gateway.
             async with server_process(command, env, port, work / f"{name}.log", cwd=run.source) as gateway:

@@ -13,16 +13,26 @@ success), meanwhile requests are answered at once; an answer is read up to
 ``MAX_CERTIFICATES_BYTES`` only; and each certificate is parsed on its own, so
 one that is not an RSA key of at least 2048 bits is skipped (and logged), and
 only a token naming it is refused.
+
+A token that verified is remembered (by its SHA-256, never the token
+itself, at most ``VERIFIED_TOKENS_KEPT`` of them) with its claims and the
+verifier that checked it, so a client presenting it again (a reconnect
+storm, a page opening several streams) skips the RS256 verification: the
+claims, ``exp`` first, are checked again on every use against the clock, and
+the entry counts only while the certificate cache still holds that very
+verifier (a refresh or rotation makes the token verify afresh).
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import hashlib
 import logging
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
@@ -52,6 +62,9 @@ MAX_CERTIFICATES_BYTES: Final = 1 << 20
 _RETRY_FIRST_S: Final = 2.0
 _RETRY_MAX_S: Final = 30.0
 _MIN_RSA_BITS: Final = 2048
+# Verified tokens remembered per process (about 730 bytes each, 7 MB when full); past it the
+# least recently used is dropped and verifies again when it comes back.
+VERIFIED_TOKENS_KEPT: Final = 10_000
 
 
 class User(msgspec.Struct, frozen=True):
@@ -73,6 +86,15 @@ class _Claims(msgspec.Struct):
     exp: float | None = None
     iat: float | None = None
     auth_time: float | None = None
+
+
+class _Verified(msgspec.Struct, frozen=True):
+    """A token whose signature verified: what its next use needs to be answered the same."""
+
+    kid: str
+    verifier: crypt.RSAVerifier
+    claims: _Claims
+    user: User
 
 
 _decode_header = msgspec.json.Decoder(_Header).decode
@@ -203,8 +225,21 @@ class TokenVerifier:
         self._emulator = emulator
         self._clock = clock
         self._issuer = f"https://securetoken.google.com/{settings.firebase_project_id}"
+        self._verified: OrderedDict[bytes, _Verified] = OrderedDict()
 
     async def verify(self, token: str) -> User:
+        digest = hashlib.sha256(token.encode()).digest()
+        known = self._verified.get(digest)
+        # The same certificate lookup the token's first verification made: the
+        # same 401 if its kid is gone, and a refreshed certificate verifies afresh.
+        if known is not None and await self._certificates.verifier_for(known.kid) is known.verifier:
+            try:
+                self._check_claims(known.claims)
+            except Unauthenticated:
+                self._verified.pop(digest, None)  # expired: it cannot pass again
+                raise
+            self._remember(digest, known)
+            return known.user
         parts = token.split(".")
         if len(parts) != 3:
             raise Unauthenticated("token is not a JWT (expected three dot-separated parts)")
@@ -212,6 +247,7 @@ class TokenVerifier:
         header = _decode_part(_b64(encoded_header, "header"), "header", _decode_header)
         claims_json = _b64(encoded_claims, "claims")
         claims = _decode_part(claims_json, "claims", _decode_claims)
+        verifier: crypt.RSAVerifier | None = None
         if self._emulator and header.alg == "none":
             pass  # the Firebase Auth Emulator's unsigned tokens, accepted in emulator mode only
         else:
@@ -225,7 +261,16 @@ class TokenVerifier:
                 raise Unauthenticated("token signature does not verify")
         self._check_claims(claims)
         assert claims.sub is not None
-        return User(uid=claims.sub, is_admin=self._is_admin(claims_json))
+        user = User(uid=claims.sub, is_admin=self._is_admin(claims_json))
+        if verifier is not None and header.kid:  # nothing to skip for an unsigned token
+            self._remember(digest, _Verified(header.kid, verifier, claims, user))
+        return user
+
+    def _remember(self, digest: bytes, verified: _Verified) -> None:
+        self._verified[digest] = verified
+        self._verified.move_to_end(digest)
+        if len(self._verified) > VERIFIED_TOKENS_KEPT:
+            self._verified.popitem(last=False)
 
     def _check_claims(self, claims: _Claims) -> None:
         project = self._settings.firebase_project_id

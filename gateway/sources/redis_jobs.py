@@ -5,6 +5,9 @@ of every requested list); after that each chunk is one ``LRANGE`` of exactly
 that chunk, and every few chunks an ``HMGET`` of the job's status rides in
 the same pipeline, so events report the status of (nearly) the moment they
 were built, and a job that fails mid-stream ends the stream promptly.
+
+Streams of one job that open together share that first question and their
+identical chunk reads (``FreshReads``: only reads started after they asked).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from gateway.params import ID_PATTERN
 from gateway.redis_client import call_redis, response_error
 from gateway.sources import keys
 from gateway.sources.base import JOB_STATUSES, JobInfo, JobState, ReadPlan, Snapshot
+from gateway.sources.fresh import FreshReads
 from gateway.sources.lists import ListChunkReader, ListReads
 
 _STATE_FIELDS: Final = ("status", "current_bar", "error")
@@ -38,9 +42,10 @@ def job_not_found(job_id: str) -> JobNotFound:
 class RedisJobSource:
     """A job that workers are writing (or have written) to Redis."""
 
-    def __init__(self, client: aioredis.Redis, job_id: str, lists: ListReads) -> None:
+    def __init__(self, client: aioredis.Redis, job_id: str, lists: ListReads, fresh: FreshReads) -> None:
         self._redis = client
         self._lists = lists
+        self._fresh = fresh
         self.job_id = job_id
         self._job_key = keys.job_key(job_id)
         self._reads = 0
@@ -48,7 +53,10 @@ class RedisJobSource:
 
     async def describe(self, intervals: Sequence[str]) -> JobInfo:
         # The counts ride in the same round trip: they cost Redis next to nothing.
-        self._described = await self.snapshot(intervals)
+        # Authorization comes after, per caller: sharing the read shares no access.
+        self._described = await self._fresh.read(
+            ("snapshot", self.job_id, tuple(intervals)), partial(self.snapshot, intervals)
+        )
         return self._described.job
 
     async def open(self, intervals: Sequence[str], plan: ReadPlan) -> Snapshot:
@@ -118,7 +126,9 @@ class RedisJobSource:
             return await pipe.execute(raise_on_error=False)
 
         try:
-            stored, state_values = await call_redis(read, f"reading interval '{interval}'")
+            stored, state_values = await self._fresh.read(
+                (key, start, count, with_state), partial(call_redis, read, f"reading interval '{interval}'")
+            )
         except StoredValueMalformed as exc:
             raise StoredValueMalformed(f"interval '{interval}' is not stored as a list") from exc
         if isinstance(stored, redis.exceptions.ResponseError):

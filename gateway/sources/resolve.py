@@ -12,6 +12,7 @@ from gateway.params import StreamRequest
 from gateway.sources.backtests import BacktestSource
 from gateway.sources.base import COMPLETED, ChunkReader, JobInfo, ReadPlan, Snapshot, Source
 from gateway.sources.cache import BacktestCache
+from gateway.sources.fresh import FreshReads
 from gateway.sources.lists import ListReads
 from gateway.sources.lookups import BacktestLookups
 from gateway.sources.redis_jobs import RedisJobSource, job_not_found
@@ -34,6 +35,7 @@ class Sources:
         self._redis = client
         self._warehoused = warehoused
         self._lists = ListReads()
+        self._fresh = FreshReads()
         self._lookups = BacktestLookups(warehoused.warehouse, warehoused.cache, client) if warehoused else None
 
     async def open_for(self, user: User, request: StreamRequest, plan: ReadPlan) -> tuple[Source, Snapshot]:
@@ -53,11 +55,11 @@ class Sources:
         if self._warehoused is None or self._lookups is None:
             if request.is_backtest:
                 return WarehouseNotConfigured()
-            return JobSource(RedisJobSource(self._redis, request.id, self._lists), None)
+            return JobSource(RedisJobSource(self._redis, request.id, self._lists, self._fresh), None)
         backtests = UserBacktests(self._warehoused.cache, self._lookups, self._lists, user)
         if request.is_backtest:
             return backtests.backtest(request.id)
-        return JobSource(RedisJobSource(self._redis, request.id, self._lists), backtests)
+        return JobSource(RedisJobSource(self._redis, request.id, self._lists, self._fresh), backtests)
 
 
 class UserBacktests:
