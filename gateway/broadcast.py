@@ -101,7 +101,6 @@ class Cohort:
         self._riders: dict[_Rider, None] = {}  # in boarding order
         self._on_over = on_over
         self.over = False
-        self.ended = False  # the leader sent the stream's last event
         # What the leader sent so far, for the riders' watches when they leave.
         self.events = 0
         self.bytes = 0
@@ -180,7 +179,7 @@ class Cohort:
         frames = pending[0][1] if len(pending) == 1 else b"".join(frame for _, frame in pending)
         chunk = chunked(frames)
         # After the stream's last event a rider that fell behind has nothing left to catch up with.
-        behind = Leave.ENDED if self.ended else Leave.BEHIND
+        behind = Leave.ENDED if self.leader.sending_last_event else Leave.BEHIND
         dropped: list[tuple[_Rider, Leave]] = []
         for rider in self._riders:
             delivery = rider.wire.write(frames, chunk)
@@ -195,17 +194,15 @@ class Cohort:
             self._let_go(rider, why)
 
     async def _run(self, run_leader: Callable[[CandleStream], Awaitable[None]]) -> None:
-        why = Leave.SET_DOWN
         try:
             await run_leader(self.leader)
-            why = Leave.ENDED
-            self.ended = True
         except asyncio.CancelledError:
-            pass
+            pass  # its last rider left
         except Exception:
             log.exception("follow cohort stopped; its streams go on by themselves")
         finally:
             self.over = True
+            why = Leave.ENDED if self.leader.sending_last_event else Leave.SET_DOWN
             for rider in list(self._riders):
                 self._let_go(rider, why)
             self._on_over(self)

@@ -78,6 +78,8 @@ class CandleStream:
         self._frames: FrameStore | None = None
         # When follow mode last sent a job_status (its clock), for coalescing.
         self.status_sent_at = -math.inf
+        # Set just before the stream's last event (all_complete or a fatal error) is handed to send.
+        self.sending_last_event = False
         # What a live event's bytes depend on besides its id, the state and the chunk.
         self._shape = (request.intervals, request.limit, request.chunk_size, request.order, self._payloads.exists)
         # What the payloads say of the job besides its state.
@@ -111,6 +113,7 @@ class CandleStream:
         except StreamError as exc:
             if not exc.fatal:
                 raise
+            self.sending_last_event = True
             await self._error(exc, interval=None)
         finally:
             for reader in self._readers.values():
@@ -187,6 +190,7 @@ class CandleStream:
 
     async def _finish(self) -> None:
         self.position.finished = True
+        self.sending_last_event = True
         await self._emit(protocol.ALL_COMPLETE, self._payloads.all_complete(self.position, self._state))
 
     # -- what follow mode (follow.py) drives ----------------------------------
@@ -251,7 +255,11 @@ class CandleStream:
         )
 
     def fork(self, send: Send) -> CandleStream:
-        """A stream at this one's position and state, writing through ``send`` (a cohort's leader)."""
+        """A stream at this one's position and state, writing through ``send`` (a cohort's leader).
+
+        It shares the source, and may outlive this stream: follow mode runs on
+        running jobs, whose source holds nothing per stream (closing it is a no-op).
+        """
         twin = CandleStream(
             self.request,
             Snapshot(job=self._job, lengths=self._lengths, failures=self._failures),
