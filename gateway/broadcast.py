@@ -35,7 +35,6 @@ import asyncio
 import enum
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Final
 
 from gateway import metrics, protocol
 from gateway.observe import StreamWatch
@@ -43,8 +42,6 @@ from gateway.sse import CandleEventResponse, Delivery, DirectWire, chunked
 from gateway.stream import CandleStream
 
 log = logging.getLogger(__name__)
-
-_EVENT_MARK: Final = b"\nevent: "
 
 
 class Leave(enum.Enum):
@@ -153,15 +150,13 @@ class Cohort:
                 self.error_frames[rider.errors_at_boarding :],
             )
 
-    async def _broadcast(self, frame: bytes) -> None:
+    async def _broadcast(self, event: bytes, frame: bytes) -> None:
         """The leader's ``send``: queue the frame; the whole round's frames go out together once the leader waits.
 
         A round (one wake-up of the leader) often makes two events (a
         data_chunk and a job_status): written together, they cost each rider
         one socket write instead of two.
         """
-        start = frame.find(_EVENT_MARK) + len(_EVENT_MARK)
-        event = frame[start : frame.find(b"\n", start)]
         self.events += 1
         self.bytes += len(frame)
         self.last_event = event

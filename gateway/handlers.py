@@ -32,7 +32,7 @@ from gateway.redis_client import call_redis
 from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, VERIFIER
 from gateway.sources.base import Snapshot, Source
 from gateway.sse import CandleEventResponse
-from gateway.stream import CandleStream, read_plan, send_start_error
+from gateway.stream import CandleStream, Send, read_plan, send_start_error
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ async def _run_stream(
     position: StreamPosition,
     source: Source,
     snapshot: Snapshot,
-    send: Callable[[bytes], Awaitable[None]],
+    send: Send,
     seat: Seat,
 ) -> None:
     stream = CandleStream(params, snapshot, source, position, send, retry_ms=settings.server.jittered_retry_ms())

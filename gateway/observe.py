@@ -21,12 +21,11 @@ from gateway.lifecycle import OpenStream
 from gateway.logs import STREAMS, clean
 from gateway.params import StreamRequest
 from gateway.position import StreamPosition
+from gateway.stream import Send
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[bytes], Awaitable[None]]
-
-_EVENT_MARK: Final = b"\nevent: "
+Write = Callable[[bytes], Awaitable[None]]
 # error codes that end a stream (SPEC 5); the others skip one interval.
 _FATAL: Final = frozenset({"job_not_found", "job_error", "connection_error"})
 # Worth an operator's attention; the rest is the client's own business.
@@ -77,16 +76,14 @@ class StreamWatch:
         self._open = metrics.STREAMS_OPEN.labels(self._source, self._mode)
         self._open.inc()
 
-    async def send(self, frame: bytes) -> None:
-        """Write one event; count it; after it, stop if the replica is draining."""
+    async def send(self, event: bytes, frame: bytes) -> None:
+        """Write one event (``event``: its name); count it; after it, stop if the replica is draining."""
         entry = self._entry
         entry.writing = True
         try:
             await self._write(frame)
         finally:
             entry.writing = False
-        start = frame.find(_EVENT_MARK) + len(_EVENT_MARK)
-        event = frame[start : frame.find(b"\n", start)]
         self._events += 1
         self._bytes += len(frame)
         self._last_event = event
@@ -113,12 +110,12 @@ class StreamWatch:
         for frame in error_frames:
             self._report_error(frame)
 
-    def bind(self, write: Send) -> Send:
+    def bind(self, write: Write) -> Send:
         """``send`` writing through ``write`` (the response's ``send_frame``)."""
         self._write = write
         return self.send
 
-    _write: Send
+    _write: Write
 
     def _report_error(self, frame: bytes) -> None:
         data = frame.partition(b"\ndata: ")[2].partition(b"\n")[0]

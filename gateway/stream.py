@@ -28,7 +28,8 @@ from gateway.protocol import (
 )
 from gateway.sources.base import Chunk, ChunkReader, JobState, ReadPlan, Snapshot, Source
 
-Send = Callable[[bytes], Awaitable[None]]
+# Hands one finished frame on, with its event's name (so nobody has to parse it back out).
+Send = Callable[[bytes, bytes], Awaitable[None]]
 
 
 class StreamOver(Exception):
@@ -341,12 +342,12 @@ class CandleStream:
         if frame is None:
             frame = protocol.frame(event, build(), event_id)
             self._frames.put(key, frame)
-        await self._send(frame)
+        await self._send(event, frame)
 
     async def _emit(self, event: bytes, payload: Payload) -> None:
         frame = protocol.frame(event, payload, self.position.encode(), self._retry_ms)
         self._retry_ms = None  # only the first event of a connection carries retry
-        await self._send(frame)
+        await self._send(event, frame)
 
 
 def read_plan(request: StreamRequest, position: StreamPosition | None) -> ReadPlan:
@@ -374,4 +375,4 @@ async def send_start_error(
         job_id=None if is_backtest else request.id,
         backtest_id=request.id if is_backtest else None,
     )
-    await send(protocol.frame(protocol.ERROR, payload, position.encode(), retry_ms))
+    await send(protocol.ERROR, protocol.frame(protocol.ERROR, payload, position.encode(), retry_ms))
