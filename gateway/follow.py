@@ -28,7 +28,7 @@ from gateway.broadcast import Leave, Seat
 from gateway.errors import DataError
 from gateway.position import Phase
 from gateway.redis_client import RedisBusy
-from gateway.sources.base import Chunk, Snapshot, Source
+from gateway.sources.base import Chunk, Snapshot, Source, TailPlan
 from gateway.stream import CandleStream, FrameStore, StreamOver
 
 T = TypeVar("T")
@@ -114,7 +114,7 @@ class LiveTail:
         try:
             if first_wait:
                 await self._feed.wait_for_change()
-            await self._follow(key, read_snapshot)
+            await self._follow(key)
         finally:
             self._feed.unwatch(key)
 
@@ -139,13 +139,12 @@ class LiveTail:
                 return  # SET_DOWN or BEHIND: look again on this task
         await self._feed.wait_for_change()
 
-    async def _follow(self, key: Hashable, read_snapshot: Callable[[], Awaitable[Snapshot]]) -> None:
+    async def _follow(self, key: Hashable) -> None:
         stream = self._stream
         pause = _BUSY_PAUSE_S[0]
         while True:
             try:
-                # Every follower of the job woken by the same note shares this read.
-                snapshot = await self._feed.shared(key, read_snapshot)
+                snapshot = await self._look(key)
                 stream.check_state(snapshot.job.state)
                 for index in range(len(stream.request.intervals)):
                     await self._catch_up(index, snapshot)
@@ -176,6 +175,21 @@ class LiveTail:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._feed.wait_for_change(), held_back)
 
+    async def _look(self, key: Hashable) -> Snapshot:
+        """The job, its counts and, in the same round trip, up to a chunk of each live interval's new points.
+
+        Every follower of the job at this position woken by the same note shares the read.
+        """
+        stream = self._stream
+        starts = {
+            name: interval.points_sent
+            for name, interval in zip(stream.request.intervals, stream.position.intervals, strict=True)
+            if interval.phase is Phase.COMPLETE
+        }
+        plan = TailPlan(starts=starts, count=stream.request.chunk_size)
+        read = partial(self._source.snapshot, stream.request.intervals, plan)
+        return await self._feed.shared((key, tuple(starts.items())), read)
+
     async def _catch_up(self, index: int, snapshot: Snapshot) -> None:
         """Send what was appended to one interval since it was last looked at."""
         stream = self._stream
@@ -200,14 +214,20 @@ class LiveTail:
             return
         stop = min(stored, stream.request.limit)
         chunk_size = stream.request.chunk_size
+        tail = snapshot.tails.get(name)  # the first chunk, if the look read it along
         while interval.phase is Phase.COMPLETE and interval.points_sent < stop:
             start = interval.points_sent
             count = min(chunk_size, stop - start)
-            try:
-                chunk = await self._feed.shared(("chunk", name, start, count), partial(self._read, name, start, count))
-            except DataError as exc:
-                await stream.fail_live(index, exc)
-                return
+            if tail is not None and tail[0] == start and tail[1].count == count:
+                chunk, tail = tail[1], None
+            else:
+                try:
+                    chunk = await self._feed.shared(
+                        ("chunk", name, start, count), partial(self._read, name, start, count)
+                    )
+                except DataError as exc:
+                    await stream.fail_live(index, exc)
+                    return
             await stream.send_live_chunk(index, chunk)
 
     async def _read(self, name: str, start: int, count: int) -> Chunk:

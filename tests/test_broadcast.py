@@ -35,14 +35,16 @@ def _riders(client) -> list[int]:
 
 
 async def _followers(client, token, count: int, **params: Any):
-    """``count`` follow streams, each read up to its snapshot's interval_complete."""
+    """``count`` follow streams, each read to the end of its snapshot (every interval's interval_complete)."""
+    query = FOLLOW | params
     readers = []
     for _ in range(count):
-        response = await open_stream(client, JOB, token=token(), **(FOLLOW | params))
+        response = await open_stream(client, JOB, token=token(), **query)
         assert response.status == 200
         next_event = event_reader(response)
-        while (await next_events(next_event, 1))[0].event != "interval_complete":
-            pass
+        for _ in str(query["intervals"]).split(","):
+            while (await next_events(next_event, 1))[0].event != "interval_complete":
+                pass
         readers.append((response, next_event))
     return readers
 
@@ -244,3 +246,23 @@ def _unchunk(body: bytes) -> bytes:
         out += body[end + 2 : end + 2 + size]
         at = end + 2 + size + 2
     return out
+
+
+async def test_a_bad_point_appended_while_riders_follow_is_one_data_error_and_the_rest_goes_on(
+    make_gateway, writer, token
+):
+    client = await make_gateway(follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 1, "day": 1})
+    readers = await _followers(client, token, 3, intervals="minute,day")
+    assert await eventually(lambda: _async(_riders(client) == [3]), 5.0)
+    await w.append_raw("minute", [b'{"time": "not a time"}'])  # what a broken worker might write
+    for _, next_event in readers:
+        error = (await next_events(next_event, 1))[0]
+        assert error.event == "error", error
+        assert (error.payload["error"], error.payload["interval"]) == ("data_error", "minute")
+        assert error.payload["points_sent"] == 1  # the client knows exactly where the interval stopped
+    await w.append("day", make_candles(1, first=1))
+    for _, next_event in readers:
+        chunk = (await next_events(next_event, 1))[0]
+        assert (chunk.event, chunk.payload["interval"], chunk.payload["points_sent"]) == ("data_chunk", "day", 2)

@@ -19,7 +19,7 @@ from functools import partial
 
 from gateway import metrics
 from gateway.errors import DataError
-from gateway.sources.base import COMPLETED, ChunkReader, JobInfo, JobState, ReadPlan, Snapshot
+from gateway.sources.base import COMPLETED, ChunkReader, JobInfo, JobState, ReadPlan, Snapshot, TailPlan
 from gateway.sources.cache import BacktestCache
 from gateway.sources.lists import ListReads
 from gateway.sources.warehouse import BacktestRecord
@@ -93,7 +93,7 @@ class BacktestSource:
         self._opened = Snapshot(job=job, lengths=lengths, failures=dict(self._failures))
         return self._opened
 
-    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
+    async def snapshot(self, intervals: Sequence[str], tails: TailPlan | None = None) -> Snapshot:
         """Backtests never change: what ``open`` counted stays true."""
         assert self._opened is not None, "open() first"
         return self._opened

@@ -47,25 +47,6 @@ class JobInfo(msgspec.Struct, frozen=True):
     state: JobState
 
 
-class Snapshot(msgspec.Struct, frozen=True):
-    """The job and the points stored per requested interval, read at one moment."""
-
-    job: JobInfo
-    # Points stored now, for each requested interval the job is configured with.
-    lengths: Mapping[str, int]
-    # Intervals that could not even be counted, with the reason (a data_error each).
-    failures: Mapping[str, str] = msgspec.field(default_factory=dict)
-
-
-class ReadPlan(msgspec.Struct, frozen=True):
-    """What the stream will read, so a source may fetch ahead (the warehouse does)."""
-
-    limit: int
-    chunk_size: int
-    # The position each interval's reading starts from (non-zero when resuming).
-    starts: Mapping[str, int]
-
-
 class Chunk(msgspec.Struct, frozen=True):
     """``count`` validated candles as one canonical JSON array."""
 
@@ -77,6 +58,35 @@ class Chunk(msgspec.Struct, frozen=True):
     # Times of the first and last candle, to check order where readers meet.
     first_time: datetime | None = None
     last_time: datetime | None = None
+
+
+class TailPlan(msgspec.Struct, frozen=True):
+    """Follow mode's look at a running job: also read up to ``count`` points of each interval from ``starts``."""
+
+    starts: Mapping[str, int]
+    count: int
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """The job and the points stored per requested interval, read at one moment."""
+
+    job: JobInfo
+    # Points stored now, for each requested interval the job is configured with.
+    lengths: Mapping[str, int]
+    # Intervals that could not even be counted, with the reason (a data_error each).
+    failures: Mapping[str, str] = msgspec.field(default_factory=dict)
+    # With a TailPlan: per interval, its start and the chunk of points stored from there
+    # (up to the plan's count; intervals with nothing new or that failed to validate are left out).
+    tails: Mapping[str, tuple[int, Chunk]] = msgspec.field(default_factory=dict)
+
+
+class ReadPlan(msgspec.Struct, frozen=True):
+    """What the stream will read, so a source may fetch ahead (the warehouse does)."""
+
+    limit: int
+    chunk_size: int
+    # The position each interval's reading starts from (non-zero when resuming).
+    starts: Mapping[str, int]
 
 
 class ChunkReader(Protocol):
@@ -108,8 +118,13 @@ class Source(Protocol):
         """After authorization: count stored points and start reading; only after ``describe``."""
         ...
 
-    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
-        """The job and its stored counts read again now (follow mode's look at a running job)."""
+    async def snapshot(self, intervals: Sequence[str], tails: TailPlan | None = None) -> Snapshot:
+        """The job and its stored counts read again now (follow mode's look at a running job).
+
+        With ``tails``, a source may also return the points stored from each
+        interval's start in the same read (``Snapshot.tails``); one that does
+        not leaves them out and the caller reads chunks as usual.
+        """
         ...
 
     async def length(self, interval: str) -> int:

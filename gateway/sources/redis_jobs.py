@@ -19,11 +19,12 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from gateway.errors import JobNotFound, StoredValueMalformed
+from gateway.errors import DataError, JobNotFound, StoredValueMalformed
 from gateway.params import ID_PATTERN
 from gateway.redis_client import call_redis, response_error
 from gateway.sources import keys
-from gateway.sources.base import JOB_STATUSES, JobInfo, JobState, ReadPlan, Snapshot
+from gateway.sources.base import JOB_STATUSES, Chunk, JobInfo, JobState, ReadPlan, Snapshot, TailPlan
+from gateway.sources.candles import CandleValidator
 from gateway.sources.fresh import FreshReads
 from gateway.sources.lists import ListChunkReader, ListReads
 
@@ -63,17 +64,28 @@ class RedisJobSource:
         assert self._described is not None, "describe() first"
         return self._described
 
-    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
-        """The job hash and the length of every requested list, in one pipeline."""
+    async def snapshot(self, intervals: Sequence[str], tails: TailPlan | None = None) -> Snapshot:
+        """The job hash and the length of every requested list, in one pipeline.
+
+        With ``tails``, the same pipeline reads each list from its start too:
+        a follower's look at the job and its new points in one round trip.
+        """
+        tail_keys = [] if tails is None else [interval for interval in intervals if interval in tails.starts]
 
         async def read() -> list[Any]:
             pipe = self._redis.pipeline(transaction=False)
             pipe.hgetall(self._job_key)
             for interval in intervals:
                 pipe.llen(keys.candles_key(self.job_id, interval))
+            for interval in tail_keys:
+                assert tails is not None
+                start = tails.starts[interval]
+                pipe.lrange(keys.candles_key(self.job_id, interval), start, start + tails.count - 1)
             return await pipe.execute(raise_on_error=False)
 
         replies = await call_redis(read, "reading the job")
+        tail_replies = replies[len(intervals) + 1 :]
+        replies = replies[: len(intervals) + 1]
         fields = replies[0]
         if isinstance(fields, redis.exceptions.ResponseError):
             error = response_error(fields, "reading the job record")
@@ -97,7 +109,31 @@ class RedisJobSource:
                 failures[interval] = f"interval '{interval}' is not stored as a list"
             else:
                 lengths[interval] = length
-        return Snapshot(job=job, lengths=lengths, failures=failures)
+        if not tail_keys:
+            return Snapshot(job=job, lengths=lengths, failures=failures)
+        assert tails is not None
+        found = {}
+        for interval, stored in zip(tail_keys, tail_replies, strict=True):
+            start = tails.starts[interval]
+            if isinstance(stored, list) and (chunk := self._tail_chunk(interval, start, stored, lengths)) is not None:
+                found[interval] = (start, chunk)
+        return Snapshot(job=job, lengths=lengths, failures=failures, tails=found)
+
+    def _tail_chunk(self, interval: str, start: int, stored: list[bytes], lengths: Mapping[str, int]) -> Chunk | None:
+        """The points read from ``start``, as far as the length read just before them counted; None if none or bad.
+
+        A point appended between the count and the read is left for the next
+        look; a bad point is left to the chunk read, which reports it.
+        """
+        stored = stored[: max(0, lengths.get(interval, 0) - start)]
+        if not stored:
+            return None
+        validator = CandleValidator(interval, position=start, memo=self._lists.memo)
+        try:
+            points = validator.to_json_array(stored)
+        except DataError:
+            return None
+        return Chunk(points, len(stored), None, validator.first_time, validator.last_time)
 
     async def length(self, interval: str) -> int:
         key = keys.candles_key(self.job_id, interval)

@@ -10,7 +10,7 @@ from gateway.auth import User
 from gateway.errors import JobNotFound, SourceUnavailable
 from gateway.params import StreamRequest
 from gateway.sources.backtests import BacktestSource
-from gateway.sources.base import COMPLETED, ChunkReader, JobInfo, ReadPlan, Snapshot, Source
+from gateway.sources.base import COMPLETED, ChunkReader, JobInfo, ReadPlan, Snapshot, Source, TailPlan
 from gateway.sources.cache import BacktestCache
 from gateway.sources.fresh import FreshReads
 from gateway.sources.lists import ListReads
@@ -126,8 +126,8 @@ class JobSource:
     async def open(self, intervals: Sequence[str], plan: ReadPlan) -> Snapshot:
         return await self._current.open(intervals, plan)
 
-    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
-        return await self._current.snapshot(intervals)
+    async def snapshot(self, intervals: Sequence[str], tails: TailPlan | None = None) -> Snapshot:
+        return await self._current.snapshot(intervals, tails)
 
     async def length(self, interval: str) -> int:
         return await self._current.length(interval)
@@ -153,7 +153,7 @@ class WarehouseNotConfigured:
     async def open(self, intervals: Sequence[str], plan: ReadPlan) -> Snapshot:
         raise SourceUnavailable(self._MESSAGE)
 
-    async def snapshot(self, intervals: Sequence[str]) -> Snapshot:
+    async def snapshot(self, intervals: Sequence[str], tails: TailPlan | None = None) -> Snapshot:
         raise SourceUnavailable(self._MESSAGE)
 
     async def length(self, interval: str) -> int:
