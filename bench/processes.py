@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,8 +27,11 @@ async def server_process(
     try:
         yield process
     finally:
+        stopping = time.monotonic()
         process.terminate()
-        process.wait(timeout=10)
+        # Ending 19,000 streams (a log line each) takes seconds; a stop that hangs is a failure.
+        process.wait(timeout=60)
+        print(f"{' '.join(args[1:4])}: exited {time.monotonic() - stopping:.1f} s after SIGTERM", file=sys.stderr)
 
 
 def family(pid: int) -> list[int]:
