@@ -121,6 +121,7 @@ class Cohort:
         self._flush()
         rider = _Rider(stream, seat, wire, self)
         self._riders[rider] = None
+        metrics.FOLLOW_RIDERS.inc()
         try:
             return await rider.left
         finally:
@@ -131,6 +132,7 @@ class Cohort:
             return
         self._flush()  # what the leader already sent goes to this rider too (a no-op while flushing)
         del self._riders[rider]
+        metrics.FOLLOW_RIDERS.dec()
         # (A rider that is GONE did not get the last frame; its client resumes
         # from the id it received, so only its log line counts one event more.)
         rider.stream.adopt(self.leader)

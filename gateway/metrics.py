@@ -86,6 +86,11 @@ STREAM_ERRORS = Counter(
     namespace=NAMESPACE,
 )
 FOLLOWERS = Gauge("followers", "Streams following a running job live", namespace=NAMESPACE)
+FOLLOW_RIDERS = Gauge(
+    "follow_cohort_riders",
+    "Follow streams riding a cohort: the cohort's leader writes their events (the rest wait on their own)",
+    namespace=NAMESPACE,
+)
 
 # -- requests refused before a stream ------------------------------------------
 

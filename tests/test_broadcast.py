@@ -16,6 +16,7 @@ import socket
 from typing import Any
 from urllib.parse import urlencode
 
+from gateway.metrics import metrics_app
 from gateway.resources import NOTES
 from tests.faults import eventually
 from tests.helpers import expected_points, make_candles, open_stream, seed_job, stream_path
@@ -92,18 +93,28 @@ async def test_a_failed_job_ends_every_rider_with_one_job_error(make_gateway, wr
         assert await response.content.read() == b""
 
 
-async def test_a_rider_that_goes_away_is_dropped_and_the_others_go_on(make_gateway, writer, token):
+async def test_a_rider_that_goes_away_is_dropped_and_the_others_go_on(make_gateway, aiohttp_client, writer, token):
     client = await make_gateway(follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0})
+    metrics = await aiohttp_client(metrics_app())
+    riding_before = await _riding(metrics)
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
     readers = await _followers(client, token, 3)
     assert await eventually(lambda: _async(_riders(client) == [3]), 5.0)
+    assert await _riding(metrics) == riding_before + 3  # what an operator sees
     gone, _ = readers.pop(0)
     gone.close()
     await w.append("minute", make_candles(1, first=1))
     for _, next_event in readers:
         assert (await next_events(next_event, 1))[0].payload["points_sent"] == 2
     assert await eventually(lambda: _async(_riders(client) == [2]), 5.0)
+    assert await _riding(metrics) == riding_before + 2
+
+
+async def _riding(metrics) -> float:
+    text = await (await metrics.get("/metrics")).text()
+    line = next(line for line in text.splitlines() if line.startswith("gateway_follow_cohort_riders "))
+    return float(line.split()[1])
 
 
 async def test_a_rider_whose_client_stops_reading_falls_out_and_later_gets_everything_exactly(
