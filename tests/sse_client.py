@@ -81,13 +81,25 @@ class SSEParser:
         return done
 
 
-async def read_stream(response: aiohttp.ClientResponse, *, stop_after: int | None = None) -> Transcript:
-    """Read until the server closes the stream (or ``stop_after`` events have arrived)."""
+async def read_stream(
+    response: aiohttp.ClientResponse,
+    *,
+    stop_after: int | None = None,
+    midway: tuple[Callable[[Transcript], bool], Callable[[], Awaitable[object]]] | None = None,
+) -> Transcript:
+    """Read until the server closes the stream (or ``stop_after`` events have arrived).
+
+    ``midway``: (when, act): ``await act()`` once, as soon as ``when(transcript)``
+    holds (to break something while the stream runs).
+    """
     transcript = Transcript()
     parser = SSEParser()
     async for chunk in response.content.iter_any():
         transcript.raw += chunk
         parser.feed(chunk, transcript)
+        if midway is not None and midway[0](transcript):
+            await midway[1]()
+            midway = None
         if stop_after is not None and len(transcript.events) >= stop_after:
             break
     return transcript

@@ -7,10 +7,11 @@ Whatever a worker does, the endpoint answers the SPEC's JSON or SSE, never a
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from gateway.sources import keys
 from tests.helpers import make_candles, open_stream, seed_job, stream
-from tests.sse_client import SSEParser, Transcript
+from tests.sse_client import SSEParser, Transcript, read_stream
 
 JOB = "broken-job"
 
@@ -33,14 +34,12 @@ async def test_a_candle_key_of_the_wrong_type_is_a_data_error_and_the_stream_goe
 async def test_a_candle_key_that_changes_type_mid_stream_is_a_data_error(client, writer, token, redis_client):
     await seed_job(writer(JOB), counts={"minute": 3000, "day": 2})
     response = await open_stream(client, JOB, token=token(), intervals="minute,day", chunk_size=10, limit=3000)
-    parser, transcript = SSEParser(), Transcript()
-    broken = False
-    async for chunk in response.content.iter_any():
-        parser.feed(chunk, transcript)
-        if not broken and len(transcript.named("data_chunk")) >= 2:
-            await redis_client.delete(keys.candles_key(JOB, "minute"))
-            await redis_client.set(keys.candles_key(JOB, "minute"), b"overwritten")
-            broken = True
+
+    async def overwrite() -> None:
+        await redis_client.delete(keys.candles_key(JOB, "minute"))
+        await redis_client.set(keys.candles_key(JOB, "minute"), b"overwritten")
+
+    transcript = await read_stream(response, midway=(lambda t: len(t.named("data_chunk")) >= 2, overwrite))
     errors = transcript.named("error")
     assert [e.payload["error"] for e in errors] == ["data_error"]
     assert errors[0].payload["interval"] == "minute"
@@ -108,13 +107,8 @@ async def test_a_list_deleted_and_written_again_while_followed_is_a_data_error_n
 async def test_a_job_hash_deleted_mid_snapshot_is_job_not_found(client, writer, token, redis_client):
     await seed_job(writer(JOB), counts={"minute": 5000})
     response = await open_stream(client, JOB, token=token(), intervals="minute", chunk_size=10, limit=5000)
-    parser, transcript = SSEParser(), Transcript()
-    deleted = False
-    async for chunk in response.content.iter_any():
-        parser.feed(chunk, transcript)
-        if not deleted and len(transcript.named("data_chunk")) >= 1:
-            await redis_client.delete(keys.job_key(JOB))
-            deleted = True
+    delete_job = partial(redis_client.delete, keys.job_key(JOB))
+    transcript = await read_stream(response, midway=(lambda t: len(t.named("data_chunk")) >= 1, delete_job))
     assert transcript.events[-1].event == "error"
     assert transcript.events[-1].payload["error"] == "job_not_found"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import aiohttp
 import pytest
@@ -12,7 +13,7 @@ from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.resources import LIFECYCLE, REDIS
 from gateway.workers import JobWriter
 from tests.helpers import expected_points, open_stream, seed_job, stream
-from tests.sse_client import SSEParser, Transcript
+from tests.sse_client import SSEParser, Transcript, read_stream
 
 JOB = "busy-job"
 
@@ -165,13 +166,8 @@ async def test_redis_lost_mid_stream_ends_it_with_connection_error(make_gateway,
         await seed_job(JobWriter(seeder, JOB), counts={"minute": 50_000})
         await seeder.aclose()
         response = await open_stream(client, JOB, token=token(), intervals="minute", limit=50_000, chunk_size=10)
-        parser, transcript = SSEParser(), Transcript()
-        stopped = False
-        async for chunk in response.content.iter_any():
-            parser.feed(chunk, transcript)
-            if not stopped and len(transcript.events) >= 3:
-                await asyncio.get_running_loop().run_in_executor(None, own.stop)
-                stopped = True
+        stop_valkey = partial(asyncio.get_running_loop().run_in_executor, None, own.stop)
+        transcript = await read_stream(response, midway=(lambda t: len(t.events) >= 3, stop_valkey))
     finally:
         own.stop()
     assert transcript.names[-1] == "error"
