@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from gateway.sources.candles import Candle
 from gateway.workers import JobWriter, candle
-from tests.sse_client import Transcript, read_stream
+from tests.sse_client import Event, Transcript, event_reader, next_events, read_stream
 
 START = datetime(2025, 4, 1, tzinfo=UTC)
 STEPS = {"day": timedelta(days=1), "minute": timedelta(minutes=1), "3minute": timedelta(minutes=3)}
@@ -100,3 +101,22 @@ async def stream(client: TestClient, job_id: str, **kwargs: Any) -> Transcript:
 
 def chunk_count(total: int, chunk_size: int) -> int:
     return math.ceil(total / chunk_size)
+
+
+async def open_followers(
+    client: TestClient, job_id: str, token: Callable[[], str], count: int, **params: Any
+) -> list[tuple[ClientResponse, Callable[[], Awaitable[Event]]]]:
+    """``count`` follow streams of ``job_id``, each read to the end of its snapshot (every interval's interval_complete).
+
+    Returns each response with its ``next_event`` reader, for the live events that follow.
+    """
+    readers = []
+    for _ in range(count):
+        response = await open_stream(client, job_id, token=token(), **({"follow": "true"} | params))
+        assert response.status == 200
+        next_event = event_reader(response)
+        for _ in str(params["intervals"]).split(","):
+            while (await next_events(next_event, 1))[0].event != "interval_complete":
+                pass
+        readers.append((response, next_event))
+    return readers

@@ -19,8 +19,8 @@ from urllib.parse import urlencode
 from gateway.metrics import metrics_app
 from gateway.resources import NOTES
 from tests.faults import eventually
-from tests.helpers import expected_points, make_candles, open_stream, seed_job, stream_path
-from tests.sse_client import SSEParser, Transcript, event_reader, next_events, read_stream
+from tests.helpers import expected_points, make_candles, open_followers, open_stream, seed_job, stream_path
+from tests.sse_client import SSEParser, Transcript, next_events, read_stream
 
 JOB = "cohort-job"
 FOLLOW = {"intervals": "minute", "follow": "true", "chunk_size": 500, "limit": 50_000}
@@ -36,18 +36,7 @@ def _riders(client) -> list[int]:
 
 
 async def _followers(client, token, count: int, **params: Any):
-    """``count`` follow streams, each read to the end of its snapshot (every interval's interval_complete)."""
-    query = FOLLOW | params
-    readers = []
-    for _ in range(count):
-        response = await open_stream(client, JOB, token=token(), **query)
-        assert response.status == 200
-        next_event = event_reader(response)
-        for _ in str(query["intervals"]).split(","):
-            while (await next_events(next_event, 1))[0].event != "interval_complete":
-                pass
-        readers.append((response, next_event))
-    return readers
+    return await open_followers(client, JOB, token, count, **(FOLLOW | params))
 
 
 async def test_every_rider_gets_each_event_once_and_the_job_end_once(make_gateway, writer, token, caplog):

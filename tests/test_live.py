@@ -9,7 +9,7 @@ import pytest
 import redis.exceptions
 
 from gateway.resources import NOTES, REDIS
-from tests.helpers import expected_points, make_candles, open_stream, seed_job, stream
+from tests.helpers import expected_points, make_candles, open_followers, open_stream, seed_job, stream
 from tests.sse_client import event_reader, next_events
 
 JOB = "live-job"
@@ -316,10 +316,9 @@ async def test_idle_followers_cost_one_read_per_job_and_recheck_not_one_per_foll
     client = await make_gateway(follow={"recheck_interval_s": 0.1}, server={"max_streams_per_user": 0})
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
-    responses = [await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(30)]
-    readers = [event_reader(r) for r in responses]
-    for next_event in readers:
-        await next_events(next_event, 3)
+    followers = await open_followers(client, JOB, token, 30, intervals="minute")
+    responses = [response for response, _ in followers]
+    readers = [next_event for _, next_event in followers]
     before = await _commands(redis_client, "hgetall")
     await asyncio.sleep(1.0)
     reads = await _commands(redis_client, "hgetall") - before
@@ -407,10 +406,9 @@ async def test_followers_of_one_job_share_one_snapshot_and_one_chunk_read_per_ap
     client = await make_gateway(follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0})
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
-    responses = [await open_stream(client, JOB, token=token(), intervals="minute", follow="true") for _ in range(50)]
-    readers = [event_reader(r) for r in responses]
-    for next_event in readers:
-        await next_events(next_event, 3)
+    followers = await open_followers(client, JOB, token, 50, intervals="minute")
+    responses = [response for response, _ in followers]
+    readers = [next_event for _, next_event in followers]
     before = await _commands(redis_client, "lrange"), await _commands(redis_client, "hgetall")
     for n in range(5):
         await w.append("minute", make_candles(1, first=1 + n))
