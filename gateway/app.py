@@ -3,7 +3,8 @@
 Each shared resource lives under its own typed ``web.AppKey`` and is set by
 the one cleanup context that creates and closes it (aiohttp's documented
 pattern); handlers (``handlers.py``) read them and nothing else.
-Request-level errors become JSON answers in ``error_middleware``.
+Request-level errors become JSON answers in ``error_middleware``; the errors
+aiohttp answers itself (a request its parser rejects) in ``runner.py``.
 """
 
 from __future__ import annotations
@@ -138,22 +139,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         elif exc.retry_after_s is not None:
             headers["Retry-After"] = str(exc.retry_after_s)
         metrics.request_refused(exc.status, exc.code, exc.message)
-        return _error_response(exc.status, exc.code, exc.message, headers)
+        return error_response(exc.status, exc.code, exc.message, headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error_response(exc.status, _HTTP_CODES.get(exc.status, "invalid_request"), exc.reason, exc.headers)
+        return error_response(exc.status, _HTTP_CODES.get(exc.status, "invalid_request"), exc.reason, exc.headers)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         # A bug, not a condition we designed for: log it whole, answer without detail.
         log.exception("unexpected error before the stream started")
-        return _error_response(500, "internal", "internal error; it has been logged", {})
+        return error_response(500, "internal", INTERNAL_ERROR_MESSAGE, {})
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+#: A 500's message: the client gets no detail of a bug, the log gets all of it.
+INTERNAL_ERROR_MESSAGE = "internal error; it has been logged"
 
 
-def _error_response(status: int, code: str, message: str, headers: Mapping[str, str]) -> web.Response:
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str]) -> web.Response:
+    """The SPEC's error answer, ``{"error": code, "message": message}``; also the runner's (``runner.py``)."""
     headers = {name: value for name, value in headers.items() if name.lower() not in ("content-type", "content-length")}
     return web.json_response({"error": code, "message": message}, status=status, headers=headers)

@@ -37,6 +37,7 @@ from gateway.app import create_app
 from gateway.config import Settings, with_overrides
 from gateway.metrics import metrics_app, set_enabled
 from gateway.resources import LIFECYCLE
+from gateway.runner import GatewayRunner
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ async def _serve(settings: Settings, index: int, workers: int) -> None:
         else None
     )
     app = create_app(settings)
-    runner = web.AppRunner(app, **runner_options(settings))
+    runner = GatewayRunner(app, **runner_options(settings))
     metrics_runner: web.AppRunner | None = None
     await runner.setup()
     try:

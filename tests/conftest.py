@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from google.cloud import bigquery
 
@@ -16,6 +17,7 @@ from gateway.config import Settings, load_settings, with_overrides
 from gateway.devtools.bigquery_emulator import BigQueryEmulator, create_warehouse, emulator_client, loading_client
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.runner import GatewayRunner
 from gateway.server import runner_options
 from gateway.workers import JobWriter
 
@@ -23,6 +25,13 @@ PROJECT = "test-candles"
 DATASET = "backtests"
 
 MakeGateway = Callable[..., Awaitable[TestClient]]
+
+
+class GatewayTestServer(TestServer):
+    """aiohttp's test server on the runner ``serve`` uses (its connections answer aiohttp's own errors in JSON)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return GatewayRunner(self.app, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +98,7 @@ def make_gateway(aiohttp_client: Any, settings: Settings, redis_client: aioredis
         # The runner options of `serve` (its access log among them), not the test server's defaults;
         # the test server sets handler_cancellation itself.
         options = {name: value for name, value in runner_options(configured).items() if name != "handler_cancellation"}
-        server = TestServer(app)
+        server = GatewayTestServer(app)
         await server.start_server(**options)
         return await aiohttp_client(server)  # type: ignore[no-any-return]
 

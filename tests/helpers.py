@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -97,6 +98,19 @@ async def stream(client: TestClient, job_id: str, **kwargs: Any) -> Transcript:
     assert response.status == 200, await response.text()
     assert response.headers["Content-Type"] == "text/event-stream"
     return await read_stream(response)
+
+
+async def send_raw(port: int, request: bytes, *, until_closed: bool = False) -> bytes:
+    """``request``'s bytes as they are, on a new connection; the answer's first bytes, or all until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        read = reader.read() if until_closed else reader.read(65536)
+        answer = await asyncio.wait_for(read, 5)
+    finally:
+        writer.close()
+    return answer
 
 
 def chunk_count(total: int, chunk_size: int) -> int:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from tests.helpers import open_stream, seed_job, stream, stream_path
+import pytest
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, InvalidHeader, InvalidURLError, LineTooLong
+
+from gateway.app import INTERNAL_ERROR_MESSAGE
+from gateway.runner import rejection_message
+from tests.conftest import GatewayTestServer
+from tests.helpers import open_stream, seed_job, send_raw, stream, stream_path
 
 JOB = "job-1"
 
@@ -52,6 +59,73 @@ async def test_bad_ids_are_400(client, token, job_id):
     assert response.status in (400, 404)  # a path aiohttp cannot route is 404 before us
     if response.status == 400:
         assert (await response.json())["message"].startswith("id:")
+
+
+# Requests aiohttp's HTTP parser rejects before the app sees them; {target} carries a token in its query.
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("GET {target} HTTP/1.1\r\nHost: a\r\nBad Header Line\r\n\r\n", "Invalid header token"),
+        ("G@T {target} HTTP/1.1\r\nHost: a\r\n\r\n", "Invalid method encountered"),
+        ("GET {target}\x01 HTTP/1.1\r\nHost: a\r\n\r\n", "Invalid char in url query"),
+        (
+            "GET {target} HTTP/1.1\r\nHost: a\r\nX-Long: {jwt}" + "a" * 9000 + "\r\n\r\n",
+            "Got more than 8190 bytes when reading",
+        ),
+        (
+            "GET {target} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {jwt}\rX-Forged: 1\r\n\r\n",
+            "Missing expected LF after header value",
+        ),
+        # aiohttp's message for this one is the URL itself: only the exception's name is left
+        ("GET http:///?token={jwt} HTTP/1.1\r\nHost: a\r\n\r\n", "InvalidURLError"),
+    ],
+    ids=["header line", "method", "control character", "header too long", "bare CR", "URL without host"],
+)
+async def test_requests_the_http_parser_rejects_get_the_json_400_without_their_bytes(client, token, raw, reason):
+    jwt = token()
+    target = f"{stream_path(JOB)}?intervals=day&token={jwt}"
+    # until_closed: aiohttp's handle_error still closes the connection (else this times out)
+    answer = await send_raw(client.server.port, raw.format(target=target, jwt=jwt).encode("latin-1"), until_closed=True)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in header_lines)}
+    assert status_line.split(" ")[1] == "400", answer[:200]
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body) == {"error": "invalid_request", "message": f"malformed HTTP request: {reason}"}
+    for part in jwt.split("."):
+        assert part.encode() not in answer
+
+
+@pytest.mark.parametrize(
+    ("exc", "message"),
+    [
+        # the pure-Python parser's wording (AIOHTTP_NO_EXTENSIONS): the same rule keeps the words only
+        (InvalidHeader(b"Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln\rX: 1"), "Invalid HTTP header"),
+        (BadStatusLine("GET /x?token=abc HTTP/9.Z"), "Bad status line"),
+        (LineTooLong(b"GET /x?token=abc...", 8190), "Got more than 8190 bytes when reading"),
+        (InvalidURLError("/x?token=abc\x01"), "InvalidURLError"),
+        (InvalidURLError("Secret:1"), "InvalidURLError"),  # one word before a colon could be the request's own
+        (BadHttpMessage("Duplicate 'Host' header found."), "BadHttpMessage"),
+        (BadHttpMessage("Too many headers received"), "Too many headers received"),
+        (None, "rejected by the HTTP parser"),
+    ],
+)
+def test_the_rejection_message_keeps_aiohttps_words_and_none_of_the_request(exc, message):
+    assert rejection_message(exc) == f"malformed HTTP request: {message}"
+
+
+async def test_an_exception_that_escapes_the_middlewares_is_a_json_500(aiohttp_client):
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app = web.Application()  # no error_middleware: the exception reaches aiohttp's handle_error
+    app.router.add_get("/", broken)
+    server = GatewayTestServer(app)
+    await server.start_server()
+    response = await (await aiohttp_client(server)).get("/")
+    assert response.status == 500
+    assert response.content_type == "application/json"
+    assert await response.json() == {"error": "internal", "message": INTERNAL_ERROR_MESSAGE}
 
 
 async def test_sixteen_intervals_are_accepted_and_repeats_do_not_count(client, writer, token):

@@ -7,14 +7,13 @@ import json
 import logging
 
 import pytest
-from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.devtools.bigquery_emulator import emulator_client
 from gateway.logs import JsonFormatter, TextFormatter, clean, redact
 from gateway.server import runner_options
-from tests.conftest import PROJECT
-from tests.helpers import open_stream, seed_job, stream, stream_path
+from tests.conftest import PROJECT, GatewayTestServer
+from tests.helpers import open_stream, seed_job, send_raw, stream, stream_path
 from tests.replicas import Replica, replica_env
 from tests.sse_client import SSEParser, Transcript
 
@@ -36,17 +35,6 @@ def malformed_requests(token: str) -> dict[str, bytes]:
         + token.encode()
         + b"/data/multi\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
     }
-
-
-async def send_raw(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    try:
-        answer = await asyncio.wait_for(reader.read(65536), 5)
-    finally:
-        writer.close()
-    return answer
 
 
 def secrets_of(token: str) -> list[str]:
@@ -93,7 +81,10 @@ async def test_malformed_requests_never_put_a_token_in_the_processs_stderr(redis
         await asyncio.gather(*(replica.start() for replica in replicas.values()))
         for replica in replicas.values():
             for request in malformed_requests(jwt).values():
-                await send_raw(replica.port, request)
+                # `serve`'s own runner: the answer is the SPEC's JSON 400, the token not in it either
+                answer = await send_raw(replica.port, request, until_closed=True)
+                assert b" 400 " in answer.split(b"\r\n")[0] and b"Content-Type: application/json" in answer, answer
+                assert not any(secret.encode() in answer for secret in secrets_of(jwt))
             # and a good request whose query carries the token
             await send_raw(replica.port, b"GET /healthz?token=" + jwt.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         await asyncio.sleep(0.3)
@@ -112,7 +103,7 @@ async def test_malformed_requests_never_put_a_token_in_the_processs_stderr(redis
 @pytest.fixture
 async def served(aiohttp_client, settings, redis_client):
     """The app as ``serve`` runs it: our access logger, handler cancellation."""
-    server = TestServer(create_app(settings, bigquery_client=emulator_client))
+    server = GatewayTestServer(create_app(settings, bigquery_client=emulator_client))
     options = runner_options(settings)
     options.pop("handler_cancellation")  # TestServer sets it itself
     await server.start_server(**options)

@@ -103,13 +103,13 @@ def test_production_imports_nothing_of_development(redis_url):
         import asyncio, sys
         from gateway.config import load_settings, with_overrides
         from gateway.app import create_app
+        from gateway.runner import GatewayRunner
         from gateway.server import serve, runner_options
-        from aiohttp import web
 
         async def main():
             settings = with_overrides(load_settings(), redis={{"url": "{redis_url}"}},
                                       bigquery={{"project": "p", "api_endpoint": "http://127.0.0.1:9"}})
-            runner = web.AppRunner(create_app(settings), **runner_options(settings))
+            runner = GatewayRunner(create_app(settings), **runner_options(settings))
             await runner.setup()
             await runner.cleanup()
 

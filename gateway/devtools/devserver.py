@@ -32,6 +32,7 @@ from gateway.devtools.bigquery_emulator import (
 )
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
+from gateway.runner import GatewayRunner
 from gateway.server import install_uvloop, runner_options
 from gateway.sources.candles import Candle
 from gateway.workers import JobWriter, candle
@@ -163,7 +164,7 @@ async def _gateway(settings: Settings, dev_token: Callable[[int | None], str]) -
     # The emulator's client raises for failed queries, as BigQuery does.
     app = create_app(settings, bigquery_client=emulator_client)
     add_console_routes(app, dev_token)  # development only: the production app has no pages
-    runner = web.AppRunner(app, **runner_options(settings))
+    runner = GatewayRunner(app, **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()

@@ -1,0 +1,94 @@
+"""The runner every server of the app uses: aiohttp's, with the gateway's JSON for the errors aiohttp answers itself.
+
+A request that aiohttp's HTTP parser rejects (a malformed request line or
+header, an invalid method, a line over the size limit) never reaches the app
+or its ``error_middleware``: the connection answers it with
+``RequestHandler.handle_error``, and so does an exception that escapes the
+middleware. aiohttp answers those in plain text; ``JsonErrorHandler``
+answers them in the SPEC's JSON like every other error (400
+``invalid_request`` naming what the parser rejected, 500 ``internal``).
+
+aiohttp's ``Server`` always builds a plain ``RequestHandler`` per
+connection and offers no option to change that, so ``GatewayRunner`` gives
+the server it builds a subclass that builds ``JsonErrorHandler`` instead.
+What that leans on beyond aiohttp's public names: the runner's
+``_make_server`` hook, and the ``_loop`` and ``_kwargs`` that
+``Server.__call__`` passes on. aiohttp is pinned (``setup.cfg``); after an
+upgrade, ``tests/test_errors.py`` says whether they still hold.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.app import INTERNAL_ERROR_MESSAGE, error_response
+from gateway.logs import clean
+
+# aiohttp's reasons are fixed words followed by the rejected bytes, which may
+# hold a token: "Invalid header token:\n\n  b'...'", "Bad status line 'GET
+# /x?token=...'", "Got more than 8190 bytes when reading: b'...'". Only the
+# words are kept, and only two or more of them: a request target (which
+# some reasons consist of, e.g. ``InvalidURLError``'s) never holds a space.
+_REASON = re.compile(r"[A-Z][A-Za-z0-9]*(?: [A-Za-z0-9]+)+(?=:|\s+b?'|\Z)")
+_REASON_MAX_CHARS = 80
+
+
+class JsonErrorHandler(RequestHandler):
+    """A connection whose own error answers are the SPEC's JSON, not aiohttp's plain text."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own duties first: its log line (redacted by logs.RedactingFilter),
+        # the ConnectionError when part of an answer already went out, the closed connection.
+        super().handle_error(request, status, exc, message)
+        if status == HTTPStatus.BAD_REQUEST:
+            response = error_response(status, "invalid_request", rejection_message(exc), {})
+        else:  # 500, or 504 for a timeout: a bug either way (error_middleware answers everything else)
+            response = error_response(status, "internal", INTERNAL_ERROR_MESSAGE, {})
+        response.force_close()
+        return response
+
+
+def rejection_message(exc: BaseException | None) -> str:
+    """What the parser rejected, in aiohttp's words, without a byte of the request."""
+    reason = _REASON.match(exc.message) if isinstance(exc, HttpProcessingError) else None
+    if reason and len(reason.group()) <= _REASON_MAX_CHARS:
+        what = reason.group()
+    elif exc is not None:
+        what = type(exc).__name__
+    else:
+        what = "rejected by the HTTP parser"
+    # clean() changes nothing in words of aiohttp's, but no message may ever carry a token
+    return f"malformed HTTP request: {clean(what)}"
+
+
+class _JsonErrorServer(web.Server):
+    """aiohttp's low-level server, building a ``JsonErrorHandler`` per connection."""
+
+    def __call__(self) -> RequestHandler:
+        return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer aiohttp's own errors in JSON.
+
+    ``serve``, the dev server and the tests' servers all run the app on it.
+    """
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # runs the app's startup, builds aiohttp's Server
+        # Same object, same state: only the class that builds each connection's handler changes.
+        server.__class__ = _JsonErrorServer
+        return server
