@@ -134,3 +134,29 @@ async def open_followers(
                 pass
         readers.append((response, next_event))
     return readers
+
+
+async def follow_and_append(
+    client: TestClient, writer: JobWriter, job_id: str, token: Callable[[], str], *, seeded: int, **params: Any
+) -> tuple[ClientResponse, Callable[[], Awaitable[Event]], Event]:
+    """A running job of one interval (``params["intervals"]``) with ``seeded`` candles, one follow
+    stream read through its snapshot, then one candle appended by ``writer``.
+
+    The snapshot is checked to be exactly ``interval_start``, its chunks and ``interval_complete``;
+    returns the stream, its ``next_event`` reader and the live event that brought the candle,
+    checked: a ``data_chunk`` with ``seeded + 1`` points sent and exactly that candle.
+    """
+    interval = str(params["intervals"])
+    await seed_job(writer, counts={interval: seeded})
+    response = await open_stream(client, job_id, token=token(), **({"follow": "true"} | params))
+    assert response.status == 200
+    next_event = event_reader(response)
+    chunks = chunk_count(seeded, int(params.get("chunk_size", 500)))
+    snapshot = await next_events(next_event, chunks + 2)
+    assert [e.event for e in snapshot] == ["interval_start", *["data_chunk"] * chunks, "interval_complete"]
+    appended = make_candles(1, step=STEPS.get(interval, timedelta(minutes=1)), first=seeded)
+    await writer.append(interval, appended)
+    live = (await next_events(next_event, 1))[0]
+    assert (live.event, live.payload["points_sent"]) == ("data_chunk", seeded + 1)
+    assert live.payload["data_points"] == expected_points(appended)
+    return response, next_event, live

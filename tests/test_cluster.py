@@ -23,7 +23,7 @@ from gateway.resources import NOTES, REDIS
 from gateway.sources import keys
 from gateway.workers import JobWriter
 from tests.cluster import LocalCluster
-from tests.helpers import expected_points, make_candles, open_stream, seed_job
+from tests.helpers import expected_points, follow_and_append, make_candles, open_stream, seed_job
 from tests.sse_client import event_reader, next_events
 
 # The rest of the suite, run again here against the cluster (fixtures below).
@@ -136,15 +136,8 @@ async def test_job_writer_sends_sharded_notes_on_a_cluster(redis_client):
 async def test_followers_hear_sharded_and_classic_notes(make_gateway, redis_client, token, sharded):
     client = await make_gateway(follow={"recheck_interval_s": 30.0})  # only a note can wake them in time
     w = JobWriter(redis_client, JOB, sharded=sharded)
-    await seed_job(w, counts={"minute": 2})
-    response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true")
-    next_event = event_reader(response)
-    await next_events(next_event, 3)
-    appended = make_candles(1, first=2)
-    await w.append("minute", appended)
-    live = (await next_events(next_event, 1))[0]
-    assert (live.event, live.payload["points_sent"]) == ("data_chunk", 3)
-    assert live.payload["data_points"] == expected_points(appended)
+    # the appended candle's data_chunk arrives (checked by follow_and_append): the note was heard
+    response, _, _ = await follow_and_append(client, w, JOB, token, seeded=2, intervals="minute")
     assert client.server.app[NOTES].subscribed_jobs == 1
     response.close()
 
@@ -158,14 +151,8 @@ async def test_a_node_restarting_mid_stream_ends_it_with_connection_error_and_th
         server={"max_streams_per_user": 0},
     )
     w = JobWriter(redis_client, JOB)
-    await seed_job(w, counts={"minute": 3})
     params = {"intervals": "minute", "follow": "true", "chunk_size": 2}
-    response = await open_stream(client, JOB, token=token(), **params)
-    next_event = event_reader(response)
-    await next_events(next_event, 4)
-    await w.append("minute", make_candles(1, first=3))
-    live = (await next_events(next_event, 1))[0]
-    assert live.payload["points_sent"] == 4
+    response, next_event, live = await follow_and_append(client, w, JOB, token, seeded=3, **params)
 
     loop = asyncio.get_running_loop()
     owner = valkey_cluster.owner_of(keys.job_key(JOB))

@@ -9,7 +9,15 @@ import pytest
 import redis.exceptions
 
 from gateway.resources import NOTES, REDIS
-from tests.helpers import expected_points, make_candles, open_followers, open_stream, seed_job, stream
+from tests.helpers import (
+    expected_points,
+    follow_and_append,
+    make_candles,
+    open_followers,
+    open_stream,
+    seed_job,
+    stream,
+)
 from tests.sse_client import event_reader, next_events
 
 JOB = "live-job"
@@ -238,14 +246,8 @@ async def test_many_followers_of_one_job_share_one_subscription(make_gateway, wr
 
 async def test_resume_in_follow_mode_while_the_worker_appends(client, writer, token):
     w = writer(JOB)
-    await seed_job(w, counts={"minute": 3})
     params = {"intervals": "minute", "follow": "true", "chunk_size": 2}
-    response = await open_stream(client, JOB, token=token(), **params)
-    next_event = event_reader(response)
-    await next_events(next_event, 4)
-    await w.append("minute", make_candles(1, first=3))
-    live = (await next_events(next_event, 1))[0]
-    assert live.payload["points_sent"] == 4
+    response, _, live = await follow_and_append(client, w, JOB, token, seeded=3, **params)
     response.close()
     await w.append("minute", make_candles(3, first=4))  # appended while disconnected
     resumed = await open_stream(client, JOB, token=token(), headers={"Last-Event-ID": live.id}, **params)
