@@ -710,6 +710,11 @@ def main() -> None:
     parser.add_argument("--fanout-seconds", type=float, default=30.0, help="fan-out: seconds of appends per size")
     parser.add_argument("--fanout-sizes", default="", help="fan-out: followers x jobs, e.g. 1000x1,10000x100")
     parser.add_argument("--fanout-baseline", default="", help="fan-out: also run a gateway from this source tree")
+    parser.add_argument(
+        "--fanout-floor",
+        action="store_true",
+        help="fan-out: also run bench/floor.py's follow mode at each size (the least work per append)",
+    )
     parser.add_argument("--fanout-idle", type=int, default=19_000, help="fan-out: idle followers held (0: skip)")
     parser.add_argument(
         "--fanout-workers",

@@ -394,15 +394,20 @@ class _Run:
     workers: int
     source: str | None = None  # another source tree's gateway (--fanout-baseline)
     idle_only: bool = False
+    floor: bool = False  # bench/floor.py's follow mode instead of a gateway (--fanout-floor)
 
 
 def _runs(args: argparse.Namespace, worker_counts: Sequence[int]) -> list[_Run]:
-    """Each size with each worker count (the baseline just before, side by side); then the idle followers."""
+    """Each size: the floor, then each worker count (the baseline just before each); then the idle followers."""
     sizes = list(SIZES)
     if args.fanout_sizes:
         sizes = [tuple(int(x) for x in size.split("x")) for size in args.fanout_sizes.split(",")]  # type: ignore[misc]
     sources = [args.fanout_baseline, None] if args.fanout_baseline else [None]
-    runs = [_Run(f, j, w, source) for f, j in sizes for w in worker_counts for source in sources]
+    runs = []
+    for followers, jobs in sizes:
+        if args.fanout_floor:
+            runs.append(_Run(followers, jobs, 1, floor=True))
+        runs += [_Run(followers, jobs, w, source) for w in worker_counts for source in sources]
     runs += [_Run(args.fanout_idle, 1, w, idle_only=True) for w in worker_counts]
     return [run for run in runs if run.followers > 0]
 
@@ -451,6 +456,8 @@ def _label(run: _Run, counts: Sequence[int], followers_per_worker: Sequence[int]
         parts.append(f"({run.workers} worker{'s' if run.workers > 1 else ''}{spread})")
     if run.source:
         parts.append("baseline")
+    if run.floor:
+        return "floor (bench/floor.py, 1 process)"
     return " ".join(parts)
 
 
@@ -487,7 +494,10 @@ async def fanout_section(
             if run.source is None or run.workers > 1:
                 env["GATEWAY_METRICS_PORT"] = str(metrics_port)
             name = f"fanout-{run.followers}x{run.jobs}-{run.workers}w{'-baseline' if run.source else ''}"
-            if os.environ.get("BENCH_PROFILE"):  # a pyinstrument profile of each gateway, for iteration
+            if run.floor:
+                name += "-floor"
+                command = [sys.executable, "-m", "bench.floor", "--redis-url", redis_url, "--port", str(port)]
+            if os.environ.get("BENCH_PROFILE") and not run.floor:  # a pyinstrument profile of each gateway
                 profile = Path(os.environ["BENCH_PROFILE"]) / f"{name}.txt"  # of the parent only, with workers
                 # main(), not `-m gateway`: its run() leaves with os._exit, before pyinstrument writes.
                 program = "import sys; from gateway.__main__ import main; sys.exit(main())"
