@@ -94,7 +94,7 @@ class Cohort:
         run_leader: Callable[[CandleStream], Awaitable[None]],
         on_over: Callable[[Cohort], None],
     ) -> None:
-        self.leader = template.fork(self._broadcast)
+        self.leader = template.fork(self._broadcast, self._flush)
         self._riders: dict[_Rider, None] = {}  # in boarding order
         self._on_over = on_over
         self.over = False
@@ -153,11 +153,13 @@ class Cohort:
             )
 
     async def _broadcast(self, event: bytes, frame: bytes) -> None:
-        """The leader's ``send``: queue the frame; the whole round's frames go out together once the leader waits.
+        """The leader's ``send``: queue the frame; the whole round's frames go out together.
 
         A round (one wake-up of the leader) often makes two events (a
         data_chunk and a job_status): written together, they cost each rider
-        one socket write instead of two.
+        one socket write instead of two. They go out when the leader's look
+        is over (``round_over``, in the same step), or else (the snapshot's
+        last events, the stream's end) as soon as the leader waits.
         """
         self.events += 1
         self.bytes += len(frame)

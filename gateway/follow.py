@@ -169,6 +169,7 @@ class LiveTail:
                     await stream.send_job_status()
                 else:  # coalesced: send it when the interval is over, change or not
                     held_back = stream.status_sent_at + self._status_min_interval_s - now
+            stream.round_over()
             if held_back == math.inf:
                 await self._wait_for_change()
             else:

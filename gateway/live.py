@@ -77,27 +77,75 @@ class SharedReads:
         """The read of ``key`` that started at or after ``woke_at`` (started now if there is none)."""
         entry = self._reads.get(key)
         if entry is None or entry[0] < woke_at or (entry[1].done() and entry[1].exception() is not None):
-            entry = (self.started, asyncio.ensure_future(self._gated(read)))
-            self.started += 1
-            self._reads[key] = entry
-            self._reads.move_to_end(key)
-            if len(self._reads) > self._KEEP:
-                self._reads.popitem(last=False)
+            future = asyncio.ensure_future(self._gated(read))
+            entry = (self._remember(key, future), future)
         return entry
 
     async def read(self, key: Hashable, woke_at: int, read: Callable[[], Awaitable[T]]) -> T:
-        _, future = self.start(key, woke_at, read)
+        entry = self._reads.get(key)
+        if entry is None or entry[0] < woke_at or (entry[1].done() and entry[1].exception() is not None):
+            return await self._read_here(key, read)
+        future: asyncio.Future[T] = entry[1]
         if future.done():
             return future.result()  # the common case at many followers: no task switch, no shield
         # shield: one follower leaving must not cancel the others' read.
         result: T = await asyncio.shield(future)
         return result
 
+    async def _read_here(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """Start the read on the caller's own task; followers that wake meanwhile join its future.
+
+        No task of its own: under load every task switch waits a whole turn
+        of the event loop, and a cohort's leader is most often its job's only
+        reader. If the caller is cancelled mid-read (its stream went away),
+        the read goes on in a task for those who joined.
+        """
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._remember(key, future)
+        try:
+            result = await self._gated(read)
+        except asyncio.CancelledError:
+            if not future.done():
+                _chain(asyncio.ensure_future(self._gated(read)), future)
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody may have joined, and the caller raises it anyway
+            raise
+        future.set_result(result)
+        return result
+
+    def _remember(self, key: Hashable, future: asyncio.Future[Any]) -> int:
+        mark = self.started
+        self.started += 1
+        self._reads[key] = (mark, future)
+        self._reads.move_to_end(key)
+        if len(self._reads) > self._KEEP:
+            self._reads.popitem(last=False)
+        return mark
+
     async def _gated(self, read: Callable[[], Awaitable[T]]) -> T:
         if self._gate is None:
             return await read()
         async with self._gate:  # waiting here holds no Redis connection
             return await read()
+
+
+def _chain(source: asyncio.Future[T], target: asyncio.Future[T]) -> None:
+    """``target`` gets ``source``'s outcome when it has one."""
+
+    def copy(done: asyncio.Future[T]) -> None:
+        if target.done():
+            return
+        if done.cancelled():
+            target.cancel()
+        elif (exc := done.exception()) is not None:
+            target.set_exception(exc)
+            target.exception()  # retrieved: those who joined may all have gone
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)
 
 
 class FrameCache:

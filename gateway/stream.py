@@ -81,6 +81,9 @@ class CandleStream:
         self.status_sent_at = -math.inf
         # Set just before the stream's last event (all_complete or a fatal error) is handed to send.
         self.sending_last_event = False
+        # Called by follow mode once one look's events were all handed to send:
+        # a cohort's leader (broadcast.py) writes them out to its riders then.
+        self.round_over: Callable[[], None] = _nothing
         # What a live event's bytes depend on besides its id, the state and the chunk.
         self._shape = (request.intervals, request.limit, request.chunk_size, request.order, self._payloads.exists)
         # What the payloads say of the job besides its state.
@@ -255,7 +258,7 @@ class CandleStream:
             and self._last_times == other._last_times
         )
 
-    def fork(self, send: Send) -> CandleStream:
+    def fork(self, send: Send, round_over: Callable[[], None]) -> CandleStream:
         """A stream at this one's position and state, writing through ``send`` (a cohort's leader).
 
         It shares the source, and may outlive this stream: follow mode runs on
@@ -270,6 +273,7 @@ class CandleStream:
             retry_ms=None,
         )
         twin.adopt(self)
+        twin.round_over = round_over
         twin._frames = self._frames
         twin.status_sent_at = self.status_sent_at
         return twin
@@ -348,6 +352,10 @@ class CandleStream:
         frame = protocol.frame(event, payload, self.position.encode(), self._retry_ms)
         self._retry_ms = None  # only the first event of a connection carries retry
         await self._send(event, frame)
+
+
+def _nothing() -> None:
+    pass
 
 
 def read_plan(request: StreamRequest, position: StreamPosition | None) -> ReadPlan:
