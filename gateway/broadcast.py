@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 
 from gateway import metrics, protocol
 from gateway.observe import StreamWatch
-from gateway.sse import CandleEventResponse, Delivery, DirectWire, chunked
+from gateway.sse import CandleEventResponse, Delivery, DirectWire, chunked, write_each
 from gateway.stream import CandleStream
 
 log = logging.getLogger(__name__)
@@ -179,11 +179,11 @@ class Cohort:
         chunk = chunked(frames)
         # After the stream's last event a rider that fell behind has nothing left to catch up with.
         behind = Leave.ENDED if self.leader.sending_last_event else Leave.BEHIND
-        dropped: list[tuple[_Rider, Leave]] = []
-        for rider in self._riders:
-            delivery = rider.wire.write(frames, chunk)
-            if delivery is not Delivery.SENT:
-                dropped.append((rider, behind if delivery is Delivery.BEHIND else Leave.GONE))
+        riders = list(self._riders)
+        dropped = [
+            (riders[position], behind if delivery is Delivery.BEHIND else Leave.GONE)
+            for position, delivery in write_each([rider.wire for rider in riders], frames, chunk)
+        ]
         delivered = len(self._riders) - sum(why is Leave.GONE for _, why in dropped)
         if metrics.SWITCH.on and delivered:
             for event, frame in pending:

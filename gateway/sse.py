@@ -24,6 +24,7 @@ import asyncio
 import enum
 import math
 import weakref
+from collections.abc import Sequence
 from typing import Final
 
 from aiohttp.abc import AbstractStreamWriter
@@ -226,16 +227,35 @@ class DirectWire:
 
     def write(self, frame: bytes, chunked_frame: bytes) -> Delivery:
         """Write ``frame`` (``chunked_frame``: the same in HTTP/1.1 chunked encoding)."""
-        transport = self._transport
+        missed = write_each((self,), frame, chunked_frame)
+        return missed[0][1] if missed else Delivery.SENT
+
+
+def write_each(wires: Sequence[DirectWire], frame: bytes, chunked_frame: bytes) -> list[tuple[int, Delivery]]:
+    """Write one frame to every wire in one pass; the positions of those it was not plainly SENT to, and why.
+
+    One loop with everything local rather than a method call per wire: at
+    50,000 writes a second the Python around each ``send`` is measurable
+    (about 2 µs a write against 13-18 µs for the system call).
+    """
+    missed: list[tuple[int, Delivery]] = []
+    chunked_size, plain_size = len(chunked_frame), len(frame)
+    limit = DIRECT_BUFFER_LIMIT
+    for position, wire in enumerate(wires):
+        transport = wire._transport
         if transport.is_closing():
-            return Delivery.GONE
-        data = chunked_frame if self._chunked else frame
-        transport.write(data)
-        self._writer.output_size += len(data)
-        self._response._writes += 1
-        if transport.get_write_buffer_size() > DIRECT_BUFFER_LIMIT:
-            return Delivery.BEHIND
-        return Delivery.SENT
+            missed.append((position, Delivery.GONE))
+            continue
+        if wire._chunked:
+            transport.write(chunked_frame)
+            wire._writer.output_size += chunked_size
+        else:
+            transport.write(frame)
+            wire._writer.output_size += plain_size
+        wire._response._writes += 1
+        if transport.get_write_buffer_size() > limit:
+            missed.append((position, Delivery.BEHIND))
+    return missed
 
 
 def chunked(frame: bytes) -> bytes:
