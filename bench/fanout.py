@@ -20,6 +20,10 @@ workers; the row says how), then:
   events per second, ``connection_error`` events and refused (non-200)
   streams, and the client's own CPU (to show it is not the bottleneck).
 
+With ``--fanout-floor`` each size first runs ``bench/floor.py``'s follow
+mode in the gateway's place (same client, appender and Valkey): the least
+a follow server can do per append, for reading the gateway's row against.
+
 Times are wall-clock (``time.time()``) in both processes, on one machine.
 """
 
