@@ -8,6 +8,7 @@ read failing, while others wait on it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -27,12 +28,18 @@ class _Slow:
         return f"read {self.calls}"
 
 
+async def _first_and_joined(reads: SharedReads, read: Callable[[], Awaitable[str]]) -> tuple[asyncio.Task[str], ...]:
+    """Two followers woken by one note: the first starts the read, the second joins it."""
+    first = asyncio.create_task(reads.read("job", 0, read))
+    await asyncio.sleep(0)
+    joined = asyncio.create_task(reads.read("job", 0, read))
+    await asyncio.sleep(0)
+    return first, joined
+
+
 async def test_a_read_runs_on_the_first_readers_task_and_later_wakers_join_it():
     reads, slow = SharedReads(), _Slow()
-    first = asyncio.create_task(reads.read("job", 0, slow))
-    await asyncio.sleep(0)
-    joined = asyncio.create_task(reads.read("job", 0, slow))
-    await asyncio.sleep(0)
+    first, joined = await _first_and_joined(reads, slow)
     slow.release.set()
     assert await first == await joined == "read 1"
     assert slow.calls == 1
@@ -42,10 +49,7 @@ async def test_a_read_runs_on_the_first_readers_task_and_later_wakers_join_it():
 
 async def test_a_first_reader_that_goes_away_leaves_the_read_to_those_who_joined():
     reads, slow = SharedReads(), _Slow()
-    first = asyncio.create_task(reads.read("job", 0, slow))
-    await asyncio.sleep(0)
-    joined = asyncio.create_task(reads.read("job", 0, slow))
-    await asyncio.sleep(0)
+    first, joined = await _first_and_joined(reads, slow)
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
@@ -58,18 +62,20 @@ async def test_a_failed_read_reaches_those_who_joined_and_the_next_waker_reads_a
     reads = SharedReads()
     release = asyncio.Event()
 
+    calls = 0
+
     async def failing() -> str:
+        nonlocal calls
+        calls += 1
         await release.wait()
         raise ConnectionError("redis went away")
 
-    first = asyncio.create_task(reads.read("job", 0, failing))
-    await asyncio.sleep(0)
-    joined = asyncio.create_task(reads.read("job", 0, failing))
-    await asyncio.sleep(0)
+    readers = await _first_and_joined(reads, failing)
     release.set()
-    for reader in (first, joined):
+    for reader in readers:
         with pytest.raises(ConnectionError):
             await reader
+    assert calls == 1  # the second joined the first's read
 
     async def fine() -> str:
         return "fresh"
