@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
+from gateway import metrics
 from gateway.app import INTERNAL_ERROR_MESSAGE, error_response
 from gateway.logs import clean
 
@@ -54,9 +55,13 @@ class JsonErrorHandler(RequestHandler):
         # the ConnectionError when part of an answer already went out, the closed connection.
         super().handle_error(request, status, exc, message)
         if status == HTTPStatus.BAD_REQUEST:
-            response = error_response(status, "invalid_request", rejection_message(exc), {})
+            message = rejection_message(exc)
+            response = error_response(status, "invalid_request", message, {})
+            # Its own reason: on-call tells a scanner or a broken proxy from a client's bad parameter.
+            metrics.request_refused(status, "malformed_http", message)
         else:  # 500, or 504 for a timeout: a bug either way (error_middleware answers everything else)
             response = error_response(status, "internal", INTERNAL_ERROR_MESSAGE, {})
+            metrics.request_refused(status, "internal", INTERNAL_ERROR_MESSAGE)
         response.force_close()
         return response
 

@@ -7,6 +7,7 @@ import json
 import pytest
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, InvalidHeader, InvalidURLError, LineTooLong
+from prometheus_client import REGISTRY
 
 from gateway.app import INTERNAL_ERROR_MESSAGE
 from gateway.runner import rejection_message
@@ -84,6 +85,8 @@ async def test_bad_ids_are_400(client, token, job_id):
 async def test_requests_the_http_parser_rejects_get_the_json_400_without_their_bytes(client, token, raw, reason):
     jwt = token()
     target = f"{stream_path(JOB)}?intervals=day&token={jwt}"
+    refused = {"status": "400", "reason": "malformed_http"}
+    refused_before = REGISTRY.get_sample_value("gateway_requests_refused_total", refused) or 0.0
     # until_closed: aiohttp's handle_error still closes the connection (else this times out)
     answer = await send_raw(client.server.port, raw.format(target=target, jwt=jwt).encode("latin-1"), until_closed=True)
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -94,6 +97,7 @@ async def test_requests_the_http_parser_rejects_get_the_json_400_without_their_b
     assert json.loads(body) == {"error": "invalid_request", "message": f"malformed HTTP request: {reason}"}
     for part in jwt.split("."):
         assert part.encode() not in answer
+    assert REGISTRY.get_sample_value("gateway_requests_refused_total", refused) == refused_before + 1
 
 
 @pytest.mark.parametrize(
