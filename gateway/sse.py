@@ -236,7 +236,8 @@ def write_each(wires: Sequence[DirectWire], frame: bytes, chunked_frame: bytes) 
 
     One loop with everything local rather than a method call per wire: at
     50,000 writes a second the Python around each ``send`` is measurable
-    (about 2 µs a write against 13-18 µs for the system call).
+    (about 1.9 µs a write that way, 1.2 µs this way, against 13-18 µs for
+    the system call, over 10,000 loopback sockets).
     """
     missed: list[tuple[int, Delivery]] = []
     chunked_size, plain_size = len(chunked_frame), len(frame)
