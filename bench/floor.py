@@ -87,7 +87,7 @@ class _Fanout:
                     followed.sent,
                     b",".join(stored),
                 )
-                chunk = b"%x\r\n%b\r\n" % (len(frame), frame)
+                chunk = b"%x\r\n%b\r\n" % (len(frame), frame)  # HTTP/1.1 chunked (not gateway.sse's: its imports)
                 followed.transports = [t for t in followed.transports if not t.is_closing()]
                 for transport in followed.transports:
                     transport.write(chunk)

@@ -75,15 +75,15 @@ class SharedReads:
 
     def start(self, key: Hashable, woke_at: int, read: Callable[[], Awaitable[T]]) -> tuple[int, asyncio.Future[T]]:
         """The read of ``key`` that started at or after ``woke_at`` (started now if there is none)."""
-        entry = self._reads.get(key)
-        if entry is None or entry[0] < woke_at or (entry[1].done() and entry[1].exception() is not None):
+        entry = self._joinable(key, woke_at)
+        if entry is None:
             future = asyncio.ensure_future(self._gated(read))
             entry = (self._remember(key, future), future)
         return entry
 
     async def read(self, key: Hashable, woke_at: int, read: Callable[[], Awaitable[T]]) -> T:
-        entry = self._reads.get(key)
-        if entry is None or entry[0] < woke_at or (entry[1].done() and entry[1].exception() is not None):
+        entry = self._joinable(key, woke_at)
+        if entry is None:
             return await self._read_here(key, read)
         future: asyncio.Future[T] = entry[1]
         if future.done():
@@ -114,6 +114,13 @@ class SharedReads:
             raise
         future.set_result(result)
         return result
+
+    def _joinable(self, key: Hashable, woke_at: int) -> tuple[int, asyncio.Future[Any]] | None:
+        """The read of ``key`` a follower woken at ``woke_at`` may share: started since, and not failed."""
+        entry = self._reads.get(key)
+        if entry is None or entry[0] < woke_at or (entry[1].done() and entry[1].exception() is not None):
+            return None
+        return entry
 
     def _remember(self, key: Hashable, future: asyncio.Future[Any]) -> int:
         mark = self.started
