@@ -62,6 +62,10 @@ class LiveFeed(Protocol):
         """Have the job's re-check run ``probe`` (the shared read under ``key``) and wake us when it changes."""
         ...
 
+    def looked(self) -> None:
+        """A look is over and its events were handed to the sockets (for the note-to-written metric)."""
+        ...
+
     def unwatch(self, key: Hashable) -> None:
         """Undo ``watch``."""
         ...
@@ -170,6 +174,7 @@ class LiveTail:
                 else:  # coalesced: send it when the interval is over, change or not
                     held_back = stream.status_sent_at + self._status_min_interval_s - now
             stream.round_over()
+            self._feed.looked()
             if held_back == math.inf:
                 await self._wait_for_change()
             else:

@@ -41,6 +41,7 @@ import redis.exceptions
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
+from gateway import metrics
 from gateway.broadcast import Cohort, Leave, Seat, wire_for
 from gateway.errors import GatewayError
 from gateway.follow import LeadWith
@@ -204,10 +205,10 @@ class _Job:
         self.timer: asyncio.TimerHandle | None = None
         self.probing: asyncio.Task[None] | None = None
 
-    def wake_all(self, woke_at: int | None = None) -> None:
+    def wake_all(self, woke_at: int | None = None, note_at: float | None = None) -> None:
         mark = self.reads.started if woke_at is None else woke_at
         for follower in self.followers:
-            follower.notify(mark)
+            follower.notify(mark, note_at)
 
 
 class Follower:
@@ -217,20 +218,31 @@ class Follower:
         self._job = job
         self._changed = asyncio.Event()
         self._woke_at = self._noted_at = job.reads.started
+        # When the earliest note not yet answered by a look reached the process (loop clock).
+        self._note_at: float | None = None
 
     @property
     def frames(self) -> FrameCache:
         """Frames shared with the job's other followers."""
         return self._job.frames
 
-    def notify(self, woke_at: int) -> None:
+    def notify(self, woke_at: int, note_at: float | None = None) -> None:
         # Marked when the note arrives, not when this task next runs: by then
         # another follower may have started the read this one can join. A
         # follower still busy with an earlier note keeps its current mark
         # until it waits again, so that the reads of one round stay shared
         # and followers of one job stay at one position (and share frames).
         self._noted_at = woke_at
+        if self._note_at is None:
+            self._note_at = note_at
         self._changed.set()
+
+    def looked(self) -> None:
+        """The look a note caused has handed its events to the sockets: how long after the note (a metric)."""
+        if self._note_at is not None:
+            if metrics.SWITCH.on:
+                metrics.NOTE_TO_WRITTEN_SECONDS.observe(asyncio.get_running_loop().time() - self._note_at)
+            self._note_at = None
 
     async def wait_for_change(self) -> None:
         await self._changed.wait()
@@ -350,7 +362,7 @@ class JobNotes:
         job = self._jobs.get(channel)
         if job is not None:
             job.noted = True
-            job.wake_all()
+            job.wake_all(note_at=asyncio.get_running_loop().time())
 
     # -- the re-check timer, one per job -----------------------------------
 

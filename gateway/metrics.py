@@ -91,6 +91,13 @@ FOLLOW_RIDERS = Gauge(
     "Follow streams riding a cohort: the cohort's leader writes their events (the rest wait on their own)",
     namespace=NAMESPACE,
 )
+NOTE_TO_WRITTEN_SECONDS = Histogram(
+    "follow_note_to_written_seconds",
+    "From a worker's note reaching the process to the events of the look it caused handed to the sockets"
+    " (per wake-up of a lone follower or a cohort's leader, not per rider)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    namespace=NAMESPACE,
+)
 
 # -- requests refused before a stream ------------------------------------------
 

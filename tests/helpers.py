@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
+from gateway.resources import NOTES
 from gateway.sources.candles import Candle
 from gateway.workers import JobWriter, candle
 from tests.sse_client import Event, Transcript, event_reader, next_events, read_stream
@@ -154,6 +155,14 @@ async def follow_and_append(
     chunks = chunk_count(seeded, int(params.get("chunk_size", 500)))
     snapshot = await next_events(next_event, chunks + 2)
     assert [e.event for e in snapshot] == ["interval_start", *["data_chunk"] * chunks, "interval_complete"]
+    # The process subscribes to the job's notes just after the stream starts: append once it
+    # listens, so that the note (not the re-check a second later) is what brings the candle.
+    assert client.app is not None
+    notes = client.app[NOTES]
+    for _ in range(200):
+        if notes.subscribed_jobs:
+            break
+        await asyncio.sleep(0.01)
     appended = make_candles(1, step=STEPS.get(interval, timedelta(minutes=1)), first=seeded)
     await writer.append(interval, appended)
     live = (await next_events(next_event, 1))[0]

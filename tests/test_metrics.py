@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import metrics_app
 from tests.conftest import PROJECT
-from tests.helpers import open_stream, seed_job, stream
+from tests.helpers import follow_and_append, open_stream, seed_job, stream
 from tests.replicas import Replica, replica_env
 from tests.sse_client import SSEParser, Transcript
 
@@ -33,6 +33,18 @@ async def scrape(client) -> dict:
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=")
     return samples(await response.text())
+
+
+async def test_a_note_to_its_written_events_is_timed_once_per_wake_up(client, aiohttp_client, writer, token):
+    metrics = await aiohttp_client(metrics_app())
+    name = "gateway_follow_note_to_written_seconds"
+    before = await scrape(metrics)
+    response, _, _ = await follow_and_append(client, writer(JOB), JOB, token, seeded=2, intervals="day")
+    after = await scrape(metrics)
+    response.close()
+    # One follower, one append: one note, one look (a re-check may add one that no note caused, not timed).
+    assert value(after, f"{name}_count") - value(before, f"{name}_count") == 1
+    assert 0 < value(after, f"{name}_sum") - value(before, f"{name}_sum") < 2.0
 
 
 async def test_metrics_count_what_clients_received(make_gateway, aiohttp_client, writer, token):
