@@ -717,6 +717,12 @@ def main() -> None:
     )
     parser.add_argument("--fanout-idle", type=int, default=19_000, help="fan-out: idle followers held (0: skip)")
     parser.add_argument(
+        "--fanout-connect-concurrency",
+        type=int,
+        default=64,
+        help="fan-out: follow streams the client opens at once (a reconnect storm: more)",
+    )
+    parser.add_argument(
         "--fanout-workers",
         type=worker_counts,
         default="1",

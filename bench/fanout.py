@@ -8,7 +8,8 @@ follow streams (one connection each: SO_REUSEPORT spreads them over the
 workers; the row says how), then:
 
 - connect: how many follow streams a second the gateway accepted (each
-  counted once its snapshot's ``interval_complete`` arrived);
+  counted once its snapshot's ``interval_complete`` arrived), opened
+  ``--fanout-connect-concurrency`` at a time (64);
 - idle: gateway CPU and the gateway's Redis reads per second (commandstats
   of the read commands) while nothing is appended, and memory per follower
   (CPU and memory of all the gateway's processes: with workers, the parent
@@ -272,10 +273,13 @@ def _percentile(ordered: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def _start_client(port: int, token: str, followers: int, jobs: int, out: Path) -> subprocess.Popen[bytes]:
+def _start_client(
+    port: int, token: str, followers: int, jobs: int, out: Path, concurrency: int
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.fanout", "client", "--port", str(port), "--token", token,
-         "--followers", str(followers), "--jobs", str(jobs), "--out", str(out)],
+         "--followers", str(followers), "--jobs", str(jobs), "--out", str(out),
+         "--concurrency", str(concurrency)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
 
@@ -293,6 +297,7 @@ async def run_size(
     idle_s: float = 5.0,
     workers: int = 1,
     metrics_port: int = 0,
+    connect_concurrency: int = 64,
 ) -> FanoutResult:
     writers = await _seed(redis_client, jobs)
     out = work / f"fanout-{followers}x{jobs}.bin"
@@ -300,7 +305,7 @@ async def run_size(
     # faults in of the shared libraries on its first streams (about 10 MiB each on the bench
     # machine, VmRSS's RssFile part): a fixed cost that small sizes spread over few followers.
     rss_before = rss_kib(gateway_pid)
-    client = _start_client(port, token, followers, jobs, out)
+    client = _start_client(port, token, followers, jobs, out, connect_concurrency)
     assert client.stdin is not None and client.stdout is not None
     loop = asyncio.get_running_loop()
     try:
@@ -525,6 +530,7 @@ async def fanout_section(
                     work=work,
                     workers=run.workers,
                     metrics_port=metrics_port,
+                    connect_concurrency=args.fanout_connect_concurrency,
                 )
                 result.label = _label(run, counts, result.followers_per_worker)
                 print(table([result])[-1], file=sys.stderr)
