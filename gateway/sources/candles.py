@@ -32,6 +32,7 @@ import msgspec
 from msgspec import Meta
 
 from gateway.errors import DataError
+from gateway.sources.base import Chunk, JobState
 
 # BigQuery's INT64, so that a volume a worker stores can also be warehoused
 # (and a 30-digit number never reaches a browser as a rounded double).
@@ -129,6 +130,11 @@ class CandleValidator:
     @property
     def last_time(self) -> datetime | None:
         return self._last_time
+
+    def to_chunk(self, stored: Sequence[bytes], state: JobState | None = None) -> Chunk:
+        """``stored`` validated as one ``Chunk`` (with its first and last times); DataError names a bad point."""
+        points = self.to_json_array(stored)
+        return Chunk(points, len(stored), state, self.first_time, self._last_time)
 
     def to_json_array(self, stored: Sequence[bytes]) -> bytes:
         """Validate ``stored`` (one JSON candle each) and return them as a JSON array."""

@@ -94,9 +94,7 @@ class ListChunkReader:
         while self._prefetch and self._requested < self._stop and self._may_read_ahead():
             self._pending.append(self._start_read())
             self._settle_budget()
-        points = self._validator.to_json_array(stored)
-        validator = self._validator
-        return Chunk(points, len(stored), state, validator.first_time, validator.last_time)
+        return self._validator.to_chunk(stored, state)
 
     def _may_read_ahead(self) -> bool:
         if not self._pending:

@@ -128,12 +128,10 @@ class RedisJobSource:
         stored = stored[: max(0, lengths.get(interval, 0) - start)]
         if not stored:
             return None
-        validator = CandleValidator(interval, position=start, memo=self._lists.memo)
         try:
-            points = validator.to_json_array(stored)
+            return CandleValidator(interval, position=start, memo=self._lists.memo).to_chunk(stored)
         except DataError:
             return None
-        return Chunk(points, len(stored), None, validator.first_time, validator.last_time)
 
     async def length(self, interval: str) -> int:
         key = keys.candles_key(self.job_id, interval)
