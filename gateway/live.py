@@ -119,7 +119,11 @@ class SharedReads:
     def _joinable(self, key: Hashable, woke_at: int) -> tuple[int, asyncio.Future[Any]] | None:
         """The read of ``key`` a follower woken at ``woke_at`` may share: started since, and not failed."""
         entry = self._reads.get(key)
-        if entry is None or entry[0] < woke_at or (entry[1].done() and entry[1].exception() is not None):
+        if entry is None or entry[0] < woke_at:
+            return None
+        future = entry[1]
+        # cancelled() first: exception() raises on a cancelled future (a read handed over and then stopped)
+        if future.done() and (future.cancelled() or future.exception() is not None):
             return None
         return entry
 

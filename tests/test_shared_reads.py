@@ -82,3 +82,18 @@ async def test_a_failed_read_reaches_those_who_joined_and_the_next_waker_reads_a
 
     # Same wake-up mark: a failed read is never handed out again.
     assert await reads.read("job", 0, fine) == "fresh"
+
+
+async def test_a_cancelled_read_is_never_handed_out_and_the_next_waker_reads_again():
+    reads, slow = SharedReads(), _Slow()
+    first, joined = await _first_and_joined(reads, slow)
+    running = asyncio.all_tasks()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    (handed_over,) = asyncio.all_tasks() - running  # the read going on for the one who joined
+    handed_over.cancel()  # stopped too (as at shutdown): the shared read ends cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await joined
+    slow.release.set()
+    assert await asyncio.wait_for(reads.read("job", 0, slow), 2.0) == "read 3"
