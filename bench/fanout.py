@@ -152,9 +152,10 @@ async def _client_main(args: argparse.Namespace) -> None:
             transports.append(transport)
             await follower.ready
 
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     await asyncio.gather(*(open_one(n) for n in range(args.followers)))
-    print(json.dumps({"connect_s": time.time() - started, "refused": client.refused}), flush=True)
+    connect_s, connect_cpu_s = time.time() - started, time.process_time() - cpu_started
+    print(json.dumps({"connect_s": connect_s, "connect_cpu_s": connect_cpu_s, "refused": client.refused}), flush=True)
     # Wait for the bench to say stop (a line on stdin), reading streams meanwhile.
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -208,6 +209,10 @@ class FanoutResult:
     followers: int
     jobs: int
     connect_per_s: float
+    # CPU per new stream while they connect (ms), the gateway's and the client's: what a
+    # connect rate would be with a core each, which the shared 2 cores cannot show.
+    connect_cpu_ms: float
+    client_connect_cpu_ms: float
     refused: int
     idle_cpu: float
     idle_redis_per_s: float
@@ -305,11 +310,13 @@ async def run_size(
     # faults in of the shared libraries on its first streams (about 10 MiB each on the bench
     # machine, VmRSS's RssFile part): a fixed cost that small sizes spread over few followers.
     rss_before = rss_kib(gateway_pid)
+    connect_cpu0 = cpu_seconds(gateway_pid)
     client = _start_client(port, token, followers, jobs, out, connect_concurrency)
     assert client.stdin is not None and client.stdout is not None
     loop = asyncio.get_running_loop()
     try:
         connected = json.loads(await loop.run_in_executor(None, client.stdout.readline))
+        connect_cpu_s = cpu_seconds(gateway_pid) - connect_cpu0
         await asyncio.sleep(1.0)
         rss_after = rss_kib(gateway_pid)
         # Outside the idle window: how SO_REUSEPORT spread the connections.
@@ -321,6 +328,8 @@ async def run_size(
             followers=followers,
             jobs=jobs,
             connect_per_s=followers / connected["connect_s"],
+            connect_cpu_ms=connect_cpu_s * 1000 / followers,
+            client_connect_cpu_ms=connected["connect_cpu_s"] * 1000 / followers,
             refused=connected["refused"],
             idle_cpu=(cpu1 - cpu0) / (t1 - t0),
             idle_redis_per_s=(commands1 - commands0) / (t1 - t0),
@@ -371,10 +380,11 @@ async def run_size(
 
 def table(results: Sequence[FanoutResult]) -> list[str]:
     lines = [
-        "| followers x jobs | connect /s | idle CPU | idle Redis reads/s | RSS / follower | delivered |"
+        "| followers x jobs | connect /s | CPU / connect: gateway, client | idle CPU | idle Redis reads/s |"
+        " RSS / follower | delivered |"
         " append -> receipt p50 / p95 / p99 | live CPU | live Redis reads/s | events /s |"
         " connection_error / refused | client CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         live = (
@@ -385,7 +395,8 @@ def table(results: Sequence[FanoutResult]) -> list[str]:
         )
         lines.append(
             f"| {r.followers:,} x {r.jobs:,}{' ' + r.label if r.label else ''}"
-            f" | {r.connect_per_s:,.0f} | {r.idle_cpu:.1%} | {r.idle_redis_per_s:,.0f} |"
+            f" | {r.connect_per_s:,.0f} | {r.connect_cpu_ms:.2f}, {r.client_connect_cpu_ms:.2f} ms"
+            f" | {r.idle_cpu:.1%} | {r.idle_redis_per_s:,.0f} |"
             f" {r.rss_per_follower_kib:.1f} KiB | {live} | {r.connection_errors} / {r.refused} | {r.client_cpu:.0%} |"
         )
     return lines

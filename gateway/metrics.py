@@ -110,6 +110,13 @@ REFUSED = Counter(
 
 # -- stores and certificates ------------------------------------------------------
 
+GC_PAUSE_SECONDS = Histogram(
+    "gc_pause_seconds",
+    "How long each cyclic garbage collection stopped the event loop, by generation (gc_policy.py)",
+    ["generation"],
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    namespace=NAMESPACE,
+)
 REDIS_SECONDS = Histogram(
     "redis_call_duration_seconds",
     "Redis calls (and pipelines) made through call_redis",

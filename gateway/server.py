@@ -32,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import gc_policy
 from gateway.access_log import RedactingAccessLogger
 from gateway.app import create_app
 from gateway.config import Settings, with_overrides
@@ -167,6 +168,7 @@ async def _serve(settings: Settings, index: int, workers: int) -> None:
     await runner.setup()
     try:
         await web.SockSite(runner, public).start()
+        gc_policy.settle_after_startup()
         metrics_text = "off (metrics.port = 0)"
         if private is not None:
             metrics_runner = web.AppRunner(metrics_app(), access_log=None)

@@ -138,6 +138,7 @@ async def test_metrics_port_of_a_real_process_and_zero_disables_it(redis_url, ce
                 break
             await asyncio.sleep(0.05)
         assert "metrics off" in off.log()
+        assert "start-up objects frozen" in off.log()  # serve settles the garbage collector (gc_policy.py)
     finally:
         off.terminate()
         await off.wait()
