@@ -7,6 +7,11 @@ client. Two things differ from its defaults:
 
 - events arrive as finished frames (``protocol.frame``), so ``send_frame``
   writes bytes instead of ``send``'s str with its per-line splitting;
+- the headers go out with the first event, and the events a stream hands
+  over within one turn of the event loop (an interval's last chunk, its
+  ``interval_complete``, the next ``interval_start``...) leave in one
+  socket write at the end of that turn, not one each: a write is a system
+  call, and a new follow stream used to make four (docs/PERFORMANCE.md);
 - one heartbeat per process replaces both aiohttp-sse's per-stream ping task
   and a timeout around every write: every ``ping_interval / 4`` it looks at
   all open streams at once, sends ``: ping`` to those without a write for
@@ -84,7 +89,17 @@ def _heartbeat(tick_s: float) -> _Heartbeat:
 class CandleEventResponse(EventSourceResponse):
     """An ``EventSourceResponse`` that writes pre-framed events, pings when idle, cuts off stalls."""
 
+    # aiohttp writes a StreamResponse's headers at prepare() unless told to hold
+    # them for the first body write: one system call fewer per stream.
+    _send_headers_immediately = False
+
     _writes = 0  # completed writes, events and pings alike
+    # Frames handed over in this turn of the loop, written together at its end (``_flush``).
+    _pending: list[bytes] | None = None
+    _pending_size = 0
+    _wire: DirectWire | None = None  # how ``_flush`` writes, once the headers are out
+    _gone = False  # a flush found the connection closing
+    _behind = False  # a flush left more than DIRECT_BUFFER_LIMIT in the socket's buffer
     _write_pending = False
     _seen = 0  # writes at the last beat
     _quiet = 0  # beats without a write
@@ -100,7 +115,33 @@ class CandleEventResponse(EventSourceResponse):
         super()._abort_transport()
 
     async def send_frame(self, frame: bytes) -> None:
-        """Write one framed event; the heartbeat aborts it if the client stops reading."""
+        """Hand over one framed event: it is written at the end of this loop turn, with any others of the turn.
+
+        The first one goes through aiohttp at once (it carries the headers).
+        A client that does not keep up is waited for here, as aiohttp's own
+        write would (the heartbeat aborts a stall), so memory stays bounded.
+        """
+        if self._gone:
+            self.stop_streaming()
+            raise ConnectionResetError("the client's connection closed")
+        wire = self._wire
+        if wire is None:
+            await self._write_now(frame)
+            self._wire = self.direct_wire()  # None (compression, closing): every frame at once, as aiohttp writes
+            return
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = []
+            asyncio.get_running_loop().call_soon(self._flush)
+        pending.append(frame)
+        self._pending_size += len(frame)
+        if self._pending_size > DIRECT_BUFFER_LIMIT:
+            self._flush()
+        if self._behind:
+            self._behind = False
+            await self.wait_until_drained()
+
+    async def _write_now(self, frame: bytes) -> None:
         self._write_pending = True
         try:
             await self.write(frame)
@@ -111,8 +152,26 @@ class CandleEventResponse(EventSourceResponse):
             self._write_pending = False
         self._writes += 1
 
+    def _flush(self) -> None:
+        """Write the frames handed over since the last flush, as one chunk."""
+        pending, self._pending = self._pending, None
+        if not pending:
+            return
+        size, self._pending_size = self._pending_size, 0
+        assert self._wire is not None
+        delivery = self._wire.write_frames(pending, size)
+        if delivery is Delivery.GONE:
+            self._gone = True  # the next send_frame says so to the stream
+        elif delivery is Delivery.BEHIND:
+            self._behind = True
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self._flush()  # the last events before the end of the body
+        await super().write_eof(data)
+
     def direct_wire(self) -> DirectWire | None:
         """A way to write this stream's next frames without its task, if the response allows it."""
+        self._flush()  # what the stream handed over goes first
         writer = self._payload_writer
         transport = None if writer is None else writer.transport
         if transport is None or transport.is_closing() or self.compression or self.content_length is not None:
@@ -229,6 +288,21 @@ class DirectWire:
         """Write ``frame`` (``chunked_frame``: the same in HTTP/1.1 chunked encoding)."""
         missed = write_each((self,), frame, chunked_frame)
         return missed[0][1] if missed else Delivery.SENT
+
+    def write_frames(self, frames: Sequence[bytes], size: int) -> Delivery:
+        """Write ``frames`` (``size`` bytes in all) as one chunk, in one system call, without copying them."""
+        transport = self._transport
+        if transport.is_closing():
+            return Delivery.GONE
+        if self._chunked:
+            head = b"%x\r\n" % size
+            transport.writelines((head, *frames, b"\r\n"))
+            size += len(head) + 2
+        else:
+            transport.writelines(frames)
+        self._writer.output_size += size
+        self._response._writes += 1
+        return Delivery.BEHIND if transport.get_write_buffer_size() > DIRECT_BUFFER_LIMIT else Delivery.SENT
 
 
 def write_each(wires: Sequence[DirectWire], frame: bytes, chunked_frame: bytes) -> list[tuple[int, Delivery]]:
