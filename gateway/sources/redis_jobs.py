@@ -29,9 +29,10 @@ from gateway.sources.fresh import FreshReads
 from gateway.sources.lists import ListChunkReader, ListReads
 
 _STATE_FIELDS: Final = ("status", "current_bar", "error")
-# The job's state rides along with every this-many chunk reads (the first one
-# included): fresh to within a few milliseconds of streaming, for a fraction
-# of a pipeline's cost per chunk.
+# The job's state rides along with every this-many chunk reads, from the
+# this-many-th on (the stream's describe read it just before the first): fresh
+# to within a few milliseconds of streaming, for a fraction of a pipeline's
+# cost per chunk. A new follow stream's one chunk is then a plain LRANGE.
 _STATE_EVERY: Final = 8
 
 
@@ -148,8 +149,8 @@ class RedisJobSource:
     async def read_range(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState | None]:
         """``count`` stored candles from ``start``, and every few chunks the job's state read with them."""
         key = keys.candles_key(self.job_id, interval)
-        with_state = self._reads % _STATE_EVERY == 0
         self._reads += 1
+        with_state = self._reads % _STATE_EVERY == 0
 
         async def read() -> list[Any]:
             if not with_state:
