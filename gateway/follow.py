@@ -102,11 +102,14 @@ class LiveTail:
         self._seat = seat
         self._clock = clock
 
-    async def run(self, *, first_wait: bool = False) -> None:
+    async def run(self, *, first_wait: bool = False, caught_up: bool = False) -> None:
         """Send new points and status changes until the job is no longer active.
 
         ``first_wait``: the stream is known to be caught up (a cohort's new
-        leader): wait for a change before the first look.
+        leader): wait for a change before the first look. ``caught_up``: its
+        feed was woken by every change since the snapshot was read (a new
+        stream of a job the process already heard): wait, riding a cohort
+        if it can, before the first look.
         """
         stream = self._stream
         names = stream.request.intervals
@@ -118,6 +121,8 @@ class LiveTail:
         try:
             if first_wait:
                 await self._feed.wait_for_change()
+            elif caught_up:
+                await self._wait_for_change()
             await self._follow(key)
         finally:
             self._feed.unwatch(key)

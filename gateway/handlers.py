@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from gateway.errors import RedisUnreachable, StreamError, Unauthenticated, Unava
 from gateway.follow import LiveTail
 from gateway.lifecycle import Lifecycle, StreamStopped
 from gateway.limits import retry_after_seconds
+from gateway.live import Follower
 from gateway.observe import StreamWatch
 from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
@@ -61,23 +63,30 @@ async def stream_candles(request: web.Request) -> web.StreamResponse:
     slots = app[SLOTS]
     slot = await _riding_out_outage(lambda: slots.acquire(user.uid), settings, lifecycle)
     try:
-        source: Source | None = None
-        snapshot: Snapshot | None = None
-        failure: StreamError | None = None
-        try:
-            plan = read_plan(params, position)
-            source, snapshot = await _riding_out_outage(
-                lambda: app[SOURCES].open_for(user, params, plan), settings, lifecycle
-            )
-        except StreamError as exc:
-            failure = exc
-        try:
-            return await _respond(
-                request, settings, params, position, source, snapshot, failure, user.uid, request_started
-            )
-        finally:
-            if source is not None:
-                await source.aclose()
+        # A follow stream of a job whose notes this process already hears
+        # registers before the job is read: every change written after that
+        # read wakes it, so after its snapshot it waits instead of looking.
+        # (In memory only: nothing is asked of Redis before authorization.)
+        notes = app[NOTES]
+        early = notes.follow(params.id) if params.follow and notes.hears(params.id) else contextlib.nullcontext()
+        async with early as feed:
+            source: Source | None = None
+            snapshot: Snapshot | None = None
+            failure: StreamError | None = None
+            try:
+                plan = read_plan(params, position)
+                source, snapshot = await _riding_out_outage(
+                    lambda: app[SOURCES].open_for(user, params, plan), settings, lifecycle
+                )
+            except StreamError as exc:
+                failure = exc
+            try:
+                return await _respond(
+                    request, settings, params, position, source, snapshot, failure, user.uid, request_started, feed
+                )
+            finally:
+                if source is not None:
+                    await source.aclose()
     finally:
         slots.release(slot)
 
@@ -113,6 +122,7 @@ async def _respond(
     failure: StreamError | None,
     user_id: str,
     request_started: float,
+    feed: Follower | None,
 ) -> web.StreamResponse:
     server = settings.server
     response = CandleEventResponse(ping_interval=server.ping_interval_s, send_timeout=server.send_timeout_s)
@@ -141,7 +151,7 @@ async def _respond(
                 body = send_start_error(failure, params, position, send, retry_ms=server.jittered_retry_ms())
             else:
                 seat = Seat(response, watch)
-                body = _run_stream(request, settings, params, position, source, snapshot, send, seat)
+                body = _run_stream(request, settings, params, position, source, snapshot, send, seat, feed)
             entry.body = asyncio.ensure_future(body)
             try:
                 await entry.body
@@ -174,17 +184,22 @@ async def _run_stream(
     snapshot: Snapshot,
     send: Send,
     seat: Seat,
+    registered: Follower | None,
 ) -> None:
+    """The stream's events; a follow stream with ``registered`` heard its job's notes since before its read."""
     stream = CandleStream(params, snapshot, source, position, send, retry_ms=settings.server.jittered_retry_ms())
     job_id = snapshot.job.job_id
     if not (params.follow and position.is_partial and job_id is not None):
         await stream.run()
         return
-    async with request.app[NOTES].follow(job_id) as feed:
+    caught_up = registered is not None and job_id == params.id
+    registration = contextlib.nullcontext(registered) if caught_up else request.app[NOTES].follow(job_id)
+    async with registration as feed:
+        assert feed is not None
         tail = LiveTail(stream, source, feed, status_min_interval_s=settings.follow.status_min_interval_s, seat=seat)
         metrics.FOLLOWERS.inc()
         try:
-            await stream.run(live_tail=tail.run)
+            await stream.run(live_tail=partial(tail.run, caught_up=caught_up))
         finally:
             metrics.FOLLOWERS.dec()
 

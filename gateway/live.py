@@ -362,6 +362,20 @@ class JobNotes:
     def wanted(self) -> set[bytes]:
         return set(self._jobs)
 
+    def hears(self, job_id: str) -> bool:
+        """Whether Redis confirmed this process's subscription to the job's notes (and it still holds).
+
+        A follower registered while this holds is woken by every change
+        written after it registered, so a stream that registers before it
+        reads the job needs no look of its own after its snapshot. Only on a
+        single server: a cluster's sharded subscriptions move with their
+        slots (redis-py resubscribes on its own), so there it always looks.
+        Were a note missed all the same, the job's re-check timer still finds
+        the change: later, never lost.
+        """
+        listeners = self._listeners
+        return len(listeners) == 1 and keys.events_channel(job_id).encode() in listeners[0].confirmed
+
     def noted(self, channel: bytes) -> None:
         job = self._jobs.get(channel)
         if job is not None:
@@ -424,13 +438,15 @@ class _Listener:
         self.sharded = sharded
         self.kind = "sharded" if sharded else "classic"
         self.subscribed: set[bytes] = set()
+        # Of those, the ones Redis confirmed (classic only): a note published from now on reaches us.
+        self.confirmed: set[bytes] = set()
         self._pubsub: PubSub | None = None
 
     def _connect(self) -> PubSub:
         client = self._notes._client
         if isinstance(client, RedisCluster):
             return ClusterPubSub(client, ignore_subscribe_messages=True)
-        return client.pubsub(ignore_subscribe_messages=True)
+        return client.pubsub(ignore_subscribe_messages=False)  # the confirmations mark ``confirmed``
 
     async def run(self) -> None:
         while not self._notes.closed:
@@ -447,9 +463,15 @@ class _Listener:
                 await self._drop()
                 await asyncio.sleep(_RETRY_DELAY_S)
                 continue
-            if message is None or message.get("type") not in ("message", "smessage"):
+            if message is None:
                 continue
-            self._notes.noted(message["channel"])
+            kind = message.get("type")
+            if kind == "subscribe" and message["channel"] in self.subscribed:
+                self.confirmed.add(message["channel"])
+            elif kind == "unsubscribe":
+                self.confirmed.discard(message["channel"])  # a later subscribe's confirmation follows it
+            elif kind in ("message", "smessage"):
+                self._notes.noted(message["channel"])
 
     async def _next(self, pubsub: PubSub) -> dict[str, Any] | None:
         if self.sharded:
@@ -469,6 +491,7 @@ class _Listener:
                 await pubsub.subscribe(*new)
             self.subscribed |= new
         if gone := self.subscribed - wanted:
+            self.confirmed -= gone
             if self.sharded:
                 assert isinstance(pubsub, ClusterPubSub)
                 await pubsub.sunsubscribe(*gone)
@@ -479,6 +502,7 @@ class _Listener:
     async def _drop(self) -> None:
         """Forget the connection: the next round makes a new one and subscribes again."""
         self.subscribed.clear()
+        self.confirmed.clear()
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(Exception):

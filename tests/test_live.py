@@ -448,3 +448,60 @@ async def test_points_appended_just_before_the_job_completes_are_all_sent(make_g
     assert points == expected_points(burst + tail)
     assert events[-1].payload["total_points"] == {"minute": 1 + 300 + 20}
     assert stored["minute"]  # the snapshot's point came before
+
+
+async def _until_heard(client, job_id: str) -> None:
+    """Until Redis confirmed the process's subscription to the job's notes."""
+    notes = client.server.app[NOTES]
+    for _ in range(300):
+        if notes.hears(job_id):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the process never heard {job_id}'s notes")
+
+
+async def test_a_new_follower_of_a_job_the_process_hears_waits_for_a_note_instead_of_looking(
+    make_gateway, writer, token, redis_client
+):
+    client = await make_gateway(follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 3})
+    first = await open_followers(client, JOB, token, 1, intervals="minute")
+    await _until_heard(client, JOB)
+    before = await _commands(redis_client, "hgetall")
+    [(response, next_event)] = await open_followers(client, JOB, token, 1, intervals="minute")
+    await asyncio.sleep(0.2)
+    # Its describe read the job; no look of its own followed the snapshot.
+    assert await _commands(redis_client, "hgetall") - before == 1
+    await w.append("minute", make_candles(1, first=3))
+    for reader in (next_event, first[0][1]):
+        live = (await next_events(reader, 1))[0]
+        assert (live.event, live.payload["points_sent"]) == ("data_chunk", 4)
+    for each in (response, first[0][0]):
+        each.close()
+
+
+async def test_points_appended_while_a_caught_up_followers_snapshot_streams_arrive_live_once(
+    make_gateway, writer, token
+):
+    client = await make_gateway(follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    stored = await seed_job(w, counts={"minute": 400})
+    first = await open_followers(client, JOB, token, 1, intervals="minute", chunk_size=500)
+    await _until_heard(client, JOB)
+    response = await open_stream(client, JOB, token=token(), intervals="minute", follow="true", chunk_size=2)
+    next_event = event_reader(response)
+    events = await next_events(next_event, 2)  # interval_start, the first chunk: the snapshot is under way
+    assert events[0].payload["total_points"] == 400
+    appended = make_candles(5, first=400)
+    await w.append("minute", appended)
+    while events[-1].event != "interval_complete":
+        events.append(await asyncio.wait_for(next_event(), timeout=10))
+    live = [await asyncio.wait_for(next_event(), timeout=5)]  # the note brings them, not the 30 s re-check
+    while live[-1].payload["points_sent"] < 405:
+        live.append(await asyncio.wait_for(next_event(), timeout=5))
+    assert [(e.event, e.payload["points_sent"]) for e in live] == [("data_chunk", n) for n in (402, 404, 405)]
+    points = [p for e in events + live if e.event == "data_chunk" for p in e.payload["data_points"]]
+    assert points == expected_points(stored["minute"] + appended)
+    for each in (response, first[0][0]):
+        each.close()
