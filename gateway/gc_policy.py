@@ -15,12 +15,14 @@ start-up is done:
   futures, small structs, nearly all freed by reference counting first) is
   looked at less often; the older generations keep CPython's ratios.
 
-Together they took a quarter off the gateway's CPU per new follow stream
-(docs/PERFORMANCE.md, "Garbage collection"). What is left grows with the
-open streams (a few hundred objects each): a full collection at 10,000
-followers still stops the loop for about half a second, which CPython
-limits to when the long-lived objects grew by a quarter since the last
-one (so it comes with connects, not while streams merely run).
+Together they took a quarter or more off the gateway's CPU per new follow
+stream (docs/PERFORMANCE.md, "The cost of a new stream"). What is left
+grows with the open streams (a few hundred objects each): a full
+collection at 10,000 followers still stops the loop for 0.7-1.1 s. CPython
+starts one only after ten collections of generation 1 and once the
+long-lived objects grew by a quarter: about once while 10,000 streams
+connect, where CPython's 700 made it ten times as often.
+
 Cycles are still collected; this changes when, not whether.
 ``gateway_gc_pause_seconds`` (by generation) shows on-call what the
 collector costs.
@@ -38,7 +40,7 @@ from gateway import metrics
 log = logging.getLogger(__name__)
 
 # Allocations (net of frees) between collections of the youngest generation: CPython's
-# default is 700. Measured in docs/PERFORMANCE.md; about 50 KB of young objects at most.
+# default is 700. Against 700 in docs/PERFORMANCE.md ("The cost of a new stream").
 GEN0_THRESHOLD: Final = 10_000
 
 

@@ -3,7 +3,7 @@
 aiohttp-sse gives us the mandatory headers (``text/event-stream``,
 ``Cache-Control: no-cache``, ``X-Accel-Buffering: no`` so that nginx does not
 buffer), chunked encoding, ``TCP_USER_TIMEOUT`` and the abort of a stalled
-client. Two things differ from its defaults:
+client. Three things differ from its defaults:
 
 - events arrive as finished frames (``protocol.frame``), so ``send_frame``
   writes bytes instead of ``send``'s str with its per-line splitting;
@@ -124,8 +124,7 @@ class CandleEventResponse(EventSourceResponse):
         if self._gone:
             self.stop_streaming()
             raise ConnectionResetError("the client's connection closed")
-        wire = self._wire
-        if wire is None:
+        if self._wire is None:
             await self._write_now(frame)
             self._wire = self.direct_wire()  # None (compression, closing): every frame at once, as aiohttp writes
             return
