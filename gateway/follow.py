@@ -137,7 +137,8 @@ class LiveTail:
     async def _wait_for_change(self) -> None:
         """Wait for the job to change: riding a cohort when the stream can, else on this task."""
         # Python 3.11's asyncio.wait_for, which redis-py wraps around every socket
-        # write, can swallow a cancellation that lands as the write completes
+        # write (on a cluster's connections still; redis_client.InPlaceWriteConnection
+        # elsewhere), can swallow a cancellation that lands as the write completes
         # (bpo-42130). A client that went away during a look would leave its stream
         # parked here, holding its slot, until a ping found the socket closed.
         if (task := asyncio.current_task()) is not None and task.cancelling():

@@ -20,6 +20,7 @@ from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.runner import GatewayRunner
 from gateway.server import runner_options
 from gateway.workers import JobWriter
+from tests.faults import KillableValkey
 
 PROJECT = "test-candles"
 DATASET = "backtests"
@@ -40,6 +41,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = server.start()
     yield url
     server.stop()
+
+
+@pytest.fixture
+async def valkey(tmp_path: Path) -> AsyncIterator[KillableValkey]:
+    """A Valkey of the test's own, to kill, restart or stop (tests/faults.py)."""
+    server = KillableValkey(tmp_path / "valkey")
+    await server.start()
+    yield server
+    server.close()
 
 
 @pytest.fixture

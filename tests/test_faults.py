@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,14 +26,6 @@ from tests.helpers import expected_points, open_stream, seed_job
 from tests.sse_client import read_stream
 
 JOB = "fault-job"
-
-
-@pytest.fixture
-async def valkey(tmp_path: Path) -> AsyncIterator[KillableValkey]:
-    server = KillableValkey(tmp_path / "valkey")
-    await server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

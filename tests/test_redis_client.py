@@ -6,23 +6,12 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import redis.exceptions
 
 from gateway.config import RedisSettings
 from gateway.redis_client import build_redis_client
-from tests.faults import KillableValkey
-
-
-@pytest.fixture
-async def valkey(tmp_path: Path) -> AsyncIterator[KillableValkey]:
-    server = KillableValkey(tmp_path / "valkey")
-    await server.start()
-    yield server
-    server.close()
 
 
 async def test_a_command_on_a_warm_connection_is_written_on_the_callers_task(redis_url):
