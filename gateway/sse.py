@@ -7,8 +7,8 @@ client. Three things differ from its defaults:
 
 - events arrive as finished frames (``protocol.frame``), so ``send_frame``
   writes bytes instead of ``send``'s str with its per-line splitting;
-- the headers go out with the first event, and the events a stream hands
-  over within one turn of the event loop (an interval's last chunk, its
+- the headers go out with the first event, and the small events a stream
+  hands over within one turn of the event loop (a short chunk, its
   ``interval_complete``, the next ``interval_start``...) leave in one
   socket write at the end of that turn, not one each: a write is a system
   call, and a new follow stream used to make four (docs/PERFORMANCE.md);
@@ -43,6 +43,11 @@ _TICKS = 4
 # A stream written to directly (DirectWire) with more than this waiting in its
 # socket's buffer has fallen behind: aiohttp's own write waits for a drain there.
 DIRECT_BUFFER_LIMIT: Final = 64 * 1024
+# Frames handed over in one loop turn wait for the turn's end only while they are
+# small: a chunk this big goes at once (a stream whose next chunk is read ahead
+# would otherwise hold it back while it validates that one), and a system call
+# is little next to its bytes.
+_FLUSH_AT: Final = 16 * 1024
 
 
 class Delivery(enum.IntEnum):
@@ -115,7 +120,7 @@ class CandleEventResponse(EventSourceResponse):
         super()._abort_transport()
 
     async def send_frame(self, frame: bytes) -> None:
-        """Hand over one framed event: it is written at the end of this loop turn, with any others of the turn.
+        """Hand over one framed event: written at the end of this loop turn with the turn's others, or now if big.
 
         The first one goes through aiohttp at once (it carries the headers).
         A client that does not keep up is waited for here, as aiohttp's own
@@ -134,7 +139,7 @@ class CandleEventResponse(EventSourceResponse):
             asyncio.get_running_loop().call_soon(self._flush)
         pending.append(frame)
         self._pending_size += len(frame)
-        if self._pending_size > DIRECT_BUFFER_LIMIT:
+        if self._pending_size >= _FLUSH_AT:
             self._flush()
         if self._behind:
             self._behind = False
