@@ -102,14 +102,13 @@ class LiveTail:
         self._seat = seat
         self._clock = clock
 
-    async def run(self, *, first_wait: bool = False, caught_up: bool = False) -> None:
+    async def run(self, *, caught_up: bool = False) -> None:
         """Send new points and status changes until the job is no longer active.
 
-        ``first_wait``: the stream is known to be caught up (a cohort's new
-        leader): wait for a change before the first look. ``caught_up``: its
-        feed was woken by every change since the snapshot was read (a new
-        stream of a job the process already heard): wait, riding a cohort
-        if it can, before the first look.
+        ``caught_up``: the stream has everything its feed did not wake it for
+        (a cohort's new leader; a new stream of a job the process already
+        heard): wait for a change, riding a cohort if it can, before the
+        first look.
         """
         stream = self._stream
         names = stream.request.intervals
@@ -119,9 +118,7 @@ class LiveTail:
         stream.share_frames(self._feed.frames)
         self._feed.watch(key, read_snapshot)
         try:
-            if first_wait:
-                await self._feed.wait_for_change()
-            elif caught_up:
+            if caught_up:
                 await self._wait_for_change()
             await self._follow(key)
         finally:
@@ -132,7 +129,7 @@ class LiveTail:
         tail = LiveTail(
             leader, self._source, feed, status_min_interval_s=self._status_min_interval_s, clock=self._clock
         )
-        await leader.run(live_tail=partial(tail.run, first_wait=True))
+        await leader.run(live_tail=partial(tail.run, caught_up=True))
 
     async def _wait_for_change(self) -> None:
         """Wait for the job to change: riding a cohort when the stream can, else on this task."""

@@ -192,14 +192,13 @@ async def _run_stream(
     if not (params.follow and position.is_partial and job_id is not None):
         await stream.run()
         return
-    caught_up = registered is not None and job_id == params.id
-    registration = contextlib.nullcontext(registered) if caught_up else request.app[NOTES].follow(job_id)
+    # A registration made before the read is of this very job: a running job keeps its request's id.
+    registration = request.app[NOTES].follow(job_id) if registered is None else contextlib.nullcontext(registered)
     async with registration as feed:
-        assert feed is not None
         tail = LiveTail(stream, source, feed, status_min_interval_s=settings.follow.status_min_interval_s, seat=seat)
         metrics.FOLLOWERS.inc()
         try:
-            await stream.run(live_tail=partial(tail.run, caught_up=caught_up))
+            await stream.run(live_tail=partial(tail.run, caught_up=registered is not None))
         finally:
             metrics.FOLLOWERS.dec()
 

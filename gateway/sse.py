@@ -235,7 +235,7 @@ class CandleEventResponse(EventSourceResponse):
             if wire is not None and wire.idle():
                 # The usual case: nothing waits in the socket's buffer, so the ping
                 # goes straight out, without a task of its own.
-                wire.write(PING, _CHUNKED_PING)
+                wire.write_frames((PING,), len(PING))
                 self._seen = self._writes
                 return
             self._pinging = True
@@ -288,11 +288,6 @@ class DirectWire:
         """Whether nothing waits in the socket's buffer (the client read everything sent so far)."""
         return self._transport.get_write_buffer_size() == 0
 
-    def write(self, frame: bytes, chunked_frame: bytes) -> Delivery:
-        """Write ``frame`` (``chunked_frame``: the same in HTTP/1.1 chunked encoding)."""
-        missed = write_each((self,), frame, chunked_frame)
-        return missed[0][1] if missed else Delivery.SENT
-
     def write_frames(self, frames: Sequence[bytes], size: int) -> Delivery:
         """Write ``frames`` (``size`` bytes in all) as one chunk, in one system call, without copying them."""
         transport = self._transport
@@ -340,6 +335,3 @@ def write_each(wires: Sequence[DirectWire], frame: bytes, chunked_frame: bytes) 
 def chunked(frame: bytes) -> bytes:
     """``frame`` as one chunk of HTTP/1.1 chunked transfer encoding (what aiohttp's writer would send)."""
     return b"%x\r\n%b\r\n" % (len(frame), frame)
-
-
-_CHUNKED_PING: Final = chunked(PING)
