@@ -23,7 +23,7 @@ $(NPM_STAMP): frontend/package.json frontend/package-lock.json
 install: $(STAMP) $(NPM_STAMP)
 
 run: $(STAMP) $(NPM_STAMP)
-	$(PY) -m gateway dev
+	$(PY) -m gateway dev --config config.toml
 
 test: $(STAMP) $(NPM_STAMP)
 	$(PY) -m pytest -q --cov --cov-report=term $(PYTEST_ARGS)
