@@ -25,11 +25,12 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
 
-from gateway.config_checks import http_url_problem, redis_url_problem
+from gateway.config_checks import http_url_problem, readable_file_problem, redis_url_problem
 from gateway.errors import ConfigError, GatewayError
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,11 @@ class RedisSettings(_Section, frozen=True):
     connect_timeout_s: PositiveSeconds = 2.0
     retries: NonNegativeInt = 2
     outage_wait_s: Annotated[float, Meta(ge=0)] = 10.0
+    password: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_check_hostname: bool = True
 
 
 class AuthSettings(_Section, frozen=True):
@@ -285,10 +291,11 @@ def _unknown_key_message(section: str, key: str) -> str:
     return f"config file: {section}.{key} is not a setting{suggestion}"
 
 
-def _url_problems(settings: Settings) -> Iterator[tuple[str, str]]:
-    """(setting, problem) for each URL setting that is set and wrong."""
-    if settings.redis.url:
-        problem = redis_url_problem(settings.redis.url)
+def _problems(settings: Settings) -> Iterator[tuple[str, str]]:
+    """(setting, problem) for each setting that is wrong in a way its type cannot say."""
+    redis = settings.redis
+    if redis.url:
+        problem = redis_url_problem(redis.url)
         if problem:
             yield "redis.url", problem
     for setting, url in (
@@ -299,6 +306,20 @@ def _url_problems(settings: Settings) -> Iterator[tuple[str, str]]:
             problem = http_url_problem(url)
             if problem:
                 yield setting, problem
+    if redis.password and urlsplit(redis.url).password:
+        yield "redis.password", "redis.url holds a password too: set one of them (redis-py would use the URL's)"
+    tls_files = {"redis.tls_ca_file": redis.tls_ca_file, "redis.tls_cert_file": redis.tls_cert_file,
+                 "redis.tls_key_file": redis.tls_key_file}  # fmt: skip
+    for setting, path in tls_files.items():
+        if not path:
+            continue
+        if redis.url and urlsplit(redis.url).scheme != "rediss":
+            yield setting, "set, but redis.url is not rediss://: TLS settings need a rediss:// URL"
+        problem = readable_file_problem(path)
+        if problem:
+            yield setting, problem
+    if bool(redis.tls_cert_file) != bool(redis.tls_key_file):
+        yield "redis.tls_cert_file", "a client certificate needs both redis.tls_cert_file and redis.tls_key_file"
 
 
 def _convert(raw: dict[str, Any], from_env: Mapping[str, str]) -> Settings:
@@ -318,7 +339,7 @@ def _convert(raw: dict[str, Any], from_env: Mapping[str, str]) -> Settings:
         if setting in from_env:
             setting = f"{setting} ({from_env[setting]})"
         raise ConfigError(setting, reason) from exc
-    for setting, problem in _url_problems(settings):
+    for setting, problem in _problems(settings):
         named = f"{setting} ({from_env[setting]})" if setting in from_env else setting
         raise ConfigError(named, problem)
     return settings

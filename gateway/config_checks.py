@@ -1,4 +1,4 @@
-"""Checks of settings that a type alone cannot express: the URLs' scheme, host and port.
+"""Checks of settings that a type alone cannot express: the URLs' scheme, host and port; files that must exist.
 
 ``config.load_settings`` runs ``url_problem`` on each URL setting after the
 types are converted; a problem stops start-up with one line naming the
@@ -33,7 +33,10 @@ def redis_url_problem(url: str) -> str | None:
         return f"{shown}: use redis://, rediss:// (TLS) or unix://, e.g. redis://redis:6379/0"
     if parts.query:
         names = ", ".join(sorted({pair.split("=", 1)[0] for pair in parts.query.split("&") if pair}))
-        return f"query parameters are not read ({names}): TLS, timeouts and the pool are redis.* settings"
+        return (
+            f"query parameters are not read ({names}): TLS is redis.tls_ca_file, tls_cert_file and tls_key_file;"
+            " timeouts and the pool are other redis.* settings"
+        )
     if scheme == "unix":
         return None if parts.path else "unix:// needs a socket path, e.g. unix:///run/redis/redis.sock"
     problem = _host_and_port_problem(parts, default_port="6379")
@@ -78,3 +81,17 @@ def _is_host(host: str) -> bool:
     except ValueError:
         return bool(_HOST_NAME.match(host))
     return True
+
+
+def readable_file_problem(path: str) -> str | None:
+    """Why the file at ``path`` (a TLS CA, certificate or key) cannot be read, or None."""
+    try:
+        with open(path, "rb") as file:
+            file.read(1)
+    except FileNotFoundError:
+        return f"{path}: no such file"
+    except IsADirectoryError:
+        return f"{path}: is a directory"
+    except OSError as exc:
+        return f"{path}: cannot be read ({exc.strerror or exc})"
+    return None

@@ -247,7 +247,7 @@ ONE_LINE_MISTAKES = [
         {"GATEWAY_REDIS_URL": "rediss://redis:6379/0?ssl_ca_certs=/etc/ca.pem"},
         "",
         "configuration error: setting redis.url (GATEWAY_REDIS_URL): query parameters are not read (ssl_ca_certs):"
-        " TLS, timeouts and the pool are redis.* settings",
+        " TLS is redis.tls_ca_file, tls_cert_file and tls_key_file; timeouts and the pool are other redis.* settings",
         id="query",
     ),
     pytest.param(
