@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Settings, load_settings
+from gateway.config import Settings, _split_env_name, load_settings
 from gateway.errors import ConfigError
 
 CONFIG_TOML = Path(__file__).resolve().parent.parent / "config.toml"
@@ -26,6 +26,46 @@ def test_config_toml_holds_every_setting_with_the_struct_defaults():
         assert set(documented[section]) == set(struct.__struct_fields__), section
         for key in struct.__struct_fields__:
             assert documented[section][key] == getattr(struct, key), f"{section}.{key}"
+
+
+def readme_settings_table() -> dict[str, tuple[str, object, str]]:
+    """README's settings table: ``section.key`` -> (variable, default, meaning)."""
+    import tomllib
+
+    text = (CONFIG_TOML.parent / "README.md").read_text()
+    section = text[text.index("## Configuration") :]
+    section = section[: section.index("\n## ", 1)]
+    rows: dict[str, tuple[str, object, str]] = {}
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        assert len(cells) == 4, line
+        setting, variable, default, meaning = (cell.strip("`") if i < 3 else cell for i, cell in enumerate(cells))
+        assert setting not in rows, f"{setting} twice"
+        rows[setting] = (variable, tomllib.loads(f"value = {default}")["value"], meaning)
+    return rows
+
+
+def test_readme_table_config_toml_and_defaults_name_the_same_settings_with_the_same_defaults():
+    import tomllib
+
+    documented = tomllib.loads(CONFIG_TOML.read_text())
+    defaults = Settings()
+    in_package = {
+        f"{section}.{key}": getattr(getattr(defaults, section), key)
+        for section in Settings.__struct_fields__
+        for key in getattr(defaults, section).__struct_fields__
+    }
+    in_file = {f"{section}.{key}": value for section, keys in documented.items() for key, value in keys.items()}
+    table = readme_settings_table()
+    assert set(table) == set(in_package) == set(in_file)
+    for setting, (variable, default, meaning) in table.items():
+        assert variable == "GATEWAY_" + setting.replace(".", "_").upper(), setting
+        assert default == in_package[setting] == in_file[setting], setting
+        assert meaning, f"{setting} has no meaning in README"
+        # The variable the table names is the one that sets it.
+        assert _split_env_name(variable) == tuple(setting.split(".")), setting
 
 
 def test_environment_overrides_convert_to_the_setting_type():
