@@ -147,6 +147,10 @@ def _is_timeout(error: BaseException) -> bool:
 def _is_lost(error: BaseException) -> bool:
     if isinstance(error, ConnectionResetError | BrokenPipeError | asyncio.IncompleteReadError):
         return True
+    if isinstance(error, RuntimeError) and "closed" in str(error):
+        # A write on a transport a reset already closed (uvloop: "unable to perform operation on
+        # <TCPTransport closed=True ...>"), which redis-py lets through as it is.
+        return True
     return isinstance(error, redis.exceptions.ConnectionError) and "closed by server" in str(error)
 
 

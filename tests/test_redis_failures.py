@@ -20,9 +20,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
+from yarl import URL
 
 from gateway.devtools.ports import free_port
 from gateway.devtools.processes import gateway_serve, start_server
+from gateway.redis_health import RedisCause, classify_redis_failure
 from gateway.workers import JobWriter
 from tests.conftest import PROJECT
 from tests.faults import KillableValkey
@@ -163,6 +165,25 @@ async def test_a_server_that_never_answers_is_timeout(make_gateway, caplog, sile
         {"url": f"redis://127.0.0.1:{silent_port}/0", "connect_timeout_s": 0.3, "socket_timeout_s": 0.3},
         "did not answer",
     )  # fmt: skip
+
+
+async def test_a_port_that_speaks_http_is_protocol_error(make_gateway, caplog, cert_endpoint):
+    port = URL(cert_endpoint.url).port
+    await assert_named_everywhere(
+        make_gateway, caplog, "protocol_error", {"url": f"redis://127.0.0.1:{port}/0"}, "not a Redis port"
+    )
+
+
+def test_a_write_on_a_transport_a_reset_closed_is_connection_lost():
+    # Constructed, not provoked: the race (a reset between redis-py's checks and its write) is the
+    # hardening tests' to provoke; here only the naming of what it raises.
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False>") from None
+    except RuntimeError as exc:
+        assert classify_redis_failure(exc)[0] is RedisCause.CONNECTION_LOST
 
 
 async def test_cluster_mode_against_a_single_server_is_cluster_misconfigured(make_gateway, caplog, redis_url):
