@@ -31,6 +31,7 @@ from gateway.observe import StreamWatch
 from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
 from gateway.redis_client import call_redis
+from gateway.redis_health import HEALTH, RedisCause
 from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, VERIFIER
 from gateway.sources.base import Snapshot, Source
 from gateway.sse import CandleEventResponse
@@ -221,6 +222,11 @@ async def readyz(request: web.Request) -> web.Response:
     client = request.app[REDIS]
     try:
         await call_redis(client.ping, "checking readiness")
+        if HEALTH.cause is RedisCause.CLUSTER_MISCONFIGURED:
+            # PING answers on any node; the keys of other nodes' slots would not (MOVED).
+            raise RedisUnreachable(
+                "Redis is a cluster (set redis.cluster = true) while checking readiness", HEALTH.cause.value
+            )
     except RedisUnreachable as exc:
         metrics.request_refused(503, Unavailable.code, exc.message, f"redis_{exc.cause}")
         body = {"error": Unavailable.code, "message": exc.message, "redis": exc.cause}

@@ -209,7 +209,9 @@ class RedisHealth:
         return cause, detail
 
     def answered(self) -> None:
-        if self.cause is None:
+        # A cluster talked to as one server answers for the keys of its own slots and MOVED for the
+        # rest: the misconfiguration stands until a restart with the right redis.cluster.
+        if self.cause is None or self.cause is RedisCause.CLUSTER_MISCONFIGURED:
             return
         log.info(
             "%s answers again (it failed with %s for %.1f s)",
