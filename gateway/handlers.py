@@ -31,7 +31,7 @@ from gateway.observe import StreamWatch
 from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
 from gateway.redis_client import call_redis
-from gateway.redis_health import HEALTH, RedisCause
+from gateway.redis_health import HEALTH, LASTING_CAUSES, RedisCause
 from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, VERIFIER
 from gateway.sources.base import Snapshot, Source
 from gateway.sse import CandleEventResponse
@@ -98,7 +98,8 @@ async def _riding_out_outage(step: Callable[[], Awaitable[T]], settings: Setting
     A reconnecting EventSource stops for good on a 503, so a Redis restart is
     better ridden out inside the request than answered at once; past the
     bounded wait the answer is a 503 with ``Retry-After`` for the clients
-    that can use it.
+    that can use it. A cause that waiting cannot mend (a refused password or
+    certificate, a cluster setting: ``LASTING_CAUSES``) is answered at once.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.redis.outage_wait_s
@@ -107,7 +108,7 @@ async def _riding_out_outage(step: Callable[[], Awaitable[T]], settings: Setting
         try:
             return await step()
         except RedisUnreachable as exc:
-            if lifecycle.draining or loop.time() + pause > deadline:
+            if lifecycle.draining or loop.time() + pause > deadline or exc.cause in LASTING_CAUSES:
                 retry_after_s = retry_after_seconds(settings.server.retry_ms)
                 raise Unavailable(exc.message, retry_after_s, reason=f"redis_{exc.cause}") from exc
         await asyncio.sleep(pause)

@@ -44,6 +44,12 @@ class RedisCause(enum.StrEnum):
     UNREACHABLE = "unreachable"
 
 
+#: Causes that trying again for a few seconds cannot mend (a password, a certificate, a setting):
+#: a new stream meeting one is answered 503 at once instead of being held for ``redis.outage_wait_s``.
+LASTING_CAUSES = frozenset(
+    {RedisCause.AUTH_FAILED, RedisCause.TLS_FAILED, RedisCause.CLUSTER_MISCONFIGURED, RedisCause.PROTOCOL_ERROR}
+)
+
 #: How each cause reads in a message ("Redis <phrase> while counting open streams").
 PHRASES = {
     RedisCause.AUTH_FAILED: "authentication failed",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,19 @@ async def test_a_refused_stream_counts_the_cause_in_requests_refused(make_gatewa
     assert body == {"error": "unavailable", "message": body["message"]}
     assert "refused the connection (connection_refused)" in body["message"]
     assert REGISTRY.get_sample_value("gateway_requests_refused_total", labels) == before + 1
+
+
+async def test_a_stream_meeting_a_wrong_password_is_answered_at_once_not_held(make_gateway, tls_redis, pki, token):
+    """Holding a stream for redis.outage_wait_s rides out a restart; no wait mends a wrong password."""
+    client = await make_gateway(
+        redis={"url": tls_redis.url(password="not-it"), "tls_ca_file": str(pki.ca), "outage_wait_s": 8.0}
+    )
+    started = time.monotonic()
+    response = await client.get(stream_path("any-job"), params={"token": token(), "intervals": "day"})
+    elapsed_s = time.monotonic() - started
+    assert response.status == 503
+    assert "authentication failed (auth_failed)" in (await response.json())["message"]
+    assert elapsed_s < 4.0, elapsed_s  # generous: the machine is shared; the hold would be 8 s
 
 
 # -- TLS with AUTH, working -----------------------------------------------------------------
