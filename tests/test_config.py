@@ -338,3 +338,16 @@ def test_each_configuration_mistake_is_one_line_and_exit_status_2(environ, file_
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.splitlines() == [line]
     assert "hunter2" not in result.stderr
+
+
+# An empty redis.url is refused by serve, not by the settings: dev starts a Valkey for it.
+@pytest.mark.parametrize(("environ", "file_text", "line"), [p for p in ONE_LINE_MISTAKES if p.id != "empty-redis-url"])
+def test_each_mistake_is_refused_when_the_settings_load(environ, file_text, line, tmp_path: Path):
+    """The same mistakes in process (what the command line prints is this message)."""
+    path = None
+    if file_text:
+        path = tmp_path / "gateway.toml"
+        path.write_text(file_text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ=environ)
+    assert f"configuration error: {caught.value.message}" == line
