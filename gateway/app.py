@@ -22,11 +22,11 @@ from gateway import auth, handlers, metrics
 from gateway.config import BigQuerySettings, Settings
 from gateway.errors import RequestError, Unauthenticated
 from gateway.lifecycle import Lifecycle
-from gateway.limits import StreamSlots, retry_after_seconds
+from gateway.limits import ProcessStreamCap, StreamSlots, retry_after_seconds
 from gateway.live import JobNotes
 from gateway.logs import install_redaction
 from gateway.redis_client import build_redis_client
-from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, VERIFIER
+from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, STREAM_CAP, VERIFIER
 from gateway.sources.cache import BacktestCache
 from gateway.sources.resolve import Sources, Warehoused
 from gateway.sources.warehouse import Warehouse, make_client
@@ -49,6 +49,9 @@ def create_app(settings: Settings, *, bigquery_client: BigQueryClientFactory = m
     app = web.Application(middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
+    app[STREAM_CAP] = ProcessStreamCap(
+        settings.server.max_streams_per_process, retry_after_seconds(settings.server.retry_ms)
+    )
     app.cleanup_ctx.append(_redis_context)
     app.cleanup_ctx.append(_auth_context)
     app.cleanup_ctx.append(_sources_context(bigquery_client))

@@ -31,7 +31,7 @@ from gateway.observe import StreamWatch
 from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
 from gateway.redis_client import call_redis
-from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, VERIFIER
+from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, STREAM_CAP, VERIFIER
 from gateway.sources.base import Snapshot, Source
 from gateway.sse import CandleEventResponse
 from gateway.stream import CandleStream, Send, read_plan, send_start_error
@@ -47,10 +47,17 @@ async def stream_candles(request: web.Request) -> web.StreamResponse:
     """``GET /api/sse/backtest/{id}/data/multi``: the candle stream (SPEC 2)."""
     request_started = time.perf_counter()
     app = request.app
+    if app[LIFECYCLE].draining:
+        raise Unavailable("this replica is shutting down; reconnect to another")
+    with app[STREAM_CAP].admit():
+        return await _admitted(request, request_started)
+
+
+async def _admitted(request: web.Request, request_started: float) -> web.StreamResponse:
+    """The stream, once this process took it on (``server.max_streams_per_process``)."""
+    app = request.app
     settings = app[SETTINGS]
     lifecycle = app[LIFECYCLE]
-    if lifecycle.draining:
-        raise Unavailable("this replica is shutting down; reconnect to another")
     params = parse_stream_request(request.match_info["id"], request.query, request.headers)
     position = decode_position(params.last_event_id, params) if params.last_event_id else None
     if params.token is None:

@@ -17,12 +17,13 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Final
 
 import msgspec
 import redis.asyncio as aioredis
 
-from gateway.errors import GatewayError, TooManyStreams
+from gateway.errors import GatewayError, TooManyStreams, Unavailable
 from gateway.redis_client import call_redis
 from gateway.sources import keys
 
@@ -39,6 +40,34 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 _RELEASE_RETRY_S: Final = (0.2, 5.0)  # first and longest pause between release attempts
+
+
+class ProcessStreamCap:
+    """At most ``maximum`` streams open in this process (0: no cap); beyond it 503 ``unavailable``.
+
+    Counted from admission (before the token is verified, so a full process
+    spends nothing on a request it refuses) to the stream's end, in memory:
+    it bounds this process, whoever the users are.
+    """
+
+    def __init__(self, maximum: int, retry_after_s: int) -> None:
+        self._maximum = maximum
+        self._retry_after_s = retry_after_s
+        self.open = 0
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one place for the body of the ``with``; ``Unavailable`` when every place is held."""
+        if self._maximum and self.open >= self._maximum:
+            raise Unavailable(
+                f"this replica is at capacity ({self._maximum} open streams); retry or reconnect to another",
+                retry_after_s=self._retry_after_s,
+            )
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
 
 
 class Slot(msgspec.Struct, frozen=True):
