@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _OUTAGE_FIRST_PAUSE_S = 0.1
 _OUTAGE_LONGEST_PAUSE_S = 1.0
+# Readiness answers within this, whatever Redis does (kubelet's default probe timeout is 1 s; ours 2 s).
+READINESS_TIMEOUT_S = 1.5
 
 
 async def stream_candles(request: web.Request) -> web.StreamResponse:
@@ -68,7 +70,8 @@ async def _admitted(request: web.Request, request_started: float) -> web.StreamR
         return web.Response(status=204)
 
     slots = app[SLOTS]
-    slot = await _riding_out_outage(lambda: slots.acquire(user.uid), settings, lifecycle)
+    hold = OutageHold(settings, lifecycle)
+    slot = await hold.ride_out(lambda: slots.acquire(user.uid))
     try:
         # A follow stream of a job whose notes this process already hears
         # registers before the job is read: every change written after that
@@ -82,9 +85,7 @@ async def _admitted(request: web.Request, request_started: float) -> web.StreamR
             failure: StreamError | None = None
             try:
                 plan = read_plan(params, position)
-                source, snapshot = await _riding_out_outage(
-                    lambda: app[SOURCES].open_for(user, params, plan), settings, lifecycle
-                )
+                source, snapshot = await hold.ride_out(lambda: app[SOURCES].open_for(user, params, plan))
             except StreamError as exc:
                 failure = exc
             try:
@@ -98,25 +99,52 @@ async def _admitted(request: web.Request, request_started: float) -> web.StreamR
         slots.release(slot)
 
 
-async def _riding_out_outage(step: Callable[[], Awaitable[T]], settings: Settings, lifecycle: Lifecycle) -> T:
-    """``step()``, tried again while Redis is unreachable, for up to ``redis.outage_wait_s``.
+class OutageHold:
+    """One request's bounded wait for Redis: its steps retried while Redis is unreachable, until the deadline.
 
     A reconnecting EventSource stops for good on a 503, so a Redis restart is
-    better ridden out inside the request than answered at once; past the
-    bounded wait the answer is a 503 with ``Retry-After`` for the clients
-    that can use it.
+    better ridden out inside the request than answered at once; past
+    ``redis.outage_wait_s`` the answer is a 503 with ``Retry-After`` for the
+    clients that can use it. The deadline is the request's, set by its first
+    step and shared by the next, and it cuts a step short: a Redis that hangs
+    (stopped, or a route that drops every packet) would otherwise hold the
+    request for redis-py's socket timeout times its attempts. 0 tries once.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.redis.outage_wait_s
-    pause = _OUTAGE_FIRST_PAUSE_S
-    while True:
+
+    def __init__(self, settings: Settings, lifecycle: Lifecycle) -> None:
+        self._wait_s = settings.redis.outage_wait_s
+        self._retry_after_s = retry_after_seconds(settings.server.retry_ms)
+        self._lifecycle = lifecycle
+        self._deadline: float | None = None
+
+    async def ride_out(self, step: Callable[[], Awaitable[T]]) -> T:
+        """``step()``, tried again while Redis is unreachable; ``Unavailable`` past the deadline."""
+        if not self._wait_s:
+            try:
+                return await step()
+            except RedisUnreachable as exc:
+                raise self._unavailable(exc.message) from exc
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + self._wait_s
+        last = f"Redis did not answer within redis.outage_wait_s ({self._wait_s:g} s)"
+        pause = _OUTAGE_FIRST_PAUSE_S
         try:
-            return await step()
-        except RedisUnreachable as exc:
-            if lifecycle.draining or loop.time() + pause > deadline:
-                raise Unavailable(exc.message, retry_after_s=retry_after_seconds(settings.server.retry_ms)) from exc
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, _OUTAGE_LONGEST_PAUSE_S)
+            async with asyncio.timeout_at(self._deadline):
+                while True:
+                    try:
+                        return await step()
+                    except RedisUnreachable as exc:
+                        if self._lifecycle.draining:
+                            raise self._unavailable(exc.message) from exc
+                        last = exc.message
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _OUTAGE_LONGEST_PAUSE_S)
+        except TimeoutError:
+            raise self._unavailable(last) from None
+
+    def _unavailable(self, message: str) -> Unavailable:
+        return Unavailable(message, retry_after_s=self._retry_after_s)
 
 
 async def _respond(
@@ -221,7 +249,10 @@ async def readyz(request: web.Request) -> web.Response:
         raise Unavailable("draining for shutdown")
     client = request.app[REDIS]
     try:
-        await call_redis(client.ping, "checking readiness")
+        async with asyncio.timeout(READINESS_TIMEOUT_S):
+            await call_redis(client.ping, "checking readiness")
     except RedisUnreachable as exc:
         raise Unavailable(exc.message) from exc
+    except TimeoutError:
+        raise Unavailable(f"Redis did not answer the readiness check within {READINESS_TIMEOUT_S:g} s") from None
     return web.json_response({"status": "ready"})

@@ -6,7 +6,10 @@ holds (and of each set's key) forward well within ``ttl``, so a stream keeps
 its slot however long it lives, while a replica that dies without releasing
 its slots frees them when they expire. A slot is released however its
 stream ends (cancellation included); a release that fails because Redis is
-away is retried in the background until it succeeds or the slot expired.
+away is retried in the background until it succeeds or the slot expired. An
+acquire whose answer never came (the request's outage hold ran out, the
+connection was lost) is given up the same way, with a tombstone so that it
+takes no slot if it reaches Redis later.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Final
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Final
 
 import msgspec
 import redis.asyncio as aioredis
@@ -29,14 +32,29 @@ from gateway.sources import keys
 
 log = logging.getLogger(__name__)
 
-# Drop expired slots, then take one if fewer than the maximum are held.
+# Drop expired slots, then take one if fewer than the maximum are held, unless
+# this very acquire was given up already (it reached Redis after its request
+# was answered 503: see _CANCEL).
 _ACQUIRE: Final = """
+if redis.call('ZSCORE', KEYS[2], ARGV[4]) then
+  return -1
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
   return 0
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+# An acquire whose answer never came (cut short by the request's deadline, or a
+# connection lost with it in flight) may still land: drop its slot if it did,
+# and leave a tombstone that makes it take none if it lands later.
+_CANCEL: Final = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 _RELEASE_RETRY_S: Final = (0.2, 5.0)  # first and longest pause between release attempts
@@ -75,6 +93,7 @@ class Slot(msgspec.Struct, frozen=True):
 
     key: str
     member: str
+    cancelled_key: str
 
 
 class StreamSlots:
@@ -86,6 +105,7 @@ class StreamSlots:
         self._ttl_s = ttl_s
         self._retry_after_s = retry_after_s
         self._acquire = client.register_script(_ACQUIRE)
+        self._cancel = client.register_script(_CANCEL)
         self._held: dict[str, set[str]] = {}  # set key -> members held by this process
         self._refresher: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
@@ -95,6 +115,11 @@ class StreamSlots:
         """Slots this process holds now."""
         return sum(map(len, self._held.values()))
 
+    @property
+    def releasing(self) -> int:
+        """Releases (and cancelled acquires) still to land in Redis."""
+        return len(self._releases)
+
     async def acquire(self, user_id: str) -> Slot | None:
         """Take one slot of ``user_id`` (None when the limit is off); ``TooManyStreams`` if none is free.
 
@@ -102,10 +127,17 @@ class StreamSlots:
         """
         if self._max == 0:
             return None
-        slot = Slot(keys.user_streams_key(user_id), uuid.uuid4().hex)
+        slot = Slot(keys.user_streams_key(user_id), uuid.uuid4().hex, keys.user_cancelled_streams_key(user_id))
         now = time.time()
         args: list[float | int | str] = [now, now + self._ttl_s, self._max, slot.member, self._ttl_s * 1000]
-        taken = await call_redis(lambda: self._acquire(keys=[slot.key], args=args), "counting open streams")
+        try:
+            taken = await call_redis(
+                lambda: self._acquire(keys=[slot.key, slot.cancelled_key], args=args), "counting open streams"
+            )
+        except BaseException:
+            # Cancelled by the request's deadline, or Redis unreachable: the script may have run, or may yet.
+            self._in_background(self._cancel_acquire(slot))
+            raise
         if not taken:
             raise TooManyStreams(f"this user already holds {self._max} open streams", retry_after_s=self._retry_after_s)
         self._held.setdefault(slot.key, set()).add(slot.member)
@@ -126,16 +158,30 @@ class StreamSlots:
             members.discard(slot.member)
             if not members:
                 del self._held[slot.key]
-        task = asyncio.get_running_loop().create_task(self._release(slot), name="stream-slot-release")
+        self._in_background(self._release(slot))
+
+    def _in_background(self, release: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(release, name="stream-slot-release")
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
     async def _release(self, slot: Slot) -> None:
-        deadline = time.monotonic() + self._ttl_s  # past it the slot has expired by itself
+        await self._until_done(lambda: self._redis.zrem(slot.key, slot.member), "releasing a stream slot")
+
+    async def _cancel_acquire(self, slot: Slot) -> None:
+        now = time.time()
+        args: list[float | int | str] = [slot.member, now, now + self._ttl_s, self._ttl_s * 1000]
+        await self._until_done(
+            lambda: self._cancel(keys=[slot.key, slot.cancelled_key], args=args), "giving up a stream slot"
+        )
+
+    async def _until_done(self, call: Callable[[], Awaitable[object]], what: str) -> None:
+        """``call`` until Redis takes it, or the slot has expired by itself."""
+        deadline = time.monotonic() + self._ttl_s
         pause, longest = _RELEASE_RETRY_S
         while True:
             try:
-                await call_redis(lambda: self._redis.zrem(slot.key, slot.member), "releasing a stream slot")
+                await call_redis(call, what)
                 return
             except GatewayError as exc:
                 if time.monotonic() + pause > deadline:
