@@ -21,6 +21,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from functools import partial
 from typing import Any, Final
 
 import msgspec
@@ -143,6 +144,7 @@ class StreamSlots:
         self._held.setdefault(slot.key, set()).add(slot.member)
         if self._refresher is None or self._refresher.done():
             self._refresher = asyncio.create_task(self._refresh_forever(), name="stream-slot-refresh")
+            self._refresher.add_done_callback(partial(_log_failure, what="refreshing stream slots stopped"))
         return slot
 
     def release(self, slot: Slot | None) -> None:
@@ -163,7 +165,11 @@ class StreamSlots:
     def _in_background(self, release: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(release, name="stream-slot-release")
         self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        task.add_done_callback(self._release_done)
+
+    def _release_done(self, task: asyncio.Task[None]) -> None:
+        self._releases.discard(task)
+        _log_failure(task, "releasing a stream slot failed; it expires by itself")
 
     async def _release(self, slot: Slot) -> None:
         await self._until_done(lambda: self._redis.zrem(slot.key, slot.member), "releasing a stream slot")
@@ -218,6 +224,12 @@ class StreamSlots:
             await asyncio.wait(self._releases, timeout=1.0)
             for task in self._releases:
                 task.cancel()
+
+
+def _log_failure(task: asyncio.Task[None], what: str) -> None:
+    """No background task of ours dies unobserved: a failure the loop would only report at exit is logged now."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error(what, exc_info=exc)
 
 
 def retry_after_seconds(retry_ms: int) -> int:
