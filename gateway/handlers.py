@@ -25,7 +25,7 @@ from gateway.config import Settings
 from gateway.errors import RedisUnreachable, StreamError, Unauthenticated, Unavailable
 from gateway.follow import LiveTail
 from gateway.lifecycle import Lifecycle, StreamStopped
-from gateway.limits import retry_after_seconds
+from gateway.limits import RECONNECT_PATIENCE_S, retry_after_seconds
 from gateway.live import Follower
 from gateway.observe import StreamWatch
 from gateway.params import StreamRequest, parse_stream_request
@@ -71,7 +71,10 @@ async def _admitted(request: web.Request, request_started: float) -> web.StreamR
 
     slots = app[SLOTS]
     hold = OutageHold(settings, lifecycle)
-    slot = await hold.ride_out(lambda: slots.acquire(user.uid))
+    # A reconnect waits a little for the slot of the stream it continues (its
+    # replica died, or its release is on its way after a Redis restart).
+    patience_s = RECONNECT_PATIENCE_S if params.last_event_id else 0.0
+    slot = await hold.ride_out(lambda: slots.acquire(user.uid, patience_s))
     try:
         # A follow stream of a job whose notes this process already hears
         # registers before the job is read: every change written after that
