@@ -282,7 +282,13 @@ def request_refused(status: int, code: str, message: str, reason: str | None = N
     elif status == 401:
         reason = next((label for text, label in _UNAUTHENTICATED_REASONS if text in message), "other")
     elif status == 503:
-        reason = "draining" if "shutting down" in message or "draining" in message else "redis_unreachable"
+        reason = (
+            "draining"
+            if "shutting down" in message or "draining" in message
+            else "at_capacity"
+            if "at capacity" in message
+            else "redis_unreachable"
+        )
     else:
         reason = code
     REFUSED.labels(str(status), reason).inc()
