@@ -253,7 +253,7 @@ def query_round_trip_ms(emulator: BigQueryEmulator, points: int, runs: int) -> f
 
     async def once() -> float:
         started = time.perf_counter()
-        await warehouse.first_page("bt_1700000000.000", "minute", 0, min(points, 1000))
+        await warehouse.read_interval("bt_1700000000.000", "minute", first_rows=min(points, 1000))
         return time.perf_counter() - started
 
     async def measure() -> list[float]:

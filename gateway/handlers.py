@@ -32,6 +32,7 @@ from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
 from gateway.redis_client import call_redis
 from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, VERIFIER
+from gateway.sources import warehouse_usage
 from gateway.sources.base import Snapshot, Source
 from gateway.sse import CandleEventResponse
 from gateway.stream import CandleStream, Send, read_plan, send_start_error
@@ -46,6 +47,8 @@ _OUTAGE_LONGEST_PAUSE_S = 1.0
 async def stream_candles(request: web.Request) -> web.StreamResponse:
     """``GET /api/sse/backtest/{id}/data/multi``: the candle stream (SPEC 2)."""
     request_started = time.perf_counter()
+    # What the warehouse does because of this stream, for its log line (observe.py).
+    warehouse_usage.track()
     app = request.app
     settings = app[SETTINGS]
     lifecycle = app[LIFECYCLE]
