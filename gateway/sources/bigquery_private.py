@@ -15,7 +15,10 @@ from typing import Any
 
 
 def bytes_billed(rows: Any) -> int | None:
-    """The bytes BigQuery billed for the query behind ``rows`` (from ``query_and_wait``), if it said."""
+    """The bytes BigQuery billed for the query behind ``rows`` (from ``query_and_wait``), if it said.
+
+    Read it before iterating ``rows``: the iterator lets go of the answer with its first page.
+    """
     response = getattr(rows, "_first_page_response", None)
     if not isinstance(response, dict):
         return None

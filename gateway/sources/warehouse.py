@@ -182,7 +182,8 @@ class Warehouse:
 
         def run() -> tuple[list[tuple[Any, ...]], _Cost]:
             rows = self._run_query(sql, parameters, page_size=None)
-            return _plain_rows(rows), _cost_of(rows)
+            cost = _cost_of(rows)  # before the rows: iterating drops the answer it is read from
+            return _plain_rows(rows), cost
 
         rows, cost = await self._call(run, _query_ids(parameters), timeout_s)
         _count_query("metadata", cost)
@@ -220,6 +221,7 @@ class Warehouse:
 
         def run() -> tuple[CandlePage, int, ResultHandle | None, _Cost]:
             rows = self._run_query(sql, parameters, page_size=first_rows)
+            cost = _cost_of(rows)  # before the rows: iterating drops the answer it is read from
             # Only the first page, which the query's answer holds: the next ones come
             # through ``resume``, in pages of another size.
             first = next(iter(rows.pages), None)
@@ -227,7 +229,7 @@ class Warehouse:
             handle = None
             if rows.job_id is not None and rows.project is not None:
                 handle = ResultHandle(rows.job_id, rows.project, rows.location, offset=position)
-            return page, int(rows.total_rows or 0), handle, _cost_of(rows)
+            return page, int(rows.total_rows or 0), handle, cost
 
         page, total_rows, handle, cost = await self._call(run, _query_ids(parameters))
         _count_query("candles", cost)
