@@ -141,3 +141,9 @@ async def test_contract_bytes_billed_reads_the_query_answer_kept_by_the_row_iter
             assert len(await asyncio.to_thread(list, rows)) == 30  # the pages, fetched on a thread too
     finally:
         client.close()
+
+
+def test_emulator_tables_have_the_layout_operations_asks_for(bq):
+    """The DDL in devtools is the production layout (docs/OPERATIONS.md): each query reads one backtest's blocks."""
+    assert bq.get_table(f"{PROJECT}.{DATASET}.candles").clustering_fields == ["backtest_id", "interval"]
+    assert bq.get_table(f"{PROJECT}.{DATASET}.backtests").clustering_fields == ["backtest_id"]
