@@ -33,6 +33,7 @@ from gateway.position import StreamPosition, decode_position
 from gateway.redis_client import call_redis
 from gateway.redis_health import HEALTH, LASTING_CAUSES, RedisCause
 from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, STREAM_CAP, VERIFIER
+from gateway.sources import warehouse_usage
 from gateway.sources.base import Snapshot, Source
 from gateway.sse import CandleEventResponse
 from gateway.stream import CandleStream, Send, read_plan, send_start_error
@@ -49,6 +50,8 @@ READINESS_TIMEOUT_S = 1.5
 async def stream_candles(request: web.Request) -> web.StreamResponse:
     """``GET /api/sse/backtest/{id}/data/multi``: the candle stream (SPEC 2)."""
     request_started = time.perf_counter()
+    # What the warehouse does because of this stream, for its log line (observe.py).
+    warehouse_usage.track()
     app = request.app
     if app[LIFECYCLE].draining:
         raise Unavailable("this replica is shutting down; reconnect to another")
