@@ -172,20 +172,40 @@ class Harness:
         assert self._redis is not None
         return JobWriter(self._redis, request.match_info["id"])
 
+    async def create_job(
+        self,
+        job_id: str,
+        counts: dict[str, int],
+        *,
+        uid: str = "alice",
+        status: str = "running",
+        configured: list[str] | None = None,
+        current_bar: int = 0,
+    ) -> None:
+        """A job (written afresh) with ``counts[interval]`` candles per interval."""
+        assert self._redis is not None
+        writer = JobWriter(self._redis, job_id)
+        await self._redis.delete(*[f"job:{{{job_id}}}:candles:{name}" for name in counts])
+        await writer.create(
+            user_id=uid,
+            symbol="LTF",
+            exchange="NSE",
+            intervals=configured or list(counts),
+            status=status,
+            current_bar=current_bar,
+        )
+        for name, count in counts.items():
+            await _append(writer, name, 0, count)
+
     async def _create_job(self, request: web.Request) -> web.Response:
         query = request.query
         intervals = query.get("intervals", "day").split(",")
         count = int(query.get("count", "0"))
-        writer = self._writer(request)
-        assert self._redis is not None
-        await self._redis.delete(*[f"job:{{{writer.job_id}}}:candles:{name}" for name in intervals])
-        await writer.create(
-            user_id=query.get("uid", "alice"), symbol="LTF", exchange="NSE",
-            intervals=query.get("configured", ",".join(intervals)).split(","), status=query.get("status", "running"),
+        await self.create_job(
+            request.match_info["id"], dict.fromkeys(intervals, count), uid=query.get("uid", "alice"),
+            status=query.get("status", "running"), configured=query.get("configured", ",".join(intervals)).split(","),
             current_bar=int(query.get("current_bar", "0")),
         )  # fmt: skip
-        for name in intervals:
-            await _append(writer, name, 0, count)
         return web.json_response({name: count for name in intervals})
 
     async def _append(self, request: web.Request) -> web.Response:
