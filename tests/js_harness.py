@@ -18,6 +18,7 @@ Control (``CONTROL_URL``), all ``POST`` but ``/token``:
     POST /jobs/{id}/status?status=&current_bar=
     POST /jobs/{id}/run?intervals=&per_tick=&ticks=&tick_ms=   a worker appending in the background, then completing
     GET  /jobs/{id}/stored            {interval: LLEN}
+    GET  /streams                     {"open": streams the replica has open}
     POST /valkey/stop, /valkey/start  a real Redis outage
     POST /replica/stop, /replica/start, /replica/restart
     POST /hold?uid=&count=, /release  hold stream slots open (for 429)
@@ -44,6 +45,7 @@ from gateway.config import Settings, with_overrides
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
 from gateway.devtools.devserver import add_console_routes
 from gateway.devtools.ports import free_port
+from gateway.resources import LIFECYCLE
 from gateway.workers import JobWriter
 from tests.helpers import STEPS, make_candles
 
@@ -80,7 +82,10 @@ class Harness:
                    "socket_timeout_s": 2, "outage_wait_s": 0.5},
             # Short tokens must really expire; reconnects in the tests should be quick.
             auth={"clock_skew_s": 0},
-            server={"retry_ms": 200, "max_streams_per_user": 2, "shutdown_grace_s": 0, "access_log": False},
+            # A ping a second: a stream whose client went away is noticed at the next write (the tests
+            # that count the gateway's open streams wait for it).
+            server={"retry_ms": 200, "max_streams_per_user": 2, "shutdown_grace_s": 0, "access_log": False,
+                    "ping_interval_s": 1},
             follow={"recheck_interval_s": 0.2},
         )  # fmt: skip
 
@@ -106,6 +111,7 @@ class Harness:
         control.router.add_get("/jobs/{id}/stored", self._stored)
         control.router.add_post("/valkey/{action}", self._valkey_action)
         control.router.add_post("/replica/{action}", self._replica_action)
+        control.router.add_get("/streams", self._streams)
         control.router.add_post("/hold", self._hold)
         control.router.add_post("/release", self._release)
         self._control = web.AppRunner(control, access_log=None)
@@ -267,6 +273,11 @@ class Harness:
         if action in ("start", "restart"):
             await self._start_replica()
         return web.json_response({"replica": action})
+
+    async def _streams(self, request: web.Request) -> web.Response:
+        """How many streams the replica has open (0 while it is stopped)."""
+        open_streams = self._replica.app[LIFECYCLE].open_streams if self._replica is not None else 0
+        return web.json_response({"open": open_streams})
 
     async def _hold(self, request: web.Request) -> web.Response:
         """Open ``count`` follow streams for ``uid`` and keep them open (the per-user limit is 2)."""

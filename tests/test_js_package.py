@@ -70,19 +70,28 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     tarball = packs / report["filename"]
     project = tmp_path_factory.mktemp("consumer")
     (project / "package.json").write_text(json.dumps({"name": "consumer", "private": True, "type": "module"}))
-    _run(["npm", "install", "--offline", "--no-audit", "--no-fund", "--loglevel=error", str(tarball)], project)
+    # React for the hook's examples, at the versions frontend/package-lock.json pins (from the npm cache).
+    react = [f"{name}@{_locked_version(name)}" for name in ("react", "@types/react")]
+    _run(["npm", "install", "--offline", "--no-audit", "--no-fund", "--loglevel=error", str(tarball), *react], project)
     for name in ("consumer.ts", "doc-globals.d.ts"):
         shutil.copy(CONSUMER / name, project / name)
     return Installed(project, tarball, sorted(entry["path"] for entry in report["files"]))
 
 
+def _locked_version(name: str) -> str:
+    lock = json.loads((ROOT / "frontend" / "package-lock.json").read_text())
+    return str(lock["packages"][f"node_modules/{name}"]["version"])
+
+
 def test_the_tarball_ships_the_client_its_types_and_readme_only(installed: Installed):
     assert installed.files == [
-        "README.md", "package.json", "src/events.d.ts", "src/index.d.ts", "src/index.js", "src/sse.js",
+        "README.md", "package.json", "src/events.d.ts", "src/index.d.ts", "src/index.js", "src/react.d.ts",
+        "src/react.js", "src/sse.js",
     ]  # fmt: skip
     package = json.loads((installed.project / "node_modules/@candle-gateway/client/package.json").read_text())
     assert package["name"] == "@candle-gateway/client"
     assert "dependencies" not in package, "the client has no runtime dependencies"
+    assert package["peerDependenciesMeta"]["react"]["optional"] is True, "React only for the /react entry"
     lock = json.loads((installed.project / "package-lock.json").read_text())
     assert lock["packages"]["node_modules/@candle-gateway/client"]["resolved"].startswith("file:")
 
@@ -160,3 +169,15 @@ async def test_a_consumer_of_the_tarball_type_checks_and_streams_from_a_real_gat
     assert result["statuses"] == {"day": ["streaming"], "minute": ["streaming"] * 9}
     assert result["iterated"] == 450
     assert result["missing"] == "job_not_found"
+
+
+async def test_the_react_entry_resolves_through_the_exports_map(installed: Installed):
+    check = installed.project / "check-react.mjs"
+    check.write_text(
+        'const hook = await import("@candle-gateway/client/react");\n'
+        'const client = await import("@candle-gateway/client");\n'
+        "console.log(typeof hook.useCandleStream, typeof client.openCandleStream);\n"
+    )
+    code, output = await run_node([str(check)], dict(os.environ), timeout_s=30)
+    assert code == 0, output
+    assert output.strip() == "function function"

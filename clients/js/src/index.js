@@ -125,7 +125,9 @@ function newIntervalState(name, index) {
 class CandleStream {
   constructor(options) {
     if (!options || typeof options !== "object") throw new TypeError("options are required");
-    this.options = { ...DEFAULTS, ...options };
+    // An option given as undefined (e.g. passed through from a caller's own optional argument) keeps its default.
+    const given = Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined));
+    this.options = { ...DEFAULTS, ...given };
     this.url = streamUrl(this.options);
     const names = Array.isArray(options.intervals) ? options.intervals : String(options.intervals).split(",");
     const intervals = {};

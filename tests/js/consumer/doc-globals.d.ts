@@ -17,3 +17,5 @@ declare function render(state: StreamState): void;
 declare function showError(code: string, message: string): void;
 declare function showIntervalError(interval: string | null, message: string): void;
 declare function reopenWithAFreshToken(): void;
+/** An app's chart component. */
+declare function CandleChart(props: { title: string; candles: readonly Candle[]; progress: number }): import("react").ReactNode;
