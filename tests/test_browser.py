@@ -53,6 +53,16 @@ async def test_react_hook_in_headless_chromium(settings, signing_key, tmp_path):
     assert code == 0, output
 
 
+async def test_cross_origin_pages_in_headless_chromium(settings, signing_key, tmp_path):
+    """Pages on other ports: the origin in server.cors_origins streams; another is refused at the preflight."""
+    _require_browser()
+    async with running_harness(settings, signing_key, PROJECT, tmp_path / "valkey") as harness:
+        code, output = await run_node(
+            ["--test", "--test-reporter=spec", "tests/js/cors.test.mjs"], _browser_env(harness), timeout_s=90
+        )
+    assert code == 0, output
+
+
 def _browser_env(harness: Harness) -> dict[str, str]:
     return {
         **os.environ,
@@ -60,4 +70,6 @@ def _browser_env(harness: Harness) -> dict[str, str]:
         "CONTROL_URL": harness.control_url,
         "CHROMIUM_PATH": str(CHROMIUM),
         "SCREENSHOT_DIR": str(SCREENSHOTS),
+        "ALLOWED_PAGE_URL": harness.allowed_page_url,
+        "REFUSED_PAGE_URL": harness.refused_page_url,
     }

@@ -20,7 +20,7 @@ export async function control(route, method = "POST") {
   const response = await fetch(CONTROL + route, { method });
   const text = await response.text();
   assert.equal(response.status, 200, `${route}: ${text}`);
-  return text.startsWith("{") ? JSON.parse(text) : text;
+  return text.startsWith("{") || text.startsWith("[") ? JSON.parse(text) : text;
 }
 
 export function launch() {
