@@ -20,6 +20,7 @@ from google.cloud import bigquery
 
 from gateway import auth, handlers, metrics
 from gateway.config import BigQuerySettings, Settings
+from gateway.cors import CorsPolicy
 from gateway.errors import RequestError, Unauthenticated
 from gateway.lifecycle import Lifecycle
 from gateway.limits import ProcessStreamCap, StreamSlots, retry_after_seconds
@@ -47,7 +48,10 @@ def create_app(settings: Settings, *, bigquery_client: BigQueryClientFactory = m
     development is started by the command line, before the app.
     """
     install_redaction()  # aiohttp's parser errors quote raw requests: no token may reach a log
-    app = web.Application(middlewares=[error_middleware])
+    cors = CorsPolicy(settings.server.cors_origins)
+    app = web.Application(middlewares=[cors.middleware, error_middleware])
+    if cors.origins:
+        app.on_response_prepare.append(cors.on_response_prepare)
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
     app[STREAM_CAP] = ProcessStreamCap(
