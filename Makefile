@@ -31,7 +31,7 @@ $(CHECKOV_STAMP): $(STAMP)
 install: $(STAMP) $(NPM_STAMP) $(CHECKOV_STAMP)
 
 run: $(STAMP) $(NPM_STAMP)
-	$(PY) -m gateway dev
+	$(PY) -m gateway dev --config config.toml
 
 test: $(STAMP) $(NPM_STAMP) $(CHECKOV_STAMP)
 	$(PY) -m pytest -q --cov --cov-report=term $(PYTEST_ARGS)

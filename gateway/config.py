@@ -1,7 +1,11 @@
-"""One typed settings object: ``config.toml`` plus ``GATEWAY_<SECTION>_<KEY>`` overrides.
+"""One typed settings object: defaults, an optional config file, then ``GATEWAY_<SECTION>_<KEY>`` overrides.
 
-Every setting, its default and its meaning is documented in ``config.toml``;
-the structs below only carry the types and bounds, so a bad value stops
+The defaults live here, in the package: an installed gateway needs no file,
+and ``GATEWAY_*`` variables alone configure it. A file (``--config PATH``,
+the repository's ``config.toml`` is the documented template) overrides the
+defaults it names. Every setting, its default and its meaning is documented
+in ``config.toml`` (a test holds it to the structs below, which carry the
+types and bounds), so a bad value stops
 start-up with a message that names the setting (and the variable it came
 from, when it came from the environment). A ``GATEWAY_*`` variable that names
 no setting is only warned about: Kubernetes injects ``GATEWAY_PORT``,
@@ -23,11 +27,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
 ENV_PREFIX = "GATEWAY_"
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -158,15 +161,8 @@ def load_settings(
     path: Path | str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Read ``config.toml`` (or ``path``), apply ``GATEWAY_*`` overrides, validate."""
-    config_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-    try:
-        with config_path.open("rb") as file:
-            raw: dict[str, Any] = tomllib.load(file)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(config_path), "file not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(config_path), f"not valid TOML: {exc}") from exc
+    """The defaults, overridden by the file at ``path`` (if any), then by ``GATEWAY_*`` variables; validated."""
+    raw: dict[str, Any] = {} if path is None else read_config_file(Path(path))
 
     from_env: dict[str, str] = {}
     unknown: list[str] = []
@@ -188,6 +184,30 @@ def load_settings(
             ", ".join(sorted(unknown)),
         )
     return _convert(raw, from_env)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML file given by ``--config``; ``ConfigFileError`` (one line naming the flag) if it cannot be read."""
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigFileError(path, "no such file") from exc
+    except IsADirectoryError as exc:
+        raise ConfigFileError(path, "is a directory") from exc
+    except OSError as exc:
+        raise ConfigFileError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(path, f"is not valid TOML ({exc})") from exc
+
+
+class ConfigFileError(ConfigError):
+    """The file named by ``--config`` is missing or unreadable."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        # Not "setting ...": the flag is what the operator typed.
+        GatewayError.__init__(self, f"--config {path}: {problem} (every setting has a default; the file is optional)")
+        self.setting = "--config"
 
 
 def with_overrides(settings: Settings, **sections: Mapping[str, Any]) -> Settings:

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import DEFAULT_CONFIG_PATH, Settings, load_settings
+from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError
+
+CONFIG_TOML = Path(__file__).resolve().parent.parent / "config.toml"
 
 
 def test_config_toml_holds_every_setting_with_the_struct_defaults():
     # A key missing from config.toml, or a default that differs, is a documentation bug.
     import tomllib
 
-    documented = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
+    documented = tomllib.loads(CONFIG_TOML.read_text())
     defaults = Settings()
     for section in Settings.__struct_fields__:
         struct = getattr(defaults, section)
