@@ -26,6 +26,7 @@ from gateway.limits import StreamSlots, retry_after_seconds
 from gateway.live import JobNotes
 from gateway.logs import install_redaction
 from gateway.redis_client import build_redis_client
+from gateway.redis_health import check_at_start_up
 from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, VERIFIER
 from gateway.sources.cache import BacktestCache
 from gateway.sources.resolve import Sources, Warehoused
@@ -74,6 +75,7 @@ async def _redis_context(app: web.Application) -> AsyncIterator[None]:
     )
     app[NOTES] = notes = JobNotes(client, settings.follow.recheck_interval_s, settings.follow.max_reads_in_flight)
     metrics.watch_job_notes(notes)
+    await check_at_start_up(client, settings.redis)
     try:
         yield
     finally:
@@ -138,7 +140,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             headers["WWW-Authenticate"] = 'Bearer realm="candles"'
         elif exc.retry_after_s is not None:
             headers["Retry-After"] = str(exc.retry_after_s)
-        metrics.request_refused(exc.status, exc.code, exc.message)
+        metrics.request_refused(exc.status, exc.code, exc.message, getattr(exc, "reason", None))
         return error_response(exc.status, exc.code, exc.message, headers)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -107,7 +107,8 @@ async def _riding_out_outage(step: Callable[[], Awaitable[T]], settings: Setting
             return await step()
         except RedisUnreachable as exc:
             if lifecycle.draining or loop.time() + pause > deadline:
-                raise Unavailable(exc.message, retry_after_s=retry_after_seconds(settings.server.retry_ms)) from exc
+                retry_after_s = retry_after_seconds(settings.server.retry_ms)
+                raise Unavailable(exc.message, retry_after_s, reason=f"redis_{exc.cause}") from exc
         await asyncio.sleep(pause)
         pause = min(pause * 2, _OUTAGE_LONGEST_PAUSE_S)
 
@@ -209,12 +210,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: not draining and Redis answers."""
+    """Readiness: not draining and Redis answers; a 503's body names Redis's failure by cause.
+
+    The body carries the cause's word (``"redis": "auth_failed"``), not the
+    detail (host, port, certificate): this port is public. The detail is in
+    the log, once per change of state (redis_health.py).
+    """
     if request.app[LIFECYCLE].draining:
         raise Unavailable("draining for shutdown")
     client = request.app[REDIS]
     try:
         await call_redis(client.ping, "checking readiness")
     except RedisUnreachable as exc:
-        raise Unavailable(exc.message) from exc
-    return web.json_response({"status": "ready"})
+        metrics.request_refused(503, Unavailable.code, exc.message, f"redis_{exc.cause}")
+        body = {"error": Unavailable.code, "message": exc.message, "redis": exc.cause}
+        return web.json_response(body, status=503, headers={"Retry-After": "1"})
+    return web.json_response({"status": "ready", "redis": "ok"})

@@ -11,6 +11,7 @@ not installed, so nothing of development can be reached.
 
 from __future__ import annotations
 
+import configparser
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,12 @@ from tests.replicas import REPO, ResumingClient
 # What an operator's shell has: no GATEWAY_* of ours, no PYTHONPATH into the work tree.
 BARE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 PACKAGE_FILES = ("setup.cfg", "pyproject.toml", "README.md")
+
+
+def package_version() -> str:
+    metadata = configparser.ConfigParser(interpolation=None)
+    metadata.read(REPO / "setup.cfg")
+    return metadata["metadata"]["version"]
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +88,12 @@ async def test_the_installed_wheel_serves_a_stream_configured_by_variables_alone
     installed: Path, redis_url, cert_endpoint, writer, token, tmp_path
 ):
     stored = await seed_job(writer("installed-job"), counts={"day": 30, "minute": 400}, status="completed")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {
         **BARE_ENV,
         "GATEWAY_REDIS_URL": redis_url,
         "GATEWAY_SERVER_PORT": str(port),
-        "GATEWAY_METRICS_PORT": str(free_port()),
+        "GATEWAY_METRICS_PORT": str(metrics_port),
         "GATEWAY_AUTH_CERTS_URL": cert_endpoint.url,
         "GATEWAY_AUTH_FIREBASE_PROJECT_ID": PROJECT,
     }
@@ -104,11 +111,15 @@ async def test_the_installed_wheel_serves_a_stream_configured_by_variables_alone
                 {"intervals": "day,minute", "token": token()},
             )
             await client.run(max_connections=1)
+            async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as scraped:
+                metrics = await scraped.text()
     finally:
         process.terminate()
         process.wait(timeout=30)
     assert client.events[-1].event == "all_complete"
     assert client.points() == expected_points(stored["day"]) + expected_points(stored["minute"])
+    (build_info,) = [line for line in metrics.splitlines() if line.startswith("gateway_build_info{")]
+    assert f'version="{package_version()}"' in build_info and build_info.endswith(" 1.0"), build_info
     log = (tmp_path / "serve.log").read_text()
     assert "serving on" in log and "Traceback" not in log, log
 
