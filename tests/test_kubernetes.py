@@ -70,7 +70,10 @@ def gateway_pod(objects: list[Manifest]) -> tuple[Manifest, dict[str, Any]]:
 
 def settings_of(container: dict[str, Any]) -> Settings:
     """The gateway's settings as this container's environment makes them (secrets stand in)."""
-    env = {e["name"]: e.get("value", "redis://secret.invalid:6379/0") for e in container["env"]}
+    env = {
+        e["name"]: e.get("value", "redis://secret.invalid:6379/0" if e["name"].endswith("_URL") else "secret")
+        for e in container["env"]
+    }
     return load_settings(environ=env)
 
 
