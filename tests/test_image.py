@@ -35,6 +35,10 @@ if _MISSING:
         raise RuntimeError(f"{', '.join(_MISSING)} not installed; .ci/run installs them (apt-get install)")
     pytest.skip(f"{', '.join(_MISSING)} not installed (they are in CI)", allow_module_level=True)
 
+# The first test also builds: on a fresh machine the debootstrap base (about a minute) and the
+# image (about a minute more, its dependencies downloaded) come before it, beyond the suite's 120 s.
+pytestmark = pytest.mark.timeout(900)
+
 IMAGE = "localhost/candle-gateway:test"
 # The build stage, named so that its dependency layer stays cached when stale layers are pruned.
 BUILD_STAGE = "localhost/candle-gateway-build:test"
