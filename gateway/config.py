@@ -49,6 +49,11 @@ BigQueryName = Annotated[str, Meta(pattern=BIGQUERY_IDENTIFIER)]
 BigQueryProject = Annotated[str, Meta(pattern=r"^\Z|" + BIGQUERY_IDENTIFIER)]
 
 
+# A browser's Origin as it sends it: scheme, host, optional port; no path, no trailing slash.
+CORS_ORIGIN = r"^https?://([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?\Z"
+CorsOrigin = Annotated[str, Meta(pattern=CORS_ORIGIN)]
+
+
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """A config section: unknown keys are typos, and typos stop start-up."""
 
@@ -61,10 +66,13 @@ class ServerSettings(_Section, frozen=True):
     ping_interval_s: PositiveSeconds = 15.0
     send_timeout_s: PositiveSeconds = 30.0
     max_streams_per_user: NonNegativeInt = 8
+    max_streams_per_process: NonNegativeInt = 10_000
     stream_slot_ttl_s: Annotated[int, Meta(ge=5)] = 60
     shutdown_grace_s: Annotated[float, Meta(ge=0)] = 5.0
     access_log: bool = True
     workers: Annotated[int, Meta(ge=1, le=512)] | Literal["auto"] = 1
+    # Origins whose pages may read streams cross-origin (gateway/cors.py); empty: same-origin only.
+    cors_origins: tuple[CorsOrigin, ...] = ()
 
     def jittered_retry_ms(self) -> int:
         """One connection's ``retry:``: ``retry_ms`` stretched by up to ``retry_jitter``, at random."""
@@ -169,6 +177,9 @@ _PATTERN_MEANINGS = {
     f"Expected `str` matching regex {pattern!r}": "must be a BigQuery identifier"
     " (letters, digits, '_' and '-', not starting with '-')"
     for pattern in (BIGQUERY_IDENTIFIER, r"^\Z|" + BIGQUERY_IDENTIFIER)
+} | {
+    f"Expected `str` matching regex {CORS_ORIGIN!r}": "must be an origin, scheme://host[:port]"
+    " (http or https, no path, no trailing slash), e.g. https://app.example.com"
 }
 
 
@@ -190,7 +201,8 @@ def load_settings(
             (service_links if _SERVICE_LINK.match(name) else unknown).append(name)
             continue
         section, key = setting
-        raw.setdefault(section, {})[key] = value
+        # A list setting (server.cors_origins) comes from the environment comma-separated.
+        raw.setdefault(section, {})[key] = _split_list(value) if _is_list(section, key) else value
         from_env[f"{section}.{key}"] = name
     if unknown:
         raise UnknownSettingError(_unknown_variables_message(sorted(unknown)))
@@ -243,6 +255,14 @@ def with_overrides(settings: Settings, **sections: Mapping[str, Any]) -> Setting
     for section, values in sections.items():
         raw[section].update(values)
     return _convert(raw, {})
+
+
+def _is_list(section: str, key: str) -> bool:
+    return isinstance(getattr(_SECTIONS[section](), key), tuple)
+
+
+def _split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _split_env_name(name: str) -> tuple[str, str] | None:

@@ -137,11 +137,33 @@ REDIS_ERRORS = Counter(
 )
 WAREHOUSE_SECONDS = Histogram(
     "warehouse_query_duration_seconds",
-    "BigQuery queries (with their page fetches)",
+    "BigQuery calls: a query (with its first page), or one more page of a result",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
     namespace=NAMESPACE,
 )
 WAREHOUSE_ERRORS = Counter("warehouse_query_errors", "BigQuery queries that failed or timed out", namespace=NAMESPACE)
+# What the warehouse costs (docs/OPERATIONS.md): each query is billed, its result pages are not.
+WAREHOUSE_QUERIES = Counter(
+    "warehouse_queries", "BigQuery queries run (each one billed), by purpose", ["purpose"], namespace=NAMESPACE
+)  # purpose: metadata | candles
+WAREHOUSE_PROCESSED_BYTES = Counter(
+    "warehouse_processed_bytes",
+    "Bytes processed, as BigQuery reported each query",
+    ["purpose"],
+    namespace=NAMESPACE,
+)
+WAREHOUSE_BILLED_BYTES = Counter(
+    "warehouse_billed_bytes", "Bytes billed, as BigQuery reported each query", ["purpose"], namespace=NAMESPACE
+)
+WAREHOUSE_PAGES = Counter(
+    "warehouse_result_pages", "Result pages read from a query's result (no query, not billed)", namespace=NAMESPACE
+)
+WAREHOUSE_RESUMES = Counter(
+    "warehouse_read_resumes", "Interval reads resumed after a failure, by how", ["how"], namespace=NAMESPACE
+)  # how: same_result (no query) | new_query (the result was gone)
+for _purpose in ("metadata", "candles"):  # at 0 from the start, so a dashboard's rate() sees the first query
+    for _counter in (WAREHOUSE_QUERIES, WAREHOUSE_PROCESSED_BYTES, WAREHOUSE_BILLED_BYTES):
+        _counter.labels(_purpose)
 CACHE_LOOKUPS = Counter(
     "backtest_cache_lookups", "Backtest intervals looked up in the Redis cache", ["result"], namespace=NAMESPACE
 )  # result: hit | miss
@@ -223,7 +245,7 @@ def _cause_of(exc: Exception) -> str:
 
 
 def observe_warehouse(query: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Decorates the warehouse's ``_query``: its latency and failures."""
+    """Decorates the warehouse's calls (a query, or a page of its result): their latency and failures."""
 
     @functools.wraps(query)
     async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -237,6 +259,20 @@ def observe_warehouse(query: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable
             WAREHOUSE_SECONDS.observe(time.perf_counter() - started)
 
     return timed
+
+
+def warehouse_query(purpose: str, processed_bytes: int | None, billed_bytes: int | None) -> None:
+    """One BigQuery query ran: ``metadata`` or ``candles``, with the bytes BigQuery reported for it."""
+    WAREHOUSE_QUERIES.labels(purpose).inc()
+    if processed_bytes:
+        WAREHOUSE_PROCESSED_BYTES.labels(purpose).inc(processed_bytes)
+    if billed_bytes:
+        WAREHOUSE_BILLED_BYTES.labels(purpose).inc(billed_bytes)
+
+
+def warehouse_resume(how: str) -> None:
+    """A failed interval read resumed: from the ``same_result``, or with a ``new_query`` (the result was gone)."""
+    WAREHOUSE_RESUMES.labels(how).inc()
 
 
 def cache_lookup(hits: int, misses: int) -> None:
@@ -282,7 +318,13 @@ def request_refused(status: int, code: str, message: str, reason: str | None = N
     elif status == 401:
         reason = next((label for text, label in _UNAUTHENTICATED_REASONS if text in message), "other")
     elif status == 503:
-        reason = "draining" if "shutting down" in message or "draining" in message else "redis_unreachable"
+        reason = (
+            "draining"
+            if "shutting down" in message or "draining" in message
+            else "at_capacity"
+            if "at capacity" in message
+            else "redis_unreachable"
+        )
     else:
         reason = code
     REFUSED.labels(str(status), reason).inc()

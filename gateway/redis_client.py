@@ -15,7 +15,10 @@ or a ``gateway.errors`` exception:
   ``data_error`` or ``job_error`` of what they were reading;
 - any other refusal (``MOVED`` from a cluster we were not told about, out of
   memory, a script error): ``RedisUnreachable``, with what Redis said, since
-  no retry by the client will change it.
+  no retry by the client will change it;
+- an error raised under redis-py that it did not wrap (an event loop's own,
+  such as uvloop's ``RuntimeError`` on a transport a TCP reset closed, or a
+  bare ``OSError``): ``RedisUnreachable``.
 """
 
 from __future__ import annotations
@@ -79,7 +82,24 @@ def _retry(settings: RedisSettings) -> Retry:
     return Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.retries)
 
 
-class InPlaceWriteConnection(aioredis.Connection):
+class ClosedTransportConnection(aioredis.Connection):
+    """A connection whose write on a transport closed under it (a TCP reset) is a ``ConnectionError``.
+
+    uvloop raises ``RuntimeError: unable to perform operation on
+    <TCPTransport closed=True>`` there, where asyncio's own loop raises
+    nothing; redis-py wraps only ``OSError``, so the command was not retried
+    on a fresh connection and the caller got a bare ``RuntimeError``.
+    redis-py has already dropped the connection when this is raised.
+    """
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:
+            raise redis.exceptions.ConnectionError(f"the connection was closed under a write ({exc})") from exc
+
+
+class InPlaceWriteConnection(ClosedTransportConnection):
     """A connection that sends each command from the caller's own task, timed by ``asyncio.timeout``.
 
     redis-py (8.1) times every write with ``asyncio.wait_for``, which on
@@ -225,6 +245,11 @@ async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
     except redis.exceptions.ResponseError as exc:
         raise response_error(exc, what) from exc
     except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+        raise unreachable(exc, what) from exc
+    except (OSError, EOFError, RuntimeError) as exc:
+        # Raised under redis-py and not wrapped by it: a socket error of a
+        # connection class we did not choose (rediss://, unix://), or an event
+        # loop's own (uvloop's RuntimeError on a transport closed by a reset).
         raise unreachable(exc, what) from exc
     if HEALTH.cause is not None:
         HEALTH.answered()

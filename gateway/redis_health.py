@@ -44,6 +44,12 @@ class RedisCause(enum.StrEnum):
     UNREACHABLE = "unreachable"
 
 
+#: Causes that trying again for a few seconds cannot mend (a password, a certificate, a setting):
+#: a new stream meeting one is answered 503 at once instead of being held for ``redis.outage_wait_s``.
+LASTING_CAUSES = frozenset(
+    {RedisCause.AUTH_FAILED, RedisCause.TLS_FAILED, RedisCause.CLUSTER_MISCONFIGURED, RedisCause.PROTOCOL_ERROR}
+)
+
 #: How each cause reads in a message ("Redis <phrase> while counting open streams").
 PHRASES = {
     RedisCause.AUTH_FAILED: "authentication failed",
@@ -147,6 +153,10 @@ def _is_timeout(error: BaseException) -> bool:
 def _is_lost(error: BaseException) -> bool:
     if isinstance(error, ConnectionResetError | BrokenPipeError | asyncio.IncompleteReadError):
         return True
+    if isinstance(error, RuntimeError) and "closed" in str(error):
+        # A write on a transport a reset already closed (uvloop: "unable to perform operation on
+        # <TCPTransport closed=True ...>"), which redis-py lets through as it is.
+        return True
     return isinstance(error, redis.exceptions.ConnectionError) and "closed by server" in str(error)
 
 
@@ -205,7 +215,9 @@ class RedisHealth:
         return cause, detail
 
     def answered(self) -> None:
-        if self.cause is None:
+        # A cluster talked to as one server answers for the keys of its own slots and MOVED for the
+        # rest: the misconfiguration stands until a restart with the right redis.cluster.
+        if self.cause is None or self.cause is RedisCause.CLUSTER_MISCONFIGURED:
             return
         log.info(
             "%s answers again (it failed with %s for %.1f s)",

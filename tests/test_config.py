@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Settings, load_settings
+from gateway.config import Settings, _split_env_name, load_settings
 from gateway.errors import ConfigError
 
 CONFIG_TOML = Path(__file__).resolve().parent.parent / "config.toml"
@@ -25,7 +25,56 @@ def test_config_toml_holds_every_setting_with_the_struct_defaults():
         struct = getattr(defaults, section)
         assert set(documented[section]) == set(struct.__struct_fields__), section
         for key in struct.__struct_fields__:
-            assert documented[section][key] == getattr(struct, key), f"{section}.{key}"
+            default = getattr(struct, key)
+            # TOML has arrays, the structs tuples (server.cors_origins).
+            assert documented[section][key] == (list(default) if isinstance(default, tuple) else default), (
+                f"{section}.{key}"
+            )
+
+
+def readme_settings_table() -> dict[str, tuple[str, object, str]]:
+    """README's settings table: ``section.key`` -> (variable, default, meaning)."""
+    import tomllib
+
+    text = (CONFIG_TOML.parent / "README.md").read_text()
+    section = text[text.index("## Configuration") :]
+    section = section[: section.index("\n## ", 1)]
+    rows: dict[str, tuple[str, object, str]] = {}
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        assert len(cells) == 4, line
+        setting, variable, default, meaning = (cell.strip("`") if i < 3 else cell for i, cell in enumerate(cells))
+        assert setting not in rows, f"{setting} twice"
+        rows[setting] = (variable, tomllib.loads(f"value = {default}")["value"], meaning)
+    return rows
+
+
+def _as_toml(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def test_readme_table_config_toml_and_defaults_name_the_same_settings_with_the_same_defaults():
+    import tomllib
+
+    documented = tomllib.loads(CONFIG_TOML.read_text())
+    defaults = Settings()
+    in_package = {
+        # TOML has no tuple: a list setting's default (a tuple in the struct) reads back as a list.
+        f"{section}.{key}": _as_toml(getattr(getattr(defaults, section), key))
+        for section in Settings.__struct_fields__
+        for key in getattr(defaults, section).__struct_fields__
+    }
+    in_file = {f"{section}.{key}": value for section, keys in documented.items() for key, value in keys.items()}
+    table = readme_settings_table()
+    assert set(table) == set(in_package) == set(in_file)
+    for setting, (variable, default, meaning) in table.items():
+        assert variable == "GATEWAY_" + setting.replace(".", "_").upper(), setting
+        assert default == in_package[setting] == in_file[setting], setting
+        assert meaning, f"{setting} has no meaning in README"
+        # The variable the table names is the one that sets it.
+        assert _split_env_name(variable) == tuple(setting.split(".")), setting
 
 
 def test_environment_overrides_convert_to_the_setting_type():
@@ -298,3 +347,16 @@ def test_each_configuration_mistake_is_one_line_and_exit_status_2(environ, file_
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.splitlines() == [line]
     assert "hunter2" not in result.stderr
+
+
+# An empty redis.url is refused by serve, not by the settings: dev starts a Valkey for it.
+@pytest.mark.parametrize(("environ", "file_text", "line"), [p for p in ONE_LINE_MISTAKES if p.id != "empty-redis-url"])
+def test_each_mistake_is_refused_when_the_settings_load(environ, file_text, line, tmp_path: Path):
+    """The same mistakes in process (what the command line prints is this message)."""
+    path = None
+    if file_text:
+        path = tmp_path / "gateway.toml"
+        path.write_text(file_text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ=environ)
+    assert f"configuration error: {caught.value.message}" == line

@@ -73,7 +73,9 @@ async def test_metrics_count_what_clients_received(make_gateway, aiohttp_client,
     await second.content.readuntil(b"event: interval_complete")
     refused = await open_stream(gateway, JOB, token=token(), intervals="day")
     assert refused.status == 429
-    bad = await open_stream(gateway, JOB, token=token() + "x", intervals="day")
+    header, claims, signature = token().split(".")
+    tampered = ("B" if signature[0] != "B" else "C") + signature[1:]  # canonical base64url that does not verify
+    bad = await open_stream(gateway, JOB, token=f"{header}.{claims}.{tampered}", intervals="day")
     assert bad.status == 401
     second.close()
     held.close()

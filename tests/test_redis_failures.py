@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
+from yarl import URL
 
 from gateway.devtools.ports import free_port
 from gateway.devtools.processes import gateway_serve, start_server
+from gateway.redis_health import RedisCause, classify_redis_failure
 from gateway.workers import JobWriter
 from tests.conftest import PROJECT
 from tests.faults import KillableValkey
@@ -165,6 +168,25 @@ async def test_a_server_that_never_answers_is_timeout(make_gateway, caplog, sile
     )  # fmt: skip
 
 
+async def test_a_port_that_speaks_http_is_protocol_error(make_gateway, caplog, cert_endpoint):
+    port = URL(cert_endpoint.url).port
+    await assert_named_everywhere(
+        make_gateway, caplog, "protocol_error", {"url": f"redis://127.0.0.1:{port}/0"}, "not a Redis port"
+    )
+
+
+def test_a_write_on_a_transport_a_reset_closed_is_connection_lost():
+    # Constructed, not provoked: the race (a reset between redis-py's checks and its write) is the
+    # hardening tests' to provoke; here only the naming of what it raises.
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False>") from None
+    except RuntimeError as exc:
+        assert classify_redis_failure(exc)[0] is RedisCause.CONNECTION_LOST
+
+
 async def test_cluster_mode_against_a_single_server_is_cluster_misconfigured(make_gateway, caplog, redis_url):
     await assert_named_everywhere(
         make_gateway, caplog, "cluster_misconfigured", {"url": redis_url, "cluster": True}, "redis.cluster"
@@ -232,6 +254,19 @@ async def test_a_refused_stream_counts_the_cause_in_requests_refused(make_gatewa
     assert body == {"error": "unavailable", "message": body["message"]}
     assert "refused the connection (connection_refused)" in body["message"]
     assert REGISTRY.get_sample_value("gateway_requests_refused_total", labels) == before + 1
+
+
+async def test_a_stream_meeting_a_wrong_password_is_answered_at_once_not_held(make_gateway, tls_redis, pki, token):
+    """Holding a stream for redis.outage_wait_s rides out a restart; no wait mends a wrong password."""
+    client = await make_gateway(
+        redis={"url": tls_redis.url(password="not-it"), "tls_ca_file": str(pki.ca), "outage_wait_s": 8.0}
+    )
+    started = time.monotonic()
+    response = await client.get(stream_path("any-job"), params={"token": token(), "intervals": "day"})
+    elapsed_s = time.monotonic() - started
+    assert response.status == 503
+    assert "authentication failed (auth_failed)" in (await response.json())["message"]
+    assert elapsed_s < 4.0, elapsed_s  # generous: the machine is shared; the hold would be 8 s
 
 
 # -- TLS with AUTH, working -----------------------------------------------------------------

@@ -6,7 +6,8 @@ not know, and then:
 - a miss is remembered in Redis for ``bigquery.missing_ttl_s``, so probing
   one unknown id again costs no query on any replica;
 - one user may cause at most ``bigquery.max_lookups_per_user_per_s`` lookups
-  a second (a counter per user and second in Redis); beyond that the request
+  a second (a counter per user and second in Redis, counted and given its
+  expiry in one script); beyond that the request
   is answered 429 before any query (``TooManyLookups``);
 - concurrent lookups of one id in one process share one query.
 """
@@ -30,6 +31,16 @@ from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError,
 log = logging.getLogger(__name__)
 
 _WINDOW_S: Final = 1
+# One step, so the counter is never without its expiry: an INCR that found the
+# key gone between a separate SET NX and itself would make one for good (and a
+# counter left so by an older gateway gets its expiry back).
+_SPEND: Final = """
+local spent = redis.call('INCR', KEYS[1])
+if spent == 1 or redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return spent
+"""
 
 
 class TooManyLookups(RequestError):
@@ -44,8 +55,8 @@ class LookupLimit:
     """Warehouse lookups per user and second, counted across replicas in Redis."""
 
     def __init__(self, client: aioredis.Redis, per_second: int) -> None:
-        self._redis = client
         self._per_second = per_second
+        self._spend = client.register_script(_SPEND)
 
     async def spend(self, user_id: str) -> None:
         """Count one lookup for ``user_id``; ``TooManyLookups`` beyond the limit."""
@@ -53,10 +64,7 @@ class LookupLimit:
             return
         key = keys.warehouse_lookups_key(user_id)
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.set(key, 0, ex=_WINDOW_S, nx=True)
-            pipe.incr(key)
-            _, spent = await pipe.execute()
+            spent = await self._spend(keys=[key], args=[_WINDOW_S * 1000])
         except redis.exceptions.RedisError:
             return  # the lookup itself does not need Redis: a broken counter does not refuse it
         if spent > self._per_second:
