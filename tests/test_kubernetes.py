@@ -43,10 +43,12 @@ CHECKOV_SKIPS = {
 CHECKOV_SKIPS_SIDECAR = {**CHECKOV_SKIPS, "CKV2_K8S_6": "no NetworkPolicy of the backend's pod"}
 # What the grace period must cover besides the preStop pause and server.shutdown_grace_s
 # (docs/OPERATIONS.md, "Shutdown"): exit within 2 s, plus 0.5 s per thousand streams ended,
-# for as many streams as one process holds (19,000, docs/PERFORMANCE.md).
+# for as many streams as one process admits (server.max_streams_per_process).
 EXIT_MARGIN_S = 2.0
 STREAM_END_S_PER_THOUSAND = 0.5
-MAX_STREAMS_PER_PROCESS = 19_000
+# Measured memory (docs/PERFORMANCE.md): a process after start-up, and each open follow stream.
+PROCESS_MIB = 136
+STREAM_KIB = 26
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -148,10 +150,26 @@ def test_probes_ports_and_grace_agree_with_the_gateways_settings(variant):
         pre_stop_s
         + settings.server.shutdown_grace_s
         + EXIT_MARGIN_S
-        + STREAM_END_S_PER_THOUSAND * MAX_STREAMS_PER_PROCESS / 1000
+        + STREAM_END_S_PER_THOUSAND * settings.server.max_streams_per_process / 1000
     )
+    assert 0 < settings.server.max_streams_per_process
     assert pod["spec"]["terminationGracePeriodSeconds"] >= needed
     assert settings.server.workers == 1  # the requests and limits are one process's (docs/OPERATIONS.md)
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_the_base_requests_the_memory_its_stream_cap_needs():
+    """The request holds a full process (max_streams_per_process open streams), at the measured cost."""
+    _, container = gateway_pod(render(VARIANTS["base"]))
+    settings = settings_of(container)
+    needed = PROCESS_MIB + STREAM_KIB * settings.server.max_streams_per_process / 1024
+    assert mebibytes(container["resources"]["requests"]["memory"]) >= needed
+    assert mebibytes(container["resources"]["limits"]["memory"]) >= 1.5 * needed
+    assert container["resources"]["requests"]["cpu"] == container["resources"]["limits"]["cpu"] == "1"
 
 
 def test_the_ingress_routes_the_stream_endpoint_to_the_public_port_only(variant):
