@@ -11,24 +11,31 @@
 # debootstrap, where public images cannot be pulled.
 ARG BASE=python:3.11-slim-bookworm
 
-# -- build: the package's wheel, installed with its dependencies into a venv ---
+# -- requirements: what the package needs at run time, from setup.cfg alone ------
+# A stage of its own, so that the dependency layer below changes only when
+# install_requires does (not with the test tools in setup.cfg's extras).
+FROM ${BASE} AS requirements
+COPY setup.cfg /tmp/setup.cfg
+RUN python3 -c "import configparser; c = configparser.ConfigParser(); c.read('/tmp/setup.cfg'); \
+print('\n'.join(r.strip() for r in c['options']['install_requires'].splitlines() if r.strip()))" \
+    > /requirements.txt
+
+# -- build: the dependencies, then the package's wheel, into a venv ------------
 FROM ${BASE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/candle-gateway
 WORKDIR /src
-# The dependencies first, from the package's metadata alone: this layer is
-# reused until setup.cfg changes, and a change of code only rebuilds the wheel.
+COPY --from=requirements /requirements.txt ./
+# The dependencies (and what builds the wheel) first: this layer is reused
+# until install_requires changes, and a change of code only rebuilds the wheel.
+RUN /opt/candle-gateway/bin/pip install --requirement requirements.txt "setuptools>=68" wheel
 COPY setup.cfg pyproject.toml README.md ./
-RUN mkdir gateway && touch gateway/__init__.py \
-    && /opt/candle-gateway/bin/pip install . \
-    && /opt/candle-gateway/bin/pip uninstall --yes candle-gateway \
-    && rm -rf build gateway *.egg-info
 COPY gateway ./gateway
-# One wheel, installed without touching the dependencies above; pip and
-# setuptools leave the venv, which the final stage copies as it is.
-RUN /opt/candle-gateway/bin/pip wheel --no-deps --wheel-dir /wheels . \
+# One wheel, installed without touching the dependencies above; pip,
+# setuptools and wheel then leave the venv, which the final stage copies.
+RUN /opt/candle-gateway/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
     && /opt/candle-gateway/bin/pip install --no-deps /wheels/candle_gateway-*.whl \
-    && /opt/candle-gateway/bin/pip uninstall --yes pip setuptools \
+    && /opt/candle-gateway/bin/pip uninstall --yes pip setuptools wheel \
     && find /opt/candle-gateway -name '__pycache__' -prune -exec rm -rf {} + \
     && /opt/candle-gateway/bin/python -m compileall -q /opt/candle-gateway/lib
 
