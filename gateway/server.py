@@ -34,7 +34,7 @@ from aiohttp import web
 from gateway import gc_policy
 from gateway.access_log import RedactingAccessLogger
 from gateway.app import create_app
-from gateway.config import Settings, with_overrides
+from gateway.config import Settings
 from gateway.connections import ConnectionGuard, connection_cap
 from gateway.errors import ConfigError
 from gateway.limits import retry_after_seconds
