@@ -219,7 +219,10 @@ async def test_an_outage_is_one_warning_when_it_starts_and_one_line_when_it_ends
     make_gateway, caplog, valkey: KillableValkey, token
 ):
     caplog.set_level(logging.INFO, logger=HEALTH_LOGGER)
-    client = await make_gateway(redis={"url": valkey.url, "retries": 0, "outage_wait_s": 0.2})
+    # No per-user limit, so no slot heartbeat: only this test's own calls meet the outage.
+    client = await make_gateway(
+        redis={"url": valkey.url, "retries": 0, "outage_wait_s": 0.2}, server={"max_streams_per_user": 0}
+    )
     assert (await client.get("/readyz")).status == 200
     found = [r.getMessage() for r in caplog.records if r.name == HEALTH_LOGGER]
     assert len(found) == 1 and found[0].startswith(f"Redis at redis://127.0.0.1:{valkey.port}: valkey "), found
