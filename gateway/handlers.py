@@ -31,7 +31,9 @@ from gateway.observe import StreamWatch
 from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
 from gateway.redis_client import call_redis
+from gateway.redis_health import HEALTH, LASTING_CAUSES, RedisCause
 from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, STREAM_CAP, VERIFIER
+from gateway.sources import warehouse_usage
 from gateway.sources.base import Snapshot, Source
 from gateway.sse import CandleEventResponse
 from gateway.stream import CandleStream, Send, read_plan, send_start_error
@@ -48,6 +50,8 @@ READINESS_TIMEOUT_S = 1.5
 async def stream_candles(request: web.Request) -> web.StreamResponse:
     """``GET /api/sse/backtest/{id}/data/multi``: the candle stream (SPEC 2)."""
     request_started = time.perf_counter()
+    # What the warehouse does because of this stream, for its log line (observe.py).
+    warehouse_usage.track()
     app = request.app
     if app[LIFECYCLE].draining:
         raise Unavailable("this replica is shutting down; reconnect to another")
@@ -112,6 +116,8 @@ class OutageHold:
     step and shared by the next, and it cuts a step short: a Redis that hangs
     (stopped, or a route that drops every packet) would otherwise hold the
     request for redis-py's socket timeout times its attempts. 0 tries once.
+    A cause that waiting cannot mend (a refused password or certificate, a
+    cluster setting: ``LASTING_CAUSES``) is answered at once.
     """
 
     def __init__(self, settings: Settings, lifecycle: Lifecycle) -> None:
@@ -126,11 +132,11 @@ class OutageHold:
             try:
                 return await step()
             except RedisUnreachable as exc:
-                raise self._unavailable(exc.message) from exc
+                raise self._unavailable(exc) from exc
         loop = asyncio.get_running_loop()
         if self._deadline is None:
             self._deadline = loop.time() + self._wait_s
-        last = f"Redis did not answer within redis.outage_wait_s ({self._wait_s:g} s)"
+        last: RedisUnreachable | str = f"Redis did not answer within redis.outage_wait_s ({self._wait_s:g} s)"
         pause = _OUTAGE_FIRST_PAUSE_S
         try:
             async with asyncio.timeout_at(self._deadline):
@@ -138,16 +144,18 @@ class OutageHold:
                     try:
                         return await step()
                     except RedisUnreachable as exc:
-                        if self._lifecycle.draining:
-                            raise self._unavailable(exc.message) from exc
-                        last = exc.message
+                        if self._lifecycle.draining or exc.cause in LASTING_CAUSES:
+                            raise self._unavailable(exc) from exc
+                        last = exc
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, _OUTAGE_LONGEST_PAUSE_S)
         except TimeoutError:
-            raise self._unavailable(last) from None
+            if isinstance(last, RedisUnreachable):
+                raise self._unavailable(last) from None
+            raise Unavailable(last, self._retry_after_s, reason="redis_timeout") from None
 
-    def _unavailable(self, message: str) -> Unavailable:
-        return Unavailable(message, retry_after_s=self._retry_after_s)
+    def _unavailable(self, exc: RedisUnreachable) -> Unavailable:
+        return Unavailable(exc.message, self._retry_after_s, reason=f"redis_{exc.cause}")
 
 
 async def _respond(
@@ -251,15 +259,31 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: not draining and Redis answers."""
+    """Readiness: not draining and Redis answers; a 503's body names Redis's failure by cause.
+
+    The body carries the cause's word (``"redis": "auth_failed"``), not the
+    detail (host, port, certificate): this port is public. The detail is in
+    the log, once per change of state (redis_health.py).
+    """
     if request.app[LIFECYCLE].draining:
         raise Unavailable("draining for shutdown")
     client = request.app[REDIS]
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_S):
             await call_redis(client.ping, "checking readiness")
+        if HEALTH.cause is RedisCause.CLUSTER_MISCONFIGURED:
+            # PING answers on any node; the keys of other nodes' slots would not (MOVED).
+            raise RedisUnreachable(
+                "Redis is a cluster (set redis.cluster = true) while checking readiness", HEALTH.cause.value
+            )
     except RedisUnreachable as exc:
-        raise Unavailable(exc.message) from exc
+        return _not_ready(exc.message, exc.cause)
     except TimeoutError:
-        raise Unavailable(f"Redis did not answer the readiness check within {READINESS_TIMEOUT_S:g} s") from None
-    return web.json_response({"status": "ready"})
+        return _not_ready(f"Redis did not answer the readiness check within {READINESS_TIMEOUT_S:g} s", "timeout")
+    return web.json_response({"status": "ready", "redis": "ok"})
+
+
+def _not_ready(message: str, cause: str) -> web.Response:
+    metrics.request_refused(503, Unavailable.code, message, f"redis_{cause}")
+    body = {"error": Unavailable.code, "message": message, "redis": cause}
+    return web.json_response(body, status=503, headers={"Retry-After": "1"})

@@ -26,7 +26,6 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,9 @@ from aiohttp import web
 from gateway import gc_policy
 from gateway.access_log import RedactingAccessLogger
 from gateway.app import create_app
-from gateway.config import Settings, with_overrides
+from gateway.config import Settings
 from gateway.connections import ConnectionGuard, connection_cap
+from gateway.errors import ConfigError
 from gateway.limits import retry_after_seconds
 from gateway.metrics import metrics_app, set_enabled
 from gateway.resources import LIFECYCLE
@@ -80,21 +80,18 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def redis_for(settings: Settings) -> Iterator[Settings]:
-    """``settings`` with a Redis to talk to: the configured one, or (empty ``redis.url``) an embedded one."""
-    if settings.redis.url:
-        yield settings
-        return
-    # Development only: the embedded server's package is not a production requirement.
-    from gateway.devtools.embedded_redis import EmbeddedRedis
+def require_redis_url(settings: Settings) -> None:
+    """``serve`` talks to a configured Redis, never to an embedded one (that is ``dev``'s, and ``make run``'s).
 
-    embedded = EmbeddedRedis()
-    url = embedded.start()
-    try:
-        yield with_overrides(settings, redis={"url": url})
-    finally:
-        embedded.stop()
+    A production replica that quietly ran a private Redis of its own would
+    serve nothing its workers wrote; an empty ``redis.url`` stops start-up.
+    """
+    if not settings.redis.url:
+        raise ConfigError(
+            "redis.url (GATEWAY_REDIS_URL)",
+            "empty: serve needs a Redis, e.g. GATEWAY_REDIS_URL=redis://redis:6379/0"
+            " (an embedded Valkey is for `candle-gateway dev` only)",
+        )
 
 
 # -- how many workers ---------------------------------------------------------------
@@ -137,11 +134,11 @@ def worker_count(setting: int | str) -> int:
 
 def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
+    require_redis_url(settings)
     workers = worker_count(settings.server.workers)
-    with redis_for(settings) as ready:
-        if workers == 1:
-            return run_worker(ready, index=0, workers=1)
-        return _supervise(ready, workers)
+    if workers == 1:
+        return run_worker(settings, index=0, workers=1)
+    return _supervise(settings, workers)
 
 
 def run_worker(settings: Settings, *, index: int, workers: int) -> int:

@@ -18,9 +18,16 @@ Control (``CONTROL_URL``), all ``POST`` but ``/token``:
     POST /jobs/{id}/status?status=&current_bar=
     POST /jobs/{id}/run?intervals=&per_tick=&ticks=&tick_ms=   a worker appending in the background, then completing
     GET  /jobs/{id}/stored            {interval: LLEN}
+    GET  /streams                     {"open": streams the replica has open}
+    GET  /answers?path=               ["GET /api/... 200", ...]: the replica's answers so far
     POST /valkey/stop, /valkey/start  a real Redis outage
     POST /replica/stop, /replica/start, /replica/restart
     POST /hold?uid=&count=, /release  hold stream slots open (for 429)
+
+Two more servers serve a blank page and the client's modules from other
+origins (other ports): ``allowed_page_url``, which the gateway's
+``server.cors_origins`` lists, and ``refused_page_url``, which it does not
+(``ALLOWED_PAGE_URL``, ``REFUSED_PAGE_URL`` for the browser tests).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from gateway.config import Settings, with_overrides
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
 from gateway.devtools.devserver import add_console_routes
 from gateway.devtools.ports import free_port
+from gateway.resources import LIFECYCLE
 from gateway.workers import JobWriter
 from tests.helpers import STEPS, make_candles
 
@@ -71,6 +79,11 @@ class Harness:
         self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
         self.control_url = ""
         self.page_token_lifetime_s = 3600
+        # Two page servers on other ports (other origins): the gateway allows the first (server.cors_origins).
+        self._pages: list[web.AppRunner] = []
+        self.answers: list[str] = []  # "METHOD /path status" of every answer the replica sent
+        self.allowed_page_url = f"http://127.0.0.1:{free_port()}"
+        self.refused_page_url = f"http://127.0.0.1:{free_port()}"
 
     @property
     def settings(self) -> Settings:
@@ -80,7 +93,10 @@ class Harness:
                    "socket_timeout_s": 2, "outage_wait_s": 0.5},
             # Short tokens must really expire; reconnects in the tests should be quick.
             auth={"clock_skew_s": 0},
-            server={"retry_ms": 200, "max_streams_per_user": 2, "shutdown_grace_s": 0, "access_log": False},
+            # A ping a second: a stream whose client went away is noticed at the next write (the tests
+            # that count the gateway's open streams wait for it).
+            server={"retry_ms": 200, "max_streams_per_user": 2, "shutdown_grace_s": 0, "access_log": False,
+                    "ping_interval_s": 1, "cors_origins": [self.allowed_page_url]},
             follow={"recheck_interval_s": 0.2},
         )  # fmt: skip
 
@@ -106,6 +122,8 @@ class Harness:
         control.router.add_get("/jobs/{id}/stored", self._stored)
         control.router.add_post("/valkey/{action}", self._valkey_action)
         control.router.add_post("/replica/{action}", self._replica_action)
+        control.router.add_get("/streams", self._streams)
+        control.router.add_get("/answers", self._answers)
         control.router.add_post("/hold", self._hold)
         control.router.add_post("/release", self._release)
         self._control = web.AppRunner(control, access_log=None)
@@ -113,11 +131,15 @@ class Harness:
         site = web.TCPSite(self._control, "127.0.0.1", 0)
         await site.start()
         self.control_url = f"http://127.0.0.1:{self._control.addresses[0][1]}"
+        for url in (self.allowed_page_url, self.refused_page_url):
+            self._pages.append(await _start_page_server(int(url.rsplit(":", 1)[1])))
 
     async def stop(self) -> None:
         for worker in self._workers:
             worker.cancel()
         await self._release_all()
+        for page in self._pages:
+            await page.cleanup()
         if self._control is not None:
             await self._control.cleanup()
         await self._stop_replica()
@@ -149,10 +171,14 @@ class Harness:
             return
         app = create_app(self.settings)
         add_console_routes(app, self._page_token, NODE_MODULES)
+        app.on_response_prepare.append(self._record_answer)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.gateway_port, reuse_address=True).start()
         self._replica = runner
+
+    async def _record_answer(self, request: web.Request, response: web.StreamResponse) -> None:
+        self.answers.append(f"{request.method} {request.path} {response.status}")
 
     def _page_token(self, lifetime_s: int | None = None) -> str:
         return self.token("demo", lifetime_s or self.page_token_lifetime_s)
@@ -172,20 +198,40 @@ class Harness:
         assert self._redis is not None
         return JobWriter(self._redis, request.match_info["id"])
 
+    async def create_job(
+        self,
+        job_id: str,
+        counts: dict[str, int],
+        *,
+        uid: str = "alice",
+        status: str = "running",
+        configured: list[str] | None = None,
+        current_bar: int = 0,
+    ) -> None:
+        """A job (written afresh) with ``counts[interval]`` candles per interval."""
+        assert self._redis is not None
+        writer = JobWriter(self._redis, job_id)
+        await self._redis.delete(*[f"job:{{{job_id}}}:candles:{name}" for name in counts])
+        await writer.create(
+            user_id=uid,
+            symbol="LTF",
+            exchange="NSE",
+            intervals=configured or list(counts),
+            status=status,
+            current_bar=current_bar,
+        )
+        for name, count in counts.items():
+            await _append(writer, name, 0, count)
+
     async def _create_job(self, request: web.Request) -> web.Response:
         query = request.query
         intervals = query.get("intervals", "day").split(",")
         count = int(query.get("count", "0"))
-        writer = self._writer(request)
-        assert self._redis is not None
-        await self._redis.delete(*[f"job:{{{writer.job_id}}}:candles:{name}" for name in intervals])
-        await writer.create(
-            user_id=query.get("uid", "alice"), symbol="LTF", exchange="NSE",
-            intervals=query.get("configured", ",".join(intervals)).split(","), status=query.get("status", "running"),
+        await self.create_job(
+            request.match_info["id"], dict.fromkeys(intervals, count), uid=query.get("uid", "alice"),
+            status=query.get("status", "running"), configured=query.get("configured", ",".join(intervals)).split(","),
             current_bar=int(query.get("current_bar", "0")),
         )  # fmt: skip
-        for name in intervals:
-            await _append(writer, name, 0, count)
         return web.json_response({name: count for name in intervals})
 
     async def _append(self, request: web.Request) -> web.Response:
@@ -248,6 +294,16 @@ class Harness:
             await self._start_replica()
         return web.json_response({"replica": action})
 
+    async def _streams(self, request: web.Request) -> web.Response:
+        """How many streams the replica has open (0 while it is stopped)."""
+        open_streams = self._replica.app[LIFECYCLE].open_streams if self._replica is not None else 0
+        return web.json_response({"open": open_streams})
+
+    async def _answers(self, request: web.Request) -> web.Response:
+        """The replica's answers whose path contains ``path``, as "METHOD /path status"."""
+        part = request.query.get("path", "")
+        return web.json_response([answer for answer in self.answers if part in answer])
+
     async def _hold(self, request: web.Request) -> web.Response:
         """Open ``count`` follow streams for ``uid`` and keep them open (the per-user limit is 2)."""
         assert self._session is not None
@@ -278,6 +334,25 @@ async def _append(writer: JobWriter, interval: str, first: int, count: int) -> N
     step = STEPS.get(interval, timedelta(minutes=1))
     for start in range(first, first + count, 5000):
         await writer.append(interval, make_candles(min(5000, first + count - start), step=step, first=start))
+
+
+CROSS_ORIGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>another origin</title>
+<link rel="icon" href="data:,"></head><body><p>A page on another origin than the gateway's.</p></body></html>"""
+
+
+async def _start_page_server(port: int) -> web.AppRunner:
+    """A page and the client's modules on their own origin (a frontend's dev server, say)."""
+    pages = web.Application()
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=CROSS_ORIGIN_PAGE, content_type="text/html")
+
+    pages.router.add_get("/", page)
+    pages.router.add_static("/client/", ROOT / "clients" / "js" / "src")
+    runner = web.AppRunner(pages, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    return runner
 
 
 async def run_node(args: list[str], env: dict[str, str], timeout_s: float) -> tuple[int, str]:

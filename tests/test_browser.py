@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PROJECT
-from tests.js_harness import NODE_MODULES, ROOT, run_node, running_harness
+from tests.js_harness import NODE_MODULES, ROOT, Harness, run_node, running_harness
 
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
@@ -36,14 +36,40 @@ def _require_browser() -> None:
 async def test_client_eventsource_and_console_in_headless_chromium(settings, signing_key, tmp_path):
     _require_browser()
     async with running_harness(settings, signing_key, PROJECT, tmp_path / "valkey") as harness:
-        env = {
-            **os.environ,
-            "GATEWAY_URL": harness.gateway_url,
-            "CONTROL_URL": harness.control_url,
-            "CHROMIUM_PATH": str(CHROMIUM),
-            "SCREENSHOT_DIR": str(SCREENSHOTS),
-        }
+        env = _browser_env(harness)
         code, output = await run_node(
-            ["--test", "--test-concurrency=1", "--test-reporter=spec", "tests/js/"], env, timeout_s=120
+            ["--test", "--test-concurrency=1", "--test-reporter=spec", "tests/js/browser.test.mjs"], env, timeout_s=120
         )
     assert code == 0, output
+
+
+async def test_react_hook_in_headless_chromium(settings, signing_key, tmp_path):
+    """useCandleStream in a StrictMode app of two charts: a cut, an expired token, new arguments, an unmount."""
+    _require_browser()
+    async with running_harness(settings, signing_key, PROJECT, tmp_path / "valkey") as harness:
+        code, output = await run_node(
+            ["--test", "--test-reporter=spec", "tests/js/hook.test.mjs"], _browser_env(harness), timeout_s=120
+        )
+    assert code == 0, output
+
+
+async def test_cross_origin_pages_in_headless_chromium(settings, signing_key, tmp_path):
+    """Pages on other ports: the origin in server.cors_origins streams; another is refused at the preflight."""
+    _require_browser()
+    async with running_harness(settings, signing_key, PROJECT, tmp_path / "valkey") as harness:
+        code, output = await run_node(
+            ["--test", "--test-reporter=spec", "tests/js/cors.test.mjs"], _browser_env(harness), timeout_s=90
+        )
+    assert code == 0, output
+
+
+def _browser_env(harness: Harness) -> dict[str, str]:
+    return {
+        **os.environ,
+        "GATEWAY_URL": harness.gateway_url,
+        "CONTROL_URL": harness.control_url,
+        "CHROMIUM_PATH": str(CHROMIUM),
+        "SCREENSHOT_DIR": str(SCREENSHOTS),
+        "ALLOWED_PAGE_URL": harness.allowed_page_url,
+        "REFUSED_PAGE_URL": harness.refused_page_url,
+    }

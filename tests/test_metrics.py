@@ -144,3 +144,20 @@ async def test_metrics_port_of_a_real_process_and_zero_disables_it(redis_url, ce
     finally:
         off.terminate()
         await off.wait()
+
+
+async def test_build_info_names_the_version_and_what_it_runs_on(aiohttp_client):
+    import importlib.metadata
+    import platform
+
+    metrics = await aiohttp_client(metrics_app())
+    response = await metrics.get("/metrics")
+    text = await response.text()
+    (line,) = [line for line in text.splitlines() if line.startswith("gateway_build_info{")]
+    assert line.endswith(" 1.0")
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name in ("gateway_build", "gateway_build_info")]
+    (sample,) = family.samples
+    assert sample.labels["version"] == importlib.metadata.version("candle-gateway")
+    assert sample.labels["python"] == platform.python_version()
+    assert sample.labels["redis_py"] == importlib.metadata.version("redis")
+    assert sample.labels["aiohttp"] == importlib.metadata.version("aiohttp")

@@ -13,7 +13,7 @@ from gateway.sources.candles import CandleValidator, ValidatedChunks
 # Chunks in flight ahead of the one being sent: Redis answers on its own core
 # while this one validates and writes. Under load the extra reads only add
 # tasks and pool contention, so they are for a process with few readers
-# (the measurements are in docs/PERFORMANCE.md, "Read-ahead").
+# (the measurements are in docs/PERFORMANCE.md, "Snapshot streams").
 _READ_AHEAD = 3
 _FEW_READERS = 2
 

@@ -63,10 +63,17 @@ export interface StatusDetails {
   code?: string;
 }
 
+export type IntervalStatus = "pending" | "streaming" | "waiting" | "complete" | "live" | "failed";
+
 export interface IntervalState {
   interval: string;
   index: number;
-  status: "pending" | "streaming" | "complete" | "live" | "failed";
+  /**
+   * pending: nothing yet; streaming: the snapshot is arriving; waiting: a followed interval of an active job
+   * whose snapshot was empty, waiting for its first live candle; complete: the snapshot (or the stream) is
+   * done; live: a followed interval receiving live candles; failed: interval_not_found or data_error.
+   */
+  status: IntervalStatus;
   /** Fixed by interval_start; in follow mode it grows with the live points. */
   totalPoints: number | null;
   totalChunks: number | null;

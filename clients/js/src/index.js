@@ -106,7 +106,9 @@ function newIntervalState(name, index) {
   return {
     interval: name,
     index,
-    status: "pending", // pending | streaming | complete | live | failed
+    // pending | streaming | waiting (a followed interval whose snapshot was empty: no candle yet, more to
+    // come) | complete | live (a followed interval receiving live points) | failed
+    status: "pending",
     totalPoints: null,
     totalChunks: null,
     pointsSent: 0,
@@ -123,7 +125,9 @@ function newIntervalState(name, index) {
 class CandleStream {
   constructor(options) {
     if (!options || typeof options !== "object") throw new TypeError("options are required");
-    this.options = { ...DEFAULTS, ...options };
+    // An option given as undefined (e.g. passed through from a caller's own optional argument) keeps its default.
+    const given = Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined));
+    this.options = { ...DEFAULTS, ...given };
     this.url = streamUrl(this.options);
     const names = Array.isArray(options.intervals) ? options.intervals : String(options.intervals).split(",");
     const intervals = {};
@@ -369,7 +373,7 @@ class CandleStream {
         interval.pointsSent = data.points_sent;
         interval.chunksReceived = data.chunk_index + 1;
         interval.totalPoints = data.total_points;
-        if (interval.status === "complete") interval.status = "live";
+        if (interval.status === "complete" || interval.status === "waiting") interval.status = "live";
         common(interval);
         state.progress = data.progress;
         for (const [other, counts] of Object.entries(data.progress?.overall_progress ?? {})) {
@@ -377,7 +381,8 @@ class CandleStream {
         }
         break;
       case "interval_complete":
-        interval.status = "complete";
+        // A followed, still active job's empty interval is not done: its first candle is yet to come.
+        interval.status = this.options.follow && data.is_partial && data.points_sent === 0 ? "waiting" : "complete";
         interval.totalPoints = data.total_points;
         interval.pointsSent = data.points_sent;
         common(interval);
@@ -393,7 +398,7 @@ class CandleStream {
         state.completedIntervals = [...data.completed_intervals];
         state.totalPoints = data.total_points;
         for (const each of Object.values(state.intervals)) {
-          if (each.status === "live" || each.status === "streaming") each.status = "complete";
+          if (each.status === "live" || each.status === "streaming" || each.status === "waiting") each.status = "complete";
           each.jobStatus = data.job_status;
           each.isPartial = isPartial;
           if (state.currentBar !== null) each.currentBar = state.currentBar;

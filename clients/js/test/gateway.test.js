@@ -233,3 +233,32 @@ test("a bad parameter is fatal with the server's message", { skip }, async () =>
   assert.equal(error.status, 400);
   assert.match(error.message, /intervals/);
 });
+
+test("a followed interval with no candle yet is waiting, then live, then complete", { skip }, async () => {
+  await control("/jobs/wait-job?intervals=day,minute&count=0&status=running&uid=wait");
+  await control("/jobs/wait-job/append?interval=minute&count=30");
+  const seen = new Set();
+  const stream = open(options("wait", {
+    id: "wait-job", intervals: ["day", "minute"], follow: true,
+    onEvent: (_event, state) => seen.add(`${state.intervals.day.status}/${state.intervals.minute.status}`),
+  }));
+  await until(() => stream.state.intervals.minute.status === "complete", "the snapshot");
+  // Not "complete": a running job's empty interval is still to come.
+  assert.equal(stream.state.intervals.day.status, "waiting");
+  assert.equal(stream.state.intervals.day.points.length, 0);
+  await control("/jobs/wait-job/append?interval=day&count=2");
+  await until(() => stream.state.intervals.day.points.length === 2, "the first live day candles");
+  assert.equal(stream.state.intervals.day.status, "live");
+  await control("/jobs/wait-job/status?status=completed");
+  const state = await stream.done;
+  assert.equal(state.intervals.day.status, "complete");
+  assert.ok(seen.has("waiting/complete"), [...seen].join(" "));
+  assertExactSeries(state, { day: 2, minute: 30 });
+});
+
+test("a completed job's empty interval is complete, not waiting", { skip }, async () => {
+  await control("/jobs/empty-done-job?intervals=day&count=0&status=completed&uid=wait");
+  const state = await open(options("wait", { id: "empty-done-job", intervals: "day", follow: true })).done;
+  assert.equal(state.intervals.day.status, "complete");
+  assert.equal(state.intervals.day.points.length, 0);
+});
