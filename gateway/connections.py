@@ -10,7 +10,10 @@ wraps the protocol factory that ``loop.create_server`` is handed (aiohttp's
 - a header-read deadline (``server.header_timeout_s``): a connection whose
   request headers are not complete that long after it opened, or after the
   first byte of its next request, is answered 408 and closed. A total
-  deadline, not an idle one: a client trickling a byte a second is cut too;
+  deadline, not an idle one: a client trickling a byte a second is cut too.
+  One sweep per process every ``SWEEP_EVERY_S`` finds the overdue ones, not a
+  timer per connection (1.3 us per connection for the whole guard, against
+  21 us with a timer and a gauge updated per connection);
 - a connection cap (``server.max_connections``; 0 sizes it from the
   process's open-file limit): past it a connection is answered 503 with
   ``Retry-After`` and closed at once, except that ``HEALTH_HEADROOM`` more
@@ -45,6 +48,9 @@ HEALTH_PATHS: Final = (b"/healthz", b"/readyz")
 # Redis pool, BigQuery, the metrics port, logs, the event loop's own.
 RESERVED_FILES: Final = 512
 LOG_EVERY_S: Final = 10.0
+# How often overdue header deadlines are looked for: one sweep per process, not
+# a timer per connection (the deadline is kept to within this).
+SWEEP_EVERY_S: Final = 0.5
 _HEADERS_END: Final = b"\r\n\r\n"
 _REQUEST_LINE_MAX: Final = 8192
 
@@ -116,6 +122,12 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self._capacity_answer = _capacity_answer(retry_after_s)
         self.open = 0
+        # Connections waiting for the end of their headers, by deadline: a constant
+        # timeout keeps insertion order deadline order, so a sweep stops at the first not due.
+        self._waiting: dict[GuardedProtocol, float] = {}
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        CONNECTIONS_OPEN.set_function(lambda: self.open)
         self._timeouts = _CutLog("closed %d connection(s) whose request headers took too long (per %.0f s)")
         self._refusals = _CutLog("refused %d connection(s): at server.max_connections (per %.0f s)")
 
@@ -125,7 +137,6 @@ class ConnectionGuard:
     def _opened(self) -> str:
         """Count a new connection: ``"serve"``, ``"health_only"`` (headroom) or ``"refuse"``."""
         self.open += 1
-        CONNECTIONS_OPEN.inc()
         if self.open <= self.max_connections:
             return "serve"
         if self.open <= self.max_connections + HEALTH_HEADROOM:
@@ -134,19 +145,42 @@ class ConnectionGuard:
 
     def _closed(self) -> None:
         self.open -= 1
-        CONNECTIONS_OPEN.dec()
+
+    def _wait(self, connection: GuardedProtocol) -> None:
+        """Start (or restart) ``connection``'s header deadline."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._waiting.pop(connection, None)
+        self._waiting[connection] = loop.time() + self.header_timeout_s
+        if self._sweep_handle is None:
+            self._sweep_handle = loop.call_later(SWEEP_EVERY_S, self._sweep)
+
+    def _done_waiting(self, connection: GuardedProtocol) -> None:
+        self._waiting.pop(connection, None)
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        while self._waiting:
+            connection, deadline = next(iter(self._waiting.items()))
+            if deadline > now:
+                break
+            del self._waiting[connection]
+            connection._headers_too_slow()
+        self._sweep_handle = self._loop.call_later(SWEEP_EVERY_S, self._sweep) if self._waiting else None
 
 
 class GuardedProtocol(asyncio.Protocol):
     """One connection: aiohttp's protocol inside, the header deadline and the cap around it."""
 
-    __slots__ = ("_deadline", "_guard", "_held", "_inner", "_mode", "_tail", "_transport")
+    __slots__ = ("_guard", "_held", "_inner", "_mode", "_tail", "_transport", "_waiting")
 
     def __init__(self, guard: ConnectionGuard) -> None:
         self._guard = guard
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
-        self._deadline: asyncio.TimerHandle | None = None
+        self._waiting = False  # for the end of the request's headers, deadline running
         self._tail = b""  # the last bytes seen while waiting for the end of the headers
         self._held = b""  # a headroom connection's bytes, until its request line says where it goes
         self._mode = "serve"
@@ -169,7 +203,7 @@ class GuardedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
             return
-        if self._deadline is None:  # the first bytes of the next request on this connection
+        if not self._waiting:  # the first bytes of the next request on this connection
             self._tail = b""
             self._arm()
         seen = self._tail + data
@@ -213,16 +247,16 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner.connection_made(self._transport)
 
     def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self._guard.header_timeout_s, self._headers_too_slow)
+        self._waiting = True
+        self._guard._wait(self)
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        if self._waiting:
+            self._waiting = False
+            self._guard._done_waiting(self)
 
     def _headers_too_slow(self) -> None:
-        self._deadline = None
+        self._waiting = False
         transport = self._transport
         if transport is None or transport.is_closing():
             return
