@@ -349,8 +349,9 @@ class Warehouse:
             reference["jobId"], project=reference.get("projectId"), location=reference.get("location"), **options
         )
         assert isinstance(job, bigquery.QueryJob), f"job {reference['jobId']} is not a query"
-        rows = job.result(page_size=first_rows, max_results=first_rows, **options)
-        first = next(iter(rows.pages), None)
+        rows = job.result(page_size=first_rows, **options)  # only its first page is read here
+        # The first page with rows: the client may take the (empty) answer of its wait for one.
+        first = next((page for page in rows.pages if page.num_items), None)
         return _Answer(
             rows=list(first) if first is not None else [],
             total_rows=int(rows.total_rows or 0),
