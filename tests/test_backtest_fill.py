@@ -228,6 +228,17 @@ async def test_jobless_answers_cost_one_query_per_interval_too(gateway, bq_proxy
     assert await redis_client.hgetall(keys.backtest_complete_key(backtest_id)) == {b"day": b"30", b"minute": b"2500"}
 
 
+async def test_query_still_running_when_answered_is_waited_for_without_a_second_query(gateway, bq_proxy, bq, token):
+    backtest_id, stored = new_backtest(bq, {"day": 30, "minute": 2500})
+    bq_proxy.still_running = True  # every answer: "job not complete", no rows (a query past its timeoutMs)
+    client = await gateway(bigquery={"page_rows": 1000})
+    transcript = await stream(client, backtest_id, token=token(), intervals="day,minute", limit=50000)
+    assert transcript.names[-1] == "all_complete"
+    for name in ("day", "minute"):
+        assert points_of(transcript, name) == expected_points(stored[name])
+    assert queries(bq_proxy) == {"query:metadata": 1, "query:candles": 2}
+
+
 async def test_dead_fillers_lock_lapses_and_a_reader_takes_over_after_what_it_staged(
     gateway, bq_proxy, bq, token, redis_client
 ):
