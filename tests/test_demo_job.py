@@ -17,6 +17,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from gateway.devtools.devserver import DEMO_INTERVALS, DEMO_JOB, MINUTES_PER_DAY, write_demo_job
+from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.sources import keys
 from tests.helpers import make_candles
 
@@ -86,3 +87,24 @@ async def test_a_demo_job_of_another_series_is_written_afresh(redis_client: aior
     await job.append("minute", make_candles(50, step=timedelta(minutes=1)))
     await run_until(redis_client, lambda length: length >= 100)
     assert_consistent(await stored(redis_client))
+
+
+async def test_make_runs_valkey_keeps_the_demo_job_across_a_restart(tmp_path):
+    """``make run``'s embedded Valkey persists in its state directory: the next run continues the job."""
+    lengths = []
+    for _run in range(2):
+        server = EmbeddedRedis(tmp_path / "valkey", persist=True)
+        url = await asyncio.to_thread(server.start)
+        client = aioredis.Redis.from_url(url)
+        try:
+            before = int(await client.llen(keys.candles_key(DEMO_JOB, "minute")))
+            await run_until(client, lambda length, before=before: length >= before + 430)
+            lengths.append((before, await stored(client)))
+        finally:
+            await client.aclose()
+            await asyncio.to_thread(server.stop)
+    (first_before, first), (second_before, second) = lengths
+    assert first_before == 0
+    assert second_before == len(first["minute"]), "the second run found what the first one wrote"
+    assert second["minute"][: len(first["minute"])] == first["minute"]
+    assert_consistent(second)

@@ -103,7 +103,7 @@ async def _main(settings: Settings, state_dir: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def _embedded_redis(state_dir: Path) -> AsyncIterator[str]:
-    server = EmbeddedRedis(state_dir / "valkey")
+    server = EmbeddedRedis(state_dir / "valkey", persist=True)
     loop = asyncio.get_running_loop()
     url = await loop.run_in_executor(None, server.start)
     try:
