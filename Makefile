@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # The console's chart library and the browser tests' driver, exactly as locked.
 NPM_STAMP := frontend/node_modules/.installed-stamp
+# The Kubernetes manifests' policy linter (tests/test_kubernetes.py), in a virtualenv of its
+# own: checkov pins many libraries of its own, which must not move the project's.
+CHECKOV_STAMP := $(VENV)/checkov/.installed-stamp
 
 .PHONY: install run test lint format bench clean
 
@@ -20,12 +23,17 @@ $(NPM_STAMP): frontend/package.json frontend/package-lock.json
 	npm ci --prefix frontend --no-audit --no-fund --loglevel=error
 	touch $(NPM_STAMP)
 
-install: $(STAMP) $(NPM_STAMP)
+$(CHECKOV_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install --quiet checkov==3.3.30
+	touch $(CHECKOV_STAMP)
+
+install: $(STAMP) $(NPM_STAMP) $(CHECKOV_STAMP)
 
 run: $(STAMP) $(NPM_STAMP)
-	$(PY) -m gateway dev
+	$(PY) -m gateway dev --config config.toml
 
-test: $(STAMP) $(NPM_STAMP)
+test: $(STAMP) $(NPM_STAMP) $(CHECKOV_STAMP)
 	$(PY) -m pytest -q --cov --cov-report=term $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from gateway.devtools.bigquery_emulator import (
     insert_candles,
     loading_client,
 )
+from gateway.devtools.bigquery_proxy import CountingProxy
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.devtools.ports import free_port, free_port_block
@@ -253,7 +254,7 @@ def query_round_trip_ms(emulator: BigQueryEmulator, points: int, runs: int) -> f
 
     async def once() -> float:
         started = time.perf_counter()
-        await warehouse.first_page("bt_1700000000.000", "minute", 0, min(points, 1000))
+        await warehouse.read_interval("bt_1700000000.000", "minute", first_rows=min(points, 1000))
         return time.perf_counter() - started
 
     async def measure() -> list[float]:
@@ -265,93 +266,118 @@ def query_round_trip_ms(emulator: BigQueryEmulator, points: int, runs: int) -> f
         warehouse.close()
 
 
-def queries_so_far(emulator: BigQueryEmulator) -> int:
-    """Queries the emulator has answered (``jobs.query`` requests in its log)."""
-    return sum(
-        1
-        for line in emulator.log_path.read_bytes().splitlines()
-        if b'"http.request"' in line and b'"POST"' in line and b'/queries"' in line
+def warehouse_cost(proxy: CountingProxy) -> tuple[int, int, int]:
+    """Queries for metadata, queries for candles, result pages: what the proxy saw (then forgets)."""
+    counts = proxy.counts()
+    proxy.clear()
+    return counts["query:metadata"], counts["query:candles"], counts["page"]
+
+
+def cost_text(costs: Sequence[tuple[int, int, int]]) -> str:
+    """``1 + 3 q, 12 p``: lookups + candle queries, result pages; the distinct ones of several runs."""
+    return ", ".join(sorted({f"{m} + {c} q, {p} p" for m, c, p in costs}))
+
+
+@dataclass
+class Tree:
+    """A gateway under measurement: this source tree, or the base one (``--warehouse-baseline``)."""
+
+    name: str
+    source: str | None
+    proxy: CountingProxy
+    base: str = ""
+    cold: list[str] = field(default_factory=list)  # one fresh backtest per timed cold stream
+    crowd: str = ""  # the backtest the 10 streams at once read
+
+
+async def cold_side_by_side(args: argparse.Namespace, trees: list[Tree], token: str) -> list[str]:
+    """Cold streams of fresh backtests, the trees alternating (each first in turn); then 10 at once each."""
+    query = f"intervals={','.join(INTERVALS)}&limit={args.bq_points}&chunk_size=500&token={token}"
+    cold: dict[str, list[StreamResult]] = {tree.name: [] for tree in trees}
+    costs: dict[str, list[tuple[int, int, int]]] = {tree.name: [] for tree in trees}
+    crowd: dict[str, list[StreamResult]] = {}
+    crowd_costs: dict[str, tuple[int, int, int]] = {}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for run in range(args.bq_runs):
+            for tree in trees[run % len(trees) :] + trees[: run % len(trees)]:
+                warehouse_cost(tree.proxy)
+                url = f"{tree.base}/api/sse/backtest/{tree.cold[run]}/data/multi?{query}"
+                cold[tree.name].append(await read_one(session, url))
+                costs[tree.name].append(warehouse_cost(tree.proxy))
+        for tree in trees:
+            url = f"{tree.base}/api/sse/backtest/{tree.crowd}/data/multi?{query}"
+            crowd[tree.name] = list(await asyncio.gather(*(read_one(session, url) for _ in range(10))))
+            crowd_costs[tree.name] = warehouse_cost(tree.proxy)
+    expected = 3 * args.bq_points
+    for result in [r for results in (*cold.values(), *crowd.values()) for r in results]:
+        assert result.points == expected, f"a stream carried {result.points} points, not {expected}"
+
+    def ms(results: Sequence[StreamResult], first_chunk: bool) -> list[float]:
+        return [(r.first_chunk_s if first_chunk else r.total_s) * 1000 for r in results]
+
+    this, base = trees[0].name, trees[-1].name
+    names = f"{this} | {base} | {this} / {base}" if len(trees) > 1 else f"{this} | - | -"
+    lines = [
+        "",
+        f"cold backtests of 3 x {args.bq_points:,} candles, chunk_size 500, {args.bq_runs} fresh backtests per tree,"
+        " the trees alternating; median (min-max); q = queries (lookups + candles), p = result pages",
+        "",
+        f"| measure | {names} |",
+        "|---|---|---|---|",
+    ]
+    for label, first_chunk in (("cold backtest, first data_chunk", True), ("cold backtest, whole", False)):
+        figures = [ms(cold[tree.name], first_chunk) for tree in trees]
+        cells = [f"{statistics.median(f):.0f} ms ({min(f):.0f}-{max(f):.0f})" for f in figures]
+        ratio = f"{statistics.median(figures[0]) / statistics.median(figures[-1]):.2f}" if len(trees) > 1 else "-"
+        lines.append(f"| {label} | {cells[0]} | {cells[-1] if len(trees) > 1 else '-'} | {ratio} |")
+    cost_cells = [cost_text(costs[tree.name]) for tree in trees]
+    lines.append(f"| cold backtest, BigQuery requests per stream | {cost_cells[0]} | {cost_cells[-1]} | - |")
+    crowd_cells = [cost_text([crowd_costs[tree.name]]) for tree in trees]
+    lines.append(
+        f"| 10 streams of one cold backtest at once, BigQuery requests | {crowd_cells[0]} | {crowd_cells[-1]} | - |"
     )
+    slowest = [max(ms(crowd[tree.name], True)) for tree in trees]
+    lines.append(
+        row("10 at once, slowest first data_chunk", slowest[0], slowest[-1] if len(trees) > 1 else None, "ms", "{:.0f}")
+    )
+    return lines
 
 
 async def bigquery_figures(
     args: argparse.Namespace,
-    emulator: BigQueryEmulator,
+    proxy: CountingProxy,
     base: str,
     token: str,
     ids: Sequence[str],
-    crowd_id: str,
     job_url: str,
 ) -> list[str]:
-    """Cold streams, the same re-opened right after, cached ones, a running job; 10 at once on a cold one."""
+    """This tree's backtests (cold already, from the side-by-side) re-opened right after, cached; a running job."""
     query = f"intervals={','.join(INTERVALS)}&limit={args.bq_points}&chunk_size=500&token={token}"
 
     def url(backtest_id: str) -> str:
         return f"{base}/api/sse/backtest/{backtest_id}/data/multi?{query}"
 
-    cold, reopened, cached, job, cold_queries = [], [], [], [], []
+    cached, job = [], []
     async with aiohttp.ClientSession() as session:
-        for bt in ids:
-            before = queries_so_far(emulator)
-            cold.append(await read_one(session, url(bt)))
-            cold_queries.append(queries_so_far(emulator) - before)
-            reopened.append(await read_one(session, url(bt)))  # right after: no waiting for anything
         for bt in ids:  # side by side, alternating, so that both see the same machine
             cached.append(await read_one(session, url(bt)))
             job.append(await read_one(session, job_url))
-        before = queries_so_far(emulator)
-        crowd_started = time.perf_counter()
-        crowd = await asyncio.gather(*(read_one(session, url(crowd_id)) for _ in range(10)))
-        crowd_s = time.perf_counter() - crowd_started
-        crowd_queries = queries_so_far(emulator) - before
-        # The same 10 again, now cached: what the 10 streams cost without the warehouse.
-        crowd_cached = await asyncio.gather(*(read_one(session, url(crowd_id)) for _ in range(10)))
     expected = 3 * args.bq_points
-    for result in cold + reopened + cached + job + crowd + crowd_cached:
+    for result in cached + job:
         assert result.points == expected, f"a stream carried {result.points} points, not {expected}"
+    assert warehouse_cost(proxy) == (0, 0, 0), "a cached backtest asked BigQuery"
 
     def median_ms(results: Sequence[StreamResult], first_chunk: bool = False) -> float:
         return statistics.median(r.first_chunk_s if first_chunk else r.total_s for r in results) * 1000
 
     return [
         "",
-        f"backtests of 3 x {args.bq_points:,} candles, chunk_size 500, median of {len(ids)};"
-        " reference column: a cached backtest, or a running job of the same size in Redis",
+        f"this tree, the same backtests again (cached), {len(ids)} runs; reference: a running job of the same size",
         "",
         "| measure | gateway | reference | ratio |",
         "|---|---|---|---|",
-        row("cold backtest, first data_chunk", median_ms(cold, True), None, "ms"),
-        row("cold backtest, whole", median_ms(cold), None, "ms"),
-        f"| cold backtest, warehouse queries (per stream) | {', '.join(map(str, cold_queries))} | - | - |",
-        row(
-            "re-opened right after, first data_chunk vs cached",
-            median_ms(reopened, True),
-            median_ms(cached, True),
-            "ms",
-            "{:.2f}",
-        ),
-        row("re-opened right after, whole vs running job", median_ms(reopened), median_ms(job), "ms"),
-        "| re-opened right after, whole, each / running job, each | "
-        + ", ".join(f"{r.total_s * 1000:.0f}" for r in reopened)
-        + " ms | "
-        + ", ".join(f"{r.total_s * 1000:.0f}" for r in job)
-        + " ms | - |",
+        row("cached backtest, first data_chunk vs running job", median_ms(cached, True), median_ms(job, True), "ms"),
         row("cached backtest, whole vs running job", median_ms(cached), median_ms(job), "ms"),
-        f"| 10 streams of one cold backtest at once, warehouse queries | {crowd_queries} | - | - |",
-        row("10 streams of one cold backtest at once, slowest whole", max(r.total_s for r in crowd) * 1000, None, "ms"),
-        row("10 streams of one cold backtest at once, wall", crowd_s * 1000, None, "ms"),
-        row(
-            "10 streams of one cold backtest at once, slowest first data_chunk",
-            max(r.first_chunk_s for r in crowd) * 1000,
-            None,
-            "ms",
-        ),
-        row(
-            "10 streams of that backtest again (cached), slowest whole",
-            max(r.total_s for r in crowd_cached) * 1000,
-            None,
-            "ms",
-        ),
     ]
 
 
@@ -363,33 +389,46 @@ async def warehouse_section(
     client: aioredis.Redis,
     redis_url: str,
 ) -> list[str]:
-    """The gateway against the BigQuery emulator: one query's round trip, cold, re-opened and cached streams."""
+    """The gateway against the BigQuery emulator, through a counting proxy; the base tree beside it if given."""
     loop = asyncio.get_running_loop()
     emulator = BigQueryEmulator(work / "bqemulator", project=PROJECT)
     await loop.run_in_executor(None, emulator.start)
+    trees = [Tree("this tree", None, CountingProxy(emulator.endpoint))]
+    if args.warehouse_baseline:
+        trees.append(Tree("base tree", args.warehouse_baseline, CountingProxy(emulator.endpoint)))
     try:
         loaded = time.perf_counter()
-        *ids, crowd_id = await loop.run_in_executor(None, load_backtests, emulator, args.bq_runs + 1, args.bq_points)
-        print(f"loaded {args.bq_runs + 1} backtests in {time.perf_counter() - loaded:.1f} s", file=sys.stderr)
+        per_tree = args.bq_runs + 1
+        ids = await loop.run_in_executor(None, load_backtests, emulator, per_tree * len(trees), args.bq_points)
+        for n, tree in enumerate(trees):
+            *tree.cold, tree.crowd = ids[n * per_tree : (n + 1) * per_tree]
+        print(f"loaded {len(ids)} backtests in {time.perf_counter() - loaded:.1f} s", file=sys.stderr)
         round_trip = await loop.run_in_executor(None, query_round_trip_ms, emulator, args.bq_points, args.bq_runs)
         job_id = "bench-bq-size-job"
         await client.delete(keys.job_key(job_id), *(keys.candles_key(job_id, i) for i in INTERVALS))
         await seed_job(client, job_id, args.bq_points)
-        port = free_port()
-        bq_env = {
-            **env,
-            "GATEWAY_SERVER_PORT": str(port),
-            "GATEWAY_BIGQUERY_PROJECT": PROJECT,
-            "GATEWAY_BIGQUERY_API_ENDPOINT": emulator.endpoint,
-        }
-        gateway_cmd = gateway_serve()
-        async with server_process(gateway_cmd, bq_env, port, work / "bq-gateway.log"):
-            token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
-            base = f"http://127.0.0.1:{port}"
+        token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
+        async with contextlib.AsyncExitStack() as stack:
+            for tree in trees:
+                port = free_port()
+                tree_env = {
+                    **env,
+                    "GATEWAY_SERVER_PORT": str(port),
+                    "GATEWAY_METRICS_PORT": str(free_port()),
+                    "GATEWAY_BIGQUERY_PROJECT": PROJECT,
+                    "GATEWAY_BIGQUERY_API_ENDPOINT": await tree.proxy.start(),
+                }
+                stack.push_async_callback(tree.proxy.close)
+                log = work / f"bq-gateway-{'base' if tree.source else 'this'}.log"
+                await stack.enter_async_context(server_process(gateway_serve(), tree_env, port, log, cwd=tree.source))
+                tree.base = f"http://127.0.0.1:{port}"
             query = f"intervals={','.join(INTERVALS)}&limit={args.bq_points}&chunk_size=500&token={token}"
-            job_url = f"{base}/api/sse/backtest/{job_id}/data/multi?{query}"
-            lines = [row("BigQuery emulator, one first-page query (1,000 rows)", round_trip, None, "ms")]
-            lines += await bigquery_figures(args, emulator, base, token, ids, crowd_id, job_url)
+            job_url = f"{trees[0].base}/api/sse/backtest/{job_id}/data/multi?{query}"
+            lines = [
+                row("BigQuery emulator, one interval's query with its first page (1,000 rows)", round_trip, None, "ms")
+            ]
+            lines += await cold_side_by_side(args, trees, token)
+            lines += await bigquery_figures(args, trees[0].proxy, trees[0].base, token, trees[0].cold, job_url)
             return lines
     finally:
         await loop.run_in_executor(None, emulator.stop)
@@ -698,6 +737,11 @@ def main() -> None:
     parser.add_argument("--appends", type=int, default=50, help="worker appends timed for the latency")
     parser.add_argument("--bq-points", type=int, default=20_000, help="candles per interval of each backtest (0: skip)")
     parser.add_argument("--bq-runs", type=int, default=3, help="cold backtests timed (each loaded into the emulator)")
+    parser.add_argument(
+        "--warehouse-baseline",
+        default="",
+        help="warehouse: also run a gateway from this source tree (e.g. the base commit, git archive), alternating",
+    )
     parser.add_argument("--ops-rounds", type=int, default=3, help="rounds of the metrics/workers comparison (0: skip)")
     parser.add_argument("--ops-streams", type=int, default=64, help="concurrent streams of that comparison")
     parser.add_argument(

@@ -13,13 +13,14 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.config import DEFAULT_CONFIG_PATH, load_settings, with_overrides
+from gateway.config import load_settings, with_overrides
 from gateway.errors import ConfigError
 from gateway.logs import configure_logging
 
 _EPILOG = """\
-Every setting lives in config.toml and can be overridden by an environment
-variable GATEWAY_<SECTION>_<KEY>, e.g. GATEWAY_REDIS_URL or GATEWAY_SERVER_PORT.
+Every setting has a default in the package; a config file (--config, see the
+repository's config.toml) and environment variables GATEWAY_<SECTION>_<KEY>
+(e.g. GATEWAY_REDIS_URL or GATEWAY_SERVER_PORT) override them, the variables last.
 Run without activating the virtualenv: .venv/bin/python -m gateway serve
 (or the installed console script: candle-gateway serve).
 """
@@ -39,7 +40,7 @@ def _workers(value: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: options of the program, and of each sub-command."""
-    config_help = f"config file (default: {DEFAULT_CONFIG_PATH.name} at the repository root)"
+    config_help = "TOML config file (optional: every setting has a default; GATEWAY_* variables override it)"
     # --config is accepted before or after the sub-command; SUPPRESS keeps the sub-command's
     # default from overwriting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the gateway on the configured stores (production)",
         description="Run the gateway until SIGTERM/SIGINT, then drain open streams within "
-        "server.shutdown_grace_s. An empty redis.url starts an embedded Valkey (development only).",
+        "server.shutdown_grace_s. Needs redis.url (GATEWAY_REDIS_URL); it never starts an embedded Valkey.",
     )
     serve.add_argument(
         "--workers",
@@ -110,9 +111,6 @@ def main(argv: list[str] | None = None) -> int:
             settings = with_overrides(settings, server={"workers": args.workers})
     except ConfigError as exc:
         print(f"configuration error: {exc.message}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"configuration error: cannot read {args.config}: {exc.strerror}; pass --config PATH", file=sys.stderr)
         return 2
     finally:
         logging.getLogger().removeHandler(early)

@@ -23,11 +23,12 @@ from gateway.config import BigQuerySettings, Settings
 from gateway.cors import CorsPolicy
 from gateway.errors import RequestError, Unauthenticated
 from gateway.lifecycle import Lifecycle
-from gateway.limits import StreamSlots, retry_after_seconds
+from gateway.limits import ProcessStreamCap, StreamSlots, retry_after_seconds
 from gateway.live import JobNotes
 from gateway.logs import install_redaction
 from gateway.redis_client import build_redis_client
-from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, VERIFIER
+from gateway.redis_health import check_at_start_up
+from gateway.resources import LIFECYCLE, NOTES, REDIS, SETTINGS, SLOTS, SOURCES, STREAM_CAP, VERIFIER
 from gateway.sources.cache import BacktestCache
 from gateway.sources.resolve import Sources, Warehoused
 from gateway.sources.warehouse import Warehouse, make_client
@@ -53,6 +54,9 @@ def create_app(settings: Settings, *, bigquery_client: BigQueryClientFactory = m
         app.on_response_prepare.append(cors.on_response_prepare)
     app[SETTINGS] = settings
     app[LIFECYCLE] = Lifecycle()
+    app[STREAM_CAP] = ProcessStreamCap(
+        settings.server.max_streams_per_process, retry_after_seconds(settings.server.retry_ms)
+    )
     app.cleanup_ctx.append(_redis_context)
     app.cleanup_ctx.append(_auth_context)
     app.cleanup_ctx.append(_sources_context(bigquery_client))
@@ -78,6 +82,9 @@ async def _redis_context(app: web.Application) -> AsyncIterator[None]:
     )
     app[NOTES] = notes = JobNotes(client, settings.follow.recheck_interval_s, settings.follow.max_reads_in_flight)
     metrics.watch_job_notes(notes)
+    # The start-up check speaks first: it names what it found before any background call can fail.
+    await check_at_start_up(client, settings.redis)
+    app[SLOTS].start()
     try:
         yield
     finally:
@@ -142,7 +149,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             headers["WWW-Authenticate"] = 'Bearer realm="candles"'
         elif exc.retry_after_s is not None:
             headers["Retry-After"] = str(exc.retry_after_s)
-        metrics.request_refused(exc.status, exc.code, exc.message)
+        metrics.request_refused(exc.status, exc.code, exc.message, getattr(exc, "reason", None))
         return error_response(exc.status, exc.code, exc.message, headers)
     except web.HTTPException as exc:
         if exc.status < 400:

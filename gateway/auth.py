@@ -26,6 +26,7 @@ verifier (a refresh or rotation makes the token verify afresh).
 from __future__ import annotations
 
 import asyncio
+import base64
 import binascii
 import hashlib
 import logging
@@ -41,7 +42,6 @@ import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth import crypt
-from google.auth._helpers import padded_urlsafe_b64decode
 
 from gateway import metrics
 from gateway.config import AuthSettings
@@ -53,6 +53,7 @@ T = TypeVar("T")
 EMULATOR_VARIABLE: Final = "FIREBASE_AUTH_EMULATOR_HOST"
 _MAX_AGE: Final = re.compile(r"max-age=(\d+)")
 _MAX_SUB_LENGTH: Final = 128
+_BASE64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
 # Google's answer is about 4 KB; anything near this is not a certificate list.
 MAX_CERTIFICATES_BYTES: Final = 1 << 20
 # After a failed fetch, no other for this long; doubled per failure up to the
@@ -310,11 +311,25 @@ def token_verifier(
 
 
 def _b64(part: str, name: str) -> bytes:
+    """``part`` decoded, if it is canonical base64url (RFC 7515: no padding, unused bits zero); else 401.
+
+    One spelling per token: with junk characters skipped, the ``+/``
+    alphabet, ``=`` padding or unused bits set, a token would verify in
+    countless spellings, each a new entry of the verified-token cache and
+    each past any deny-list of the canonical one.
+    """
+    if not _BASE64URL.fullmatch(part):
+        raise Unauthenticated(f"token {name} is not base64url (only A-Z a-z 0-9 - _, no padding)")
+    if len(part) % 4 == 1:
+        raise Unauthenticated(f"token {name} is not base64url (a length no encoding has)")
     try:
-        decoded: bytes = padded_urlsafe_b64decode(part)
-        return decoded
+        decoded = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (binascii.Error, ValueError):
         raise Unauthenticated(f"token {name} is not base64url") from None
+    # The last character's unused low bits must be zero: the one spelling that encoding gives.
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=").decode() != part:
+        raise Unauthenticated(f"token {name} is not canonical base64url (unused bits set)")
+    return decoded
 
 
 def _decode_part(part: bytes, name: str, decode: Callable[[bytes], T]) -> T:

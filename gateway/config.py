@@ -1,33 +1,40 @@
-"""One typed settings object: ``config.toml`` plus ``GATEWAY_<SECTION>_<KEY>`` overrides.
+"""One typed settings object: defaults, an optional config file, then ``GATEWAY_<SECTION>_<KEY>`` overrides.
 
-Every setting, its default and its meaning is documented in ``config.toml``;
-the structs below only carry the types and bounds, so a bad value stops
-start-up with a message that names the setting (and the variable it came
-from, when it came from the environment). A ``GATEWAY_*`` variable that names
-no setting is only warned about: Kubernetes injects ``GATEWAY_PORT``,
-``GATEWAY_SERVICE_HOST`` and the like into every pod when a Service named
-``gateway`` exists, and those must not stop start-up.
+The defaults live here, in the package: an installed gateway needs no file,
+and ``GATEWAY_*`` variables alone configure it. A file (``--config PATH``,
+the repository's ``config.toml`` is the documented template) overrides the
+defaults it names. Every setting, its default and its meaning is documented
+in ``config.toml`` (a test holds it to the structs below, which carry the
+types and bounds), so a bad value stops start-up with a message that names
+the setting (and the variable it came from, when it came from the
+environment). A ``GATEWAY_*`` variable or a file
+key that names no setting stops start-up too, suggesting the closest one;
+only the names Kubernetes injects for Services (``GATEWAY_SERVICE_HOST``,
+``GATEWAY_PORT_8080_TCP``, ... when a Service is named ``gateway``) are
+merely warned about (docs/DECISIONS.md).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import random
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
 
-from gateway.errors import ConfigError
+from gateway.config_checks import http_url_problem, readable_file_problem, redis_url_problem
+from gateway.errors import ConfigError, GatewayError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
 ENV_PREFIX = "GATEWAY_"
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -59,6 +66,10 @@ class ServerSettings(_Section, frozen=True):
     ping_interval_s: PositiveSeconds = 15.0
     send_timeout_s: PositiveSeconds = 30.0
     max_streams_per_user: NonNegativeInt = 8
+    max_streams_per_process: NonNegativeInt = 10_000
+    max_connections: NonNegativeInt = 0
+    header_timeout_s: PositiveSeconds = 10.0
+    keepalive_timeout_s: PositiveSeconds = 15.0
     stream_slot_ttl_s: Annotated[int, Meta(ge=5)] = 60
     shutdown_grace_s: Annotated[float, Meta(ge=0)] = 5.0
     access_log: bool = True
@@ -80,6 +91,11 @@ class RedisSettings(_Section, frozen=True):
     connect_timeout_s: PositiveSeconds = 2.0
     retries: NonNegativeInt = 2
     outage_wait_s: Annotated[float, Meta(ge=0)] = 10.0
+    password: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_check_hostname: bool = True
 
 
 class AuthSettings(_Section, frozen=True):
@@ -153,6 +169,12 @@ _SECTIONS: dict[str, type[_Section]] = {
     )
 }
 _ERROR_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`$")
+# What Kubernetes injects for a Service whose name starts with "gateway" (GATEWAY_SERVICE_HOST,
+# GATEWAY_PORT_8080_TCP_ADDR, GATEWAY_REDIS_PORT for a Service "gateway-redis", ...).
+_SERVICE_LINK = re.compile(
+    r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)\Z"
+)
 # msgspec names a pattern by its regex; people want to read what it allows.
 _PATTERN_MEANINGS = {
     f"Expected `str` matching regex {pattern!r}": "must be a BigQuery identifier"
@@ -168,37 +190,66 @@ def load_settings(
     path: Path | str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Read ``config.toml`` (or ``path``), apply ``GATEWAY_*`` overrides, validate."""
-    config_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-    try:
-        with config_path.open("rb") as file:
-            raw: dict[str, Any] = tomllib.load(file)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(config_path), "file not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(config_path), f"not valid TOML: {exc}") from exc
+    """The defaults, overridden by the file at ``path`` (if any), then by ``GATEWAY_*`` variables; validated."""
+    raw: dict[str, Any] = {} if path is None else read_config_file(Path(path))
 
     from_env: dict[str, str] = {}
     unknown: list[str] = []
+    service_links: list[str] = []
     for name, value in (os.environ if environ is None else environ).items():
         if not name.startswith(ENV_PREFIX):
             continue
         setting = _split_env_name(name)
         if setting is None:
-            unknown.append(name)
+            (service_links if _SERVICE_LINK.match(name) else unknown).append(name)
             continue
         section, key = setting
         # A list setting (server.cors_origins) comes from the environment comma-separated.
         raw.setdefault(section, {})[key] = _split_list(value) if _is_list(section, key) else value
         from_env[f"{section}.{key}"] = name
     if unknown:
-        # Names only: a value may be a secret (or a Service's address), and is no use here.
+        raise UnknownSettingError(_unknown_variables_message(sorted(unknown)))
+    if service_links:
+        # Names only: a value is a Service's address, and no use here.
         log.warning(
-            "ignoring %d environment variable(s) that name no setting (expected GATEWAY_<SECTION>_<KEY>): %s",
-            len(unknown),
-            ", ".join(sorted(unknown)),
+            "ignoring %d Kubernetes service-link variable(s) that name no setting: %s"
+            " (enableServiceLinks: false in the pod spec turns them off)",
+            len(service_links),
+            ", ".join(sorted(service_links)),
         )
     return _convert(raw, from_env)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML file given by ``--config``; ``ConfigFileError`` (one line naming the flag) if it cannot be read."""
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigFileError(path, "no such file") from exc
+    except IsADirectoryError as exc:
+        raise ConfigFileError(path, "is a directory") from exc
+    except OSError as exc:
+        raise ConfigFileError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(path, f"is not valid TOML ({exc})") from exc
+
+
+class UnknownSettingError(ConfigError):
+    """A ``GATEWAY_*`` variable or a file key that names no setting (the message suggests the closest)."""
+
+    def __init__(self, message: str) -> None:
+        GatewayError.__init__(self, message)
+        self.setting = ""
+
+
+class ConfigFileError(ConfigError):
+    """The file named by ``--config`` is missing or unreadable."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        # Not "setting ...": the flag is what the operator typed.
+        GatewayError.__init__(self, f"--config {path}: {problem} (every setting has a default; the file is optional)")
+        self.setting = "--config"
 
 
 def with_overrides(settings: Settings, **sections: Mapping[str, Any]) -> Settings:
@@ -228,16 +279,90 @@ def _split_env_name(name: str) -> tuple[str, str] | None:
     return None
 
 
+def _setting_variables() -> list[str]:
+    return [f"{ENV_PREFIX}{section}_{key}".upper() for section, struct in _SECTIONS.items()
+            for key in struct.__struct_fields__]  # fmt: skip
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    """`` (did you mean X?)`` when one of ``choices`` is close to ``word`` (a typo), else nothing."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _unknown_variables_message(names: list[str]) -> str:
+    described = ", ".join(name + _did_you_mean(name, _setting_variables()) for name in names)
+    return (
+        f"environment variable {described} names no setting (expected GATEWAY_<SECTION>_<KEY>,"
+        " e.g. GATEWAY_REDIS_URL; every setting is listed in config.toml)"
+        if len(names) == 1
+        else f"environment variables {described} name no setting (expected GATEWAY_<SECTION>_<KEY>,"
+        " e.g. GATEWAY_REDIS_URL; every setting is listed in config.toml)"
+    )
+
+
+def _unknown_key_message(section: str, key: str) -> str:
+    """A file key (``section.key``, or a whole section when ``section`` is empty) that names no setting."""
+    if not section:
+        return f"config file: [{key}] is not a section{_did_you_mean(key, list(_SECTIONS))}; the sections are " + (
+            ", ".join(_SECTIONS)
+        )
+    keys = list(_SECTIONS[section].__struct_fields__)
+    suggestion = _did_you_mean(key, keys)
+    if suggestion:
+        suggestion = suggestion.replace("mean ", f"mean {section}.")
+    return f"config file: {section}.{key} is not a setting{suggestion}"
+
+
+def _problems(settings: Settings) -> Iterator[tuple[str, str]]:
+    """(setting, problem) for each setting that is wrong in a way its type cannot say."""
+    redis = settings.redis
+    if redis.url:
+        problem = redis_url_problem(redis.url)
+        if problem:
+            yield "redis.url", problem
+    for setting, url in (
+        ("auth.certs_url", settings.auth.certs_url),
+        ("bigquery.api_endpoint", settings.bigquery.api_endpoint),
+    ):
+        if url:
+            problem = http_url_problem(url)
+            if problem:
+                yield setting, problem
+    if redis.password and urlsplit(redis.url).password:
+        yield "redis.password", "redis.url holds a password too: set one of them (redis-py would use the URL's)"
+    tls_files = {"redis.tls_ca_file": redis.tls_ca_file, "redis.tls_cert_file": redis.tls_cert_file,
+                 "redis.tls_key_file": redis.tls_key_file}  # fmt: skip
+    for setting, path in tls_files.items():
+        if not path:
+            continue
+        if redis.url and urlsplit(redis.url).scheme != "rediss":
+            yield setting, "set, but redis.url is not rediss://: TLS settings need a rediss:// URL"
+        problem = readable_file_problem(path)
+        if problem:
+            yield setting, problem
+    if bool(redis.tls_cert_file) != bool(redis.tls_key_file):
+        yield "redis.tls_cert_file", "a client certificate needs both redis.tls_cert_file and redis.tls_key_file"
+
+
 def _convert(raw: dict[str, Any], from_env: Mapping[str, str]) -> Settings:
     try:
         # strict=False lets environment strings become ints, floats and bools.
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         text = str(exc)
         match = _ERROR_PATH.search(text)
         setting = match.group(1) if match else "config"
         reason = _ERROR_PATH.sub("", text)
+        unknown = _UNKNOWN_FIELD.match(reason)
+        if unknown is not None and (match is None or setting in _SECTIONS):
+            section = setting if match is not None else ""
+            raise UnknownSettingError(_unknown_key_message(section, unknown.group(1))) from exc
         reason = _PATTERN_MEANINGS.get(reason, reason)
         if setting in from_env:
             setting = f"{setting} ({from_env[setting]})"
         raise ConfigError(setting, reason) from exc
+    for setting, problem in _problems(settings):
+        named = f"{setting} ({from_env[setting]})" if setting in from_env else setting
+        raise ConfigError(named, problem)
+    return settings

@@ -84,9 +84,11 @@ class Unavailable(RequestError):
     status = 503
     code = "unavailable"
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, retry_after_s: int = 1, reason: str | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        #: The metric's ``reason`` label (``draining``, ``redis_<cause>``); None lets the message decide.
+        self.reason = reason
 
 
 class StreamError(GatewayError):
@@ -116,7 +118,17 @@ class SourceUnavailable(StreamError):
 
 
 class RedisUnreachable(SourceUnavailable):
-    """Redis did not answer: a 503 before the stream starts, connection_error after."""
+    """Redis did not answer: a 503 before the stream starts, connection_error after.
+
+    ``cause`` names why (``redis_health.RedisCause``: ``auth_failed``,
+    ``tls_failed``, ``connection_refused``, ...; ``busy`` for a pool that
+    stayed full; ``command_refused`` for an error reply): the metric label
+    and ``/readyz``'s ``redis`` field.
+    """
+
+    def __init__(self, message: str, cause: str = "unreachable") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class DataError(StreamError):

@@ -16,7 +16,7 @@ start-up is done:
   looked at less often; the older generations keep CPython's ratios.
 
 Together they took a quarter or more off the gateway's CPU per new follow
-stream (docs/PERFORMANCE.md, "The cost of a new stream"). What is left
+stream (docs/PERFORMANCE.md, "Fan-out", the garbage collector). What is left
 grows with the open streams (a few hundred objects each): a full
 collection at 10,000 followers still stops the loop for 0.7-1.1 s. CPython
 starts one only after ten collections of generation 1 and once the
@@ -40,7 +40,7 @@ from gateway import metrics
 log = logging.getLogger(__name__)
 
 # Allocations (net of frees) between collections of the youngest generation: CPython's
-# default is 700. Against 700 in docs/PERFORMANCE.md ("The cost of a new stream").
+# default is 700. Against 700 in docs/PERFORMANCE.md ("Fan-out", the garbage collector).
 GEN0_THRESHOLD: Final = 10_000
 
 

@@ -6,7 +6,7 @@
   on aiohttp's own loggers (whose parser errors quote the raw request line,
   ``Authorization`` header included) and rewrites the formatted message, its
   arguments and any traceback, replacing ``token=...``, ``Bearer ...`` and
-  JWT-shaped strings.
+  JWT-shaped strings, percent-encoded or not.
 - No line is forged by a request: ``escape`` writes control and other
   non-printable characters as ``\\xNN`` in everything taken from a request.
 - ``STREAMS`` (``gateway.streams``) carries the one line per stream when it
@@ -35,16 +35,37 @@ _SECRETS = re.compile(
     """,
     re.IGNORECASE | re.VERBOSE,
 )
+# %XX of a printable ASCII character (a token's are all printable): the only ones
+# decoded before redaction, so that decoding never makes a control character.
+_PRINTABLE_ESCAPE = re.compile(r"%(2[0-9A-Fa-f]|[3-6][0-9A-Fa-f]|7[0-9A-Ea-e])")
+_DECODE_ROUNDS: Final = 3  # %2574 is %74 is t: a request may be encoded more than once
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\ud7ff\ue000-\ufffd]")
 # aiohttp's loggers: the parser's errors and the access log carry request bytes.
 _AIOHTTP_LOGGERS: Final = ("aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.internal", "aiohttp.client")
 
 
 def redact(text: str) -> str:
-    """``text`` without tokens: query parameters, bearer values and JWT-shaped strings."""
+    """``text`` without tokens: query parameters, bearer values and JWT-shaped strings.
+
+    Also when percent-encoded (``%74oken=%65yJ...``, as a request the HTTP
+    parser rejects is logged as it came): a text holding a token only once
+    decoded is logged decoded, and redacted.
+    """
+    if "%" in text:
+        text = _decoded_if_secret(text)
     if "=" not in text and "ey" not in text and "earer" not in text:
         return text  # the common case, without running the expression
     return _SECRETS.sub(_replacement, text)
+
+
+def _decoded_if_secret(text: str) -> str:
+    decoded = text
+    for _ in range(_DECODE_ROUNDS):
+        once = _PRINTABLE_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), decoded)
+        if once == decoded:
+            break
+        decoded = once
+    return decoded if decoded != text and _SECRETS.search(decoded) else text
 
 
 def _replacement(match: re.Match[str]) -> str:

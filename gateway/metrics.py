@@ -19,15 +19,19 @@ stays one line where they live.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import platform
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import ParamSpec, Protocol, TypeVar
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from gateway.errors import RedisUnreachable, StoredValueMalformed
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -123,14 +127,43 @@ REDIS_SECONDS = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0),
     namespace=NAMESPACE,
 )
-REDIS_ERRORS = Counter("redis_call_errors", "Redis calls that failed, by gateway error", ["error"], namespace=NAMESPACE)
+REDIS_ERRORS = Counter(
+    "redis_call_errors",
+    "Redis calls that failed, by gateway error and cause (auth_failed, tls_failed, connection_refused,"
+    " name_not_resolved, timeout, cluster_misconfigured, connection_lost, protocol_error, unreachable, busy,"
+    " command_refused, wrong_type)",
+    ["error", "cause"],
+    namespace=NAMESPACE,
+)
 WAREHOUSE_SECONDS = Histogram(
     "warehouse_query_duration_seconds",
-    "BigQuery queries (with their page fetches)",
+    "BigQuery calls: a query (with its first page), or one more page of a result",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
     namespace=NAMESPACE,
 )
 WAREHOUSE_ERRORS = Counter("warehouse_query_errors", "BigQuery queries that failed or timed out", namespace=NAMESPACE)
+# What the warehouse costs (docs/OPERATIONS.md): each query is billed, its result pages are not.
+WAREHOUSE_QUERIES = Counter(
+    "warehouse_queries", "BigQuery queries run (each one billed), by purpose", ["purpose"], namespace=NAMESPACE
+)  # purpose: metadata | candles
+WAREHOUSE_PROCESSED_BYTES = Counter(
+    "warehouse_processed_bytes",
+    "Bytes processed, as BigQuery reported each query",
+    ["purpose"],
+    namespace=NAMESPACE,
+)
+WAREHOUSE_BILLED_BYTES = Counter(
+    "warehouse_billed_bytes", "Bytes billed, as BigQuery reported each query", ["purpose"], namespace=NAMESPACE
+)
+WAREHOUSE_PAGES = Counter(
+    "warehouse_result_pages", "Result pages read from a query's result (no query, not billed)", namespace=NAMESPACE
+)
+WAREHOUSE_RESUMES = Counter(
+    "warehouse_read_resumes", "Interval reads resumed after a failure, by how", ["how"], namespace=NAMESPACE
+)  # how: same_result (no query) | new_query (the result was gone)
+for _purpose in ("metadata", "candles"):  # at 0 from the start, so a dashboard's rate() sees the first query
+    for _counter in (WAREHOUSE_QUERIES, WAREHOUSE_PROCESSED_BYTES, WAREHOUSE_BILLED_BYTES):
+        _counter.labels(_purpose)
 CACHE_LOOKUPS = Counter(
     "backtest_cache_lookups", "Backtest intervals looked up in the Redis cache", ["result"], namespace=NAMESPACE
 )  # result: hit | miss
@@ -140,6 +173,37 @@ CACHE_FILLS = Counter(
 CERT_REFRESHES = Counter(
     "certificate_refreshes", "Fetches of the token signing certificates", ["outcome"], namespace=NAMESPACE
 )
+
+# -- what is running ----------------------------------------------------------------
+
+BUILD_INFO = Info(
+    "build",
+    "The gateway's version and what it runs on (value 1; join on it to split other series by version)",
+    namespace=NAMESPACE,
+)
+
+
+def build_labels() -> dict[str, str]:
+    """``gateway_build_info``'s labels: the package's version, Python's, and the libraries' that shape behaviour."""
+
+    def version_of(distribution: str) -> str:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "version": version_of("candle-gateway"),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "aiohttp": version_of("aiohttp"),
+        "redis_py": version_of("redis"),
+        "hiredis": version_of("hiredis"),
+        "uvloop": version_of("uvloop"),
+    }
+
+
+BUILD_INFO.info(build_labels())
 
 _EVENT_CHILDREN: dict[bytes, Counter] = {}
 
@@ -166,7 +230,7 @@ def observe_redis(call: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         try:
             return await call(*args, **kwargs)
         except Exception as exc:
-            REDIS_ERRORS.labels(type(exc).__name__).inc()
+            REDIS_ERRORS.labels(type(exc).__name__, _cause_of(exc)).inc()
             raise
         finally:
             REDIS_SECONDS.observe(time.perf_counter() - started)
@@ -174,8 +238,14 @@ def observe_redis(call: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return timed
 
 
+def _cause_of(exc: Exception) -> str:
+    if isinstance(exc, RedisUnreachable):
+        return exc.cause
+    return "wrong_type" if isinstance(exc, StoredValueMalformed) else "other"
+
+
 def observe_warehouse(query: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Decorates the warehouse's ``_query``: its latency and failures."""
+    """Decorates the warehouse's calls (a query, or a page of its result): their latency and failures."""
 
     @functools.wraps(query)
     async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -189,6 +259,20 @@ def observe_warehouse(query: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable
             WAREHOUSE_SECONDS.observe(time.perf_counter() - started)
 
     return timed
+
+
+def warehouse_query(purpose: str, processed_bytes: int | None, billed_bytes: int | None) -> None:
+    """One BigQuery query ran: ``metadata`` or ``candles``, with the bytes BigQuery reported for it."""
+    WAREHOUSE_QUERIES.labels(purpose).inc()
+    if processed_bytes:
+        WAREHOUSE_PROCESSED_BYTES.labels(purpose).inc(processed_bytes)
+    if billed_bytes:
+        WAREHOUSE_BILLED_BYTES.labels(purpose).inc(billed_bytes)
+
+
+def warehouse_resume(how: str) -> None:
+    """A failed interval read resumed: from the ``same_result``, or with a ``new_query`` (the result was gone)."""
+    WAREHOUSE_RESUMES.labels(how).inc()
 
 
 def cache_lookup(hits: int, misses: int) -> None:
@@ -227,13 +311,22 @@ _UNAUTHENTICATED_REASONS = (
 )
 
 
-def request_refused(status: int, code: str, message: str) -> None:
-    """A request answered with an error before its stream started."""
-    reason = code
-    if status == 401:
+def request_refused(status: int, code: str, message: str, reason: str | None = None) -> None:
+    """A request answered with an error before its stream started; ``reason`` when the caller knows it."""
+    if reason is not None:
+        pass
+    elif status == 401:
         reason = next((label for text, label in _UNAUTHENTICATED_REASONS if text in message), "other")
     elif status == 503:
-        reason = "draining" if "shutting down" in message or "draining" in message else "redis_unreachable"
+        reason = (
+            "draining"
+            if "shutting down" in message or "draining" in message
+            else "at_capacity"
+            if "at capacity" in message
+            else "redis_unreachable"
+        )
+    else:
+        reason = code
     REFUSED.labels(str(status), reason).inc()
 
 

@@ -21,6 +21,7 @@ from gateway.lifecycle import OpenStream
 from gateway.logs import STREAMS, clean
 from gateway.params import StreamRequest
 from gateway.position import StreamPosition
+from gateway.sources import warehouse_usage
 from gateway.stream import Send
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,24 @@ class StreamWatch:
                     "duration_s": round(duration, 3),
                     "outcome": outcome,
                     "client": clean(self._client or "-"),
+                    **_warehouse_fields(),
                 }
             },
         )
+
+
+def _warehouse_fields() -> dict[str, float | int]:
+    """What the warehouse did because of this stream (a cold backtest's cost); nothing if it did nothing."""
+    usage = warehouse_usage.current()
+    if usage is None or not (usage.queries or usage.pages):
+        return {}
+    return {
+        "warehouse_s": round(usage.seconds, 3),
+        "warehouse_queries": usage.queries,
+        "warehouse_pages": usage.pages,
+        "warehouse_bytes_processed": usage.bytes_processed,
+        "warehouse_bytes_billed": usage.bytes_billed,
+    }
 
 
 def _points(position: StreamPosition) -> int:

@@ -4,7 +4,9 @@ Everything else hands a coroutine to ``call_redis`` and gets back a result
 or a ``gateway.errors`` exception:
 
 - the store cannot be reached (connection refused or reset, a timeout, a
-  cluster that is down or moving slots): ``RedisUnreachable``;
+  cluster that is down or moving slots, a refused password or certificate):
+  ``RedisUnreachable``, whose ``cause`` names why
+  (``redis_health.classify_redis_failure``, logged once per change of state);
 - every pooled connection stayed busy for the whole bounded wait:
   ``RedisBusy``, a ``RedisUnreachable`` that a follower rides out (it tries
   again later and keeps its stream) where a new stream answers 503;
@@ -13,14 +15,19 @@ or a ``gateway.errors`` exception:
   ``data_error`` or ``job_error`` of what they were reading;
 - any other refusal (``MOVED`` from a cluster we were not told about, out of
   memory, a script error): ``RedisUnreachable``, with what Redis said, since
-  no retry by the client will change it.
+  no retry by the client will change it;
+- an error raised under redis-py that it did not wrap (an event loop's own,
+  such as uvloop's ``RuntimeError`` on a transport a TCP reset closed, or a
+  bare ``OSError``): ``RedisUnreachable``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -31,6 +38,7 @@ from redis.backoff import ExponentialBackoff
 from gateway import metrics
 from gateway.config import RedisSettings
 from gateway.errors import RedisUnreachable, StoredValueMalformed
+from gateway.redis_health import HEALTH, PHRASES, RedisCause, classify_redis_failure
 
 T = TypeVar("T")
 
@@ -56,11 +64,43 @@ def build_redis_client(settings: RedisSettings) -> RedisClient:
     return _build_single_client(settings)
 
 
+def _security_options(settings: RedisSettings) -> dict[str, Any]:
+    """The password and TLS settings as redis-py's keywords (TLS ones only for ``rediss://``)."""
+    options: dict[str, Any] = {}
+    if settings.password:
+        options["password"] = settings.password
+    if urlsplit(settings.url).scheme == "rediss":
+        options.update(
+            ssl_ca_certs=settings.tls_ca_file or None,  # None: the system's CAs
+            ssl_certfile=settings.tls_cert_file or None,
+            ssl_keyfile=settings.tls_key_file or None,
+            ssl_check_hostname=settings.tls_check_hostname,
+        )
+    return options
+
+
 def _retry(settings: RedisSettings) -> Retry:
     return Retry(ExponentialBackoff(cap=1.0, base=0.05), settings.retries)
 
 
-class InPlaceWriteConnection(aioredis.Connection):
+class ClosedTransportConnection(aioredis.Connection):
+    """A connection whose write on a transport closed under it (a TCP reset) is a ``ConnectionError``.
+
+    uvloop raises ``RuntimeError: unable to perform operation on
+    <TCPTransport closed=True>`` there, where asyncio's own loop raises
+    nothing; redis-py wraps only ``OSError``, so the command was not retried
+    on a fresh connection and the caller got a bare ``RuntimeError``.
+    redis-py has already dropped the connection when this is raised.
+    """
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:
+            raise redis.exceptions.ConnectionError(f"the connection was closed under a write ({exc})") from exc
+
+
+class InPlaceWriteConnection(ClosedTransportConnection):
     """A connection that sends each command from the caller's own task, timed by ``asyncio.timeout``.
 
     redis-py (8.1) times every write with ``asyncio.wait_for``, which on
@@ -110,6 +150,7 @@ def _build_single_client(settings: RedisSettings) -> aioredis.Redis:
         health_check_interval=0,
         # For redis:// URLs; rediss:// and unix:// keep redis-py's own classes (the URL's wins).
         connection_class=InPlaceWriteConnection,
+        **_security_options(settings),
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -132,6 +173,7 @@ def _build_cluster_client(settings: RedisSettings) -> RedisCluster:
             socket_connect_timeout=settings.connect_timeout_s,
             retry=_retry(settings),
             health_check_interval=0,
+            **_security_options(settings),
         ),
     )
     client.gate = _Gate(settings.max_connections, settings.pool_timeout_s)
@@ -193,18 +235,33 @@ class _GatedClusterPipeline(ClusterPipeline):
 @metrics.observe_redis
 async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
     """Run one Redis call (or pipeline); redis-py's errors become the gateway's, naming ``what``."""
+    started = time.monotonic()
     try:
-        return await operation()
+        result = await operation()
     except redis.exceptions.MaxConnectionsError as exc:
-        raise RedisBusy(f"no Redis connection free while {what}") from exc
+        raise RedisBusy(f"no Redis connection free while {what}", "busy") from exc
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         if str(exc).startswith("No connection available"):  # BlockingConnectionPool's wait ran out
-            raise RedisBusy(f"no Redis connection free while {what}") from exc
-        raise RedisUnreachable(f"Redis unreachable while {what}") from exc
+            raise RedisBusy(f"no Redis connection free while {what}", "busy") from exc
+        raise unreachable(exc, what, started) from exc
     except redis.exceptions.ResponseError as exc:
         raise response_error(exc, what) from exc
-    except redis.exceptions.RedisError as exc:
-        raise RedisUnreachable(f"Redis failed while {what} ({type(exc).__name__})") from exc
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+        raise unreachable(exc, what, started) from exc
+    except (OSError, EOFError, RuntimeError) as exc:
+        # Raised under redis-py and not wrapped by it: a socket error of a
+        # connection class we did not choose (rediss://, unix://), or an event
+        # loop's own (uvloop's RuntimeError on a transport closed by a reset).
+        raise unreachable(exc, what, started) from exc
+    if HEALTH.cause is not None:
+        HEALTH.answered()
+    return result
+
+
+def unreachable(exc: BaseException, what: str, started: float | None = None) -> RedisUnreachable:
+    """A failure to reach Redis, named by its cause (``redis_health.classify_redis_failure``) and logged on change."""
+    cause, _ = HEALTH.failed(*classify_redis_failure(exc), started=started)
+    return RedisUnreachable(f"Redis {PHRASES[cause]} ({cause.value}) while {what}", cause.value)
 
 
 def response_error(exc: redis.exceptions.ResponseError, what: str) -> StoredValueMalformed | RedisUnreachable:
@@ -214,5 +271,13 @@ def response_error(exc: redis.exceptions.ResponseError, what: str) -> StoredValu
         return StoredValueMalformed(f"{what}: the stored value has the wrong Redis type")
     # redis-py parses MOVED/ASK into their own classes, whose text lacks the word.
     if isinstance(exc, redis.exceptions.MovedError | redis.exceptions.AskError) or text.startswith(("MOVED", "ASK")):
-        return RedisUnreachable(f"Redis is a cluster (set redis.cluster = true) while {what}")
-    return RedisUnreachable(f"Redis refused a command while {what}: {text[:120]}")
+        HEALTH.failed(RedisCause.CLUSTER_MISCONFIGURED, "MOVED: the server is a Redis Cluster node")
+        return RedisUnreachable(
+            f"Redis is a cluster (set redis.cluster = true) while {what}", RedisCause.CLUSTER_MISCONFIGURED.value
+        )
+    if text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+        HEALTH.failed(RedisCause.AUTH_FAILED, text[:120])
+        return RedisUnreachable(
+            f"Redis {PHRASES[RedisCause.AUTH_FAILED]} (auth_failed) while {what}", RedisCause.AUTH_FAILED.value
+        )
+    return RedisUnreachable(f"Redis refused a command while {what}: {text[:120]}", "command_refused")

@@ -11,7 +11,7 @@ from aiohttp import web
 from gateway.auth import TokenVerifier
 from gateway.config import Settings
 from gateway.lifecycle import Lifecycle
-from gateway.limits import StreamSlots
+from gateway.limits import ProcessStreamCap, StreamSlots
 from gateway.live import JobNotes
 from gateway.redis_client import RedisClient
 from gateway.sources.resolve import Sources
@@ -20,6 +20,7 @@ SETTINGS = web.AppKey("settings", Settings)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 REDIS = web.AppKey("redis", RedisClient)
 SLOTS = web.AppKey("slots", StreamSlots)
+STREAM_CAP = web.AppKey("stream_cap", ProcessStreamCap)
 NOTES = web.AppKey("notes", JobNotes)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 SOURCES = web.AppKey("sources", Sources)

@@ -15,6 +15,7 @@ from google.cloud import bigquery
 from gateway.app import create_app
 from gateway.config import Settings, load_settings, with_overrides
 from gateway.devtools.bigquery_emulator import BigQueryEmulator, create_warehouse, emulator_client, loading_client
+from gateway.devtools.bigquery_proxy import CountingProxy
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.runner import GatewayRunner
@@ -66,6 +67,15 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmula
     with BigQueryEmulator(tmp_path_factory.mktemp("bqemulator"), project=PROJECT) as running:
         create_warehouse(loading_client(PROJECT, running.endpoint), DATASET)
         yield running
+
+
+@pytest.fixture
+async def bq_proxy(emulator: BigQueryEmulator) -> AsyncIterator[CountingProxy]:
+    """A counting proxy in front of the emulator (gateway/devtools/bigquery_proxy.py): every BigQuery request."""
+    proxy = CountingProxy(emulator.endpoint)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
 
 
 @pytest.fixture(scope="session")

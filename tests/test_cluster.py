@@ -10,6 +10,7 @@ slots, and a node going away mid-stream.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -103,7 +104,8 @@ async def test_redis_cluster_setting_builds_a_cluster_client(settings, redis_cli
         await client.aclose()
 
 
-async def test_a_single_node_client_on_a_cluster_is_told_to_set_redis_cluster(make_gateway, writer, token):
+async def test_a_single_node_client_on_a_cluster_is_told_to_set_redis_cluster(make_gateway, writer, token, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.redis_health")
     await seed_job(writer(JOB), counts={"minute": 1})
     client = await make_gateway(redis={"cluster": False, "outage_wait_s": 0}, server={"max_streams_per_user": 0})
     # Some of these ids hash to a slot that the node named by redis.url does not own.
@@ -111,6 +113,12 @@ async def test_a_single_node_client_on_a_cluster_is_told_to_set_redis_cluster(ma
     refused = [r for r in answers if r.status == 503]
     assert refused
     assert "redis.cluster = true" in (await refused[0].json())["message"]
+    # PING answers on any node, yet the replica cannot serve: not ready, and said once in the log.
+    ready = await client.get("/readyz")
+    assert ready.status == 503 and (await ready.json())["redis"] == "cluster_misconfigured"
+    said = [r for r in caplog.records if r.name == "gateway.redis_health" and "cluster_misconfigured" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert "at start-up" in said[0].getMessage()
 
 
 async def test_job_writer_sends_sharded_notes_on_a_cluster(redis_client):

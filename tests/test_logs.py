@@ -34,12 +34,27 @@ def malformed_requests(token: str) -> dict[str, bytes]:
         "token in the path": b"GET /api/sse/backtest/"
         + token.encode()
         + b"/data/multi\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+        # issue 20, item 9: what the query means once decoded, not only how it is spelled
+        "percent-encoded name and first character": b"GET "
+        + f"{stream_path(JOB)}?intervals=day&%74oken=%65{token[1:]}".encode()
+        + b"\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+        "every character percent-encoded": b"GET "
+        + f"{stream_path(JOB)}?intervals=day&{percent_encoded('token=' + token)}".encode()
+        + b"\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+        "percent-encoded twice": b"GET "
+        + f"{stream_path(JOB)}?intervals=day&%2574oken=%2565{token[1:]}".encode()
+        + b" x HTTP/1.1\r\nHost: x\r\n\r\n",
     }
+
+
+def percent_encoded(text: str) -> str:
+    return "".join(f"%{ord(character):02X}" for character in text)
 
 
 def secrets_of(token: str) -> list[str]:
     header, payload, signature = token.split(".")
-    return [token, signature, signature[:24], payload[:40]]
+    plain = [token, signature, signature[:24], payload[:40]]
+    return [*plain, *(percent_encoded(secret) for secret in plain)]
 
 
 def record_texts(records: list[logging.LogRecord]) -> list[str]:
@@ -130,6 +145,11 @@ def test_redact_and_escape():
     assert redact(f"Authorization: Bearer {jwt}") == "Authorization: Bearer [redacted]"
     assert redact(f"bad line {jwt[:30]}.{jwt[31:40]}") == "bad line [redacted]"
     assert clean("a\nb\r\x1b[31m") == "a\\x0ab\\x0d\\x1b[31m"
+    assert redact(f"GET /x?%74oken=%65{jwt[1:]}&limit=1") == "GET /x?token=[redacted]&limit=1"
+    assert redact(f"GET /x?a=%2574oken%253D{percent_encoded(jwt)}") == "GET /x?a=token=[redacted]"
+    # Decoding never makes a control character (a forged line) out of %0a, and leaves lines without a token alone.
+    assert redact(f"GET /x%0a?token=%65{jwt[1:]}") == "GET /x%0a?token=[redacted]"
+    assert redact("GET /x?intervals=day%2Cminute") == "GET /x?intervals=day%2Cminute"
 
 
 async def test_every_stream_gets_one_line_when_it_ends_however_it_ends(served, writer, token, caplog):

@@ -73,7 +73,9 @@ async def test_metrics_count_what_clients_received(make_gateway, aiohttp_client,
     await second.content.readuntil(b"event: interval_complete")
     refused = await open_stream(gateway, JOB, token=token(), intervals="day")
     assert refused.status == 429
-    bad = await open_stream(gateway, JOB, token=token() + "x", intervals="day")
+    header, claims, signature = token().split(".")
+    tampered = ("B" if signature[0] != "B" else "C") + signature[1:]  # canonical base64url that does not verify
+    bad = await open_stream(gateway, JOB, token=f"{header}.{claims}.{tampered}", intervals="day")
     assert bad.status == 401
     second.close()
     held.close()
@@ -142,3 +144,20 @@ async def test_metrics_port_of_a_real_process_and_zero_disables_it(redis_url, ce
     finally:
         off.terminate()
         await off.wait()
+
+
+async def test_build_info_names_the_version_and_what_it_runs_on(aiohttp_client):
+    import importlib.metadata
+    import platform
+
+    metrics = await aiohttp_client(metrics_app())
+    response = await metrics.get("/metrics")
+    text = await response.text()
+    (line,) = [line for line in text.splitlines() if line.startswith("gateway_build_info{")]
+    assert line.endswith(" 1.0")
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name in ("gateway_build", "gateway_build_info")]
+    (sample,) = family.samples
+    assert sample.labels["version"] == importlib.metadata.version("candle-gateway")
+    assert sample.labels["python"] == platform.python_version()
+    assert sample.labels["redis_py"] == importlib.metadata.version("redis")
+    assert sample.labels["aiohttp"] == importlib.metadata.version("aiohttp")

@@ -1,4 +1,8 @@
-"""deploy/nginx.conf (issue 9.4): the real nginx in front of two real replicas.
+"""nginx (issue 9.4): the real nginx in front of two real replicas.
+
+tests/nginx.conf is deploy/nginx.conf (the template operators fill in) with
+loopback addresses and /tmp paths; a test holds its `location /api/sse/`
+block and log format to the template's, so what runs here is what ships.
 
 Skipped where nginx is not installed, except in CI (env ``CI`` set), where
 ``.ci/run`` installs it and its absence is a failure.
@@ -25,7 +29,8 @@ from tests.replicas import REPO, Replica, ResumingClient, replica_env, wait_for_
 from tests.sse_client import SSEParser, Transcript
 
 _FOUND = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
-SHIPPED = REPO / "deploy" / "nginx.conf"
+TEMPLATE = REPO / "deploy" / "nginx.conf"
+SHIPPED = REPO / "tests" / "nginx.conf"  # the fixture: the template on loopback addresses
 GRACE_S = 1.0
 
 if _FOUND is None:
@@ -35,12 +40,37 @@ if _FOUND is None:
 NGINX: str = _FOUND or "nginx"
 
 
-def test_shipped_config_passes_nginx_t():
+@pytest.mark.parametrize("path", [SHIPPED, TEMPLATE], ids=["fixture", "template"])
+def test_shipped_config_passes_nginx_t(path, tmp_path):
+    # The template's own paths are a system nginx's; `-t` opens its logs, so they go to tmp_path here.
+    text = path.read_text().replace("/var/log/nginx/", f"{tmp_path}/").replace("/run/nginx.pid", f"{tmp_path}/pid")
+    config = tmp_path / "nginx.conf"
+    config.write_text(text)
     result = subprocess.run(
-        [NGINX, "-t", "-c", str(SHIPPED), "-e", "/dev/stderr"], capture_output=True, text=True, check=False
+        [NGINX, "-t", "-c", str(config), "-e", "/dev/stderr"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
+
+
+def block(text: str, opening: str) -> str:
+    """The text of the brace block that starts with ``opening``, up to its closing brace."""
+    start = text.index(opening)
+    depth = 0
+    for end in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        if text[end] == "}" and depth == 0:
+            return text[start : end + 1]
+    raise AssertionError(f"no end of {opening!r}")
+
+
+def test_fixture_runs_the_templates_location_and_log_format():
+    template, fixture = TEMPLATE.read_text(), SHIPPED.read_text()
+    assert block(fixture, "location /api/sse/ {") == block(template, "location /api/sse/ {")
+    assert block(fixture, "location / {") == block(template, "location / {")
+    log_format = template[template.index("log_format candle") : template.index(";", template.index("log_format"))]
+    assert log_format in fixture
+    assert "127.0.0.1" not in template and "/tmp" not in template
 
 
 def site_config(tmp_path, listen: int, upstreams: list[int]) -> str:

@@ -352,3 +352,59 @@ async def test_a_certificate_that_cannot_verify_rs256_fails_only_tokens_naming_i
     assert response.status == 200
     await response.read()
     assert len(fetches) == 1  # a kid published unusable is not a reason to fetch again
+
+
+# -- issue 20, item 8: one spelling per token (canonical base64url only) --
+
+_PARTS = ("header", "claims", "signature")
+# Nine '?' (0x3f) hold one whole 3-byte group 0x3f3f3f whatever the alignment, which encodes as '8_':
+# a segment carrying it has a '_' for the '+/' spelling to change.
+_HAS_UNDERSCORE = "?????????"
+
+
+def _spellable_token(token, part: str, *, trailing_bits: bool = False) -> str:
+    """A valid token whose ``part`` has a '-' or '_' (and, if asked, a length with unused bits)."""
+    for pad in range(3):
+        filler = _HAS_UNDERSCORE + "x" * pad
+        minted = token("alice", header_overrides={"x": filler}, claim_overrides={"x": filler})
+        segment = minted.split(".")[_PARTS.index(part)]
+        if ("-" in segment or "_" in segment) and (not trailing_bits or len(segment) % 4 in (2, 3)):
+            return minted
+    raise AssertionError(f"no token with a {part} fit for the test")
+
+
+def _respell(segment: str, spelling: str) -> str:
+    if spelling == "junk":
+        return segment[:10] + "!!!!" + segment[10:]
+    if spelling == "junk_space":
+        return segment[:10] + " " + segment[10:]
+    if spelling == "plus_slash":
+        return segment.translate(str.maketrans("-_", "+/"))
+    if spelling == "padding":
+        return segment + "=" * (-len(segment) % 4 or 2)
+    if spelling == "trailing_bits":
+        # The last character carries 2 or 4 unused low bits; setting one decodes to the same bytes.
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        return segment[:-1] + alphabet[alphabet.index(segment[-1]) | 1]
+    raise AssertionError(spelling)
+
+
+@pytest.mark.parametrize("part", _PARTS)
+@pytest.mark.parametrize("spelling", ["junk", "junk_space", "plus_slash", "padding", "trailing_bits"])
+async def test_only_the_canonical_base64url_spelling_of_a_token_verifies(client, token, writer, part, spelling):
+    await seed_job(writer(JOB), counts={"day": 3})
+    minted = _spellable_token(token, part, trailing_bits=spelling == "trailing_bits")
+    canonical = await open_stream(client, JOB, intervals="day", headers={"Authorization": f"Bearer {minted}"})
+    assert canonical.status == 200  # the canonical spelling verifies (and is now in the verified-token cache)
+    await canonical.release()
+    segments = minted.split(".")
+    index = _PARTS.index(part)
+    segments[index] = _respell(segments[index], spelling)
+    respelled = ".".join(segments)
+    assert respelled != minted
+    response = await open_stream(client, JOB, intervals="day", headers={"Authorization": f"Bearer {respelled}"})
+    assert response.status == 401
+    message = (await response.json())["message"]
+    assert f"token {part} is not" in message and "base64url" in message
+    for segment in segments:
+        assert segment not in message

@@ -6,10 +6,12 @@ reads the same Redis list:
 
 - The first stream of an uncached interval takes a short lock (refreshed
   while the read goes on, so a dead replica's lapses within
-  ``bigquery.fill_lock_ttl_s``) and reads the warehouse page by page into
-  the staging list. The first page's ``COUNT(*) OVER ()`` lands in the fill
-  hash together with the first rows, so every reader knows the interval's
-  total before its ``interval_start``.
+  ``bigquery.fill_lock_ttl_s``) and runs the interval's one query, then
+  reads its result page by page into the staging list. The result's row
+  count lands in the fill hash together with the first page, so every
+  reader knows the interval's total before its ``interval_start``; the
+  query's job lands there too, so a read that fails goes on later from the
+  same result.
 - Every stream of the interval, the filler's own included, reads
   chunk-sized ``LRANGE``s of the staging list as it grows (polling, with a
   bound on how long it may stall), as a follower reads a running job.
@@ -19,9 +21,11 @@ reads the same Redis list:
 
 A filler that fails records the error (its readers report a data_error) and
 lets go of the lock; one that dies lets the lock lapse. Either way the next
-reader that finds no lock takes over, after the rows already staged. Every
-write checks the lock inside its script, so two fillers never append. All
-keys of a backtest share its hash tag: every script stays in one slot.
+reader that finds no lock takes over, after the rows already staged: from
+the same query result while BigQuery keeps it (no query), else with one new
+query for the rows after the last one staged. Every write checks the lock
+inside its script, so two fillers never append. All keys of a backtest
+share its hash tag: every script stays in one slot.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import logging
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from functools import partial
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -44,7 +49,14 @@ from gateway.errors import DataError, GatewayError
 from gateway.redis_client import call_redis
 from gateway.sources import keys
 from gateway.sources.candles import Candle
-from gateway.sources.warehouse import BacktestRecord, CandlePage, Warehouse, WarehouseError
+from gateway.sources.warehouse import (
+    BacktestRecord,
+    CandlePage,
+    IntervalRead,
+    ResultHandle,
+    Warehouse,
+    WarehouseError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +76,8 @@ _STALL_SLACK_S: Final = 5.0
 _encode_record = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(BacktestRecord).decode
 _decode_candle = msgspec.json.Decoder(Candle).decode
+_encode_handle = msgspec.json.Encoder().encode
+_decode_handle = msgspec.json.Decoder(ResultHandle).decode
 
 # KEYS: lock, fill hash, complete hash, final list. ARGV: writer, lock TTL (ms), interval.
 # No lock for an interval already cached whole (a stream that looked just before the last
@@ -88,7 +102,8 @@ redis.call('EXPIRE', KEYS[3], ARGV[3])
 return 1
 """
 # KEYS: lock, staging, fill hash, final, complete hash.
-# ARGV: writer, staged length expected, count, staging TTL (s), interval, cache TTL (s), rows...
+# ARGV: writer, staged length expected, count, staging TTL (s), interval, cache TTL (s),
+# the query result's handle (JSON, or empty), rows...
 # The page that completes the interval renames staging into place and marks it
 # complete in the same script: no reader ever sees the last rows before the mark.
 # Lua's unpack() stops near 8,000 values, hence the batches.
@@ -101,7 +116,8 @@ elseif redis.call('LLEN', KEYS[2]) ~= expected then
   return -2
 end
 redis.call('HSET', KEYS[3], 'count', ARGV[3])
-for i = 7, #ARGV, 1000 do
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], 'result', ARGV[7]) end
+for i = 8, #ARGV, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
 local staged = redis.call('LLEN', KEYS[2])
@@ -134,6 +150,16 @@ _RELEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def _stored_handle(blob: bytes | None) -> ResultHandle | None:
+    """The query result a fill hash names, if any (one that does not decode is as good as none)."""
+    if not blob:
+        return None
+    try:
+        return _decode_handle(blob)
+    except msgspec.DecodeError:
+        return None
 
 
 class _LostLock(Exception):
@@ -440,48 +466,94 @@ class BacktestCache:
             self._wake(backtest_id, interval)
 
     async def _copy(self, backtest_id: str, interval: str, k: _FillKeys, writer: str) -> int:
-        """The interval, page by page, into staging after what is staged already; then into place."""
-        staged, count, page = await self._first_page(backtest_id, interval, k)
+        """The interval's result, page by page, into staging after what is staged already; then into place."""
+        staged, count, read = await self._open_read(backtest_id, interval, k)
+        page = read.first if read is not None else CandlePage(candles=[], last_time=None)
         while True:
             candles = page.candles[: count - staged]
+            handle = _encode_handle(read.handle) if read is not None and read.handle is not None else b""
             staged = await self._script(
                 self._append,
                 [k.lock, k.staging, k.fill, k.final, k.complete],
-                [writer, staged, count, _STAGING_TTL_S, interval, self._ttl_s, *candles],
+                [writer, staged, count, _STAGING_TTL_S, interval, self._ttl_s, handle, *candles],
             )
             self._wake(backtest_id, interval)
             if page.error is not None:
                 raise DataError(page.error)  # the rows before it are staged for the readers
             if staged >= count:
                 return staged  # renamed into place and marked complete with the last rows
-            if not candles or page.last_time is None:
+            assert read is not None
+            next_page = await read.next_page(f"backtest {backtest_id}, interval {interval}")
+            if next_page is None:
+                # The query's own answer was its first page: the rest comes from its result.
+                read = await self._continue(backtest_id, interval, read.handle, staged, count, page.last_time)
+                next_page = read.first
+            if not next_page.candles and next_page.error is None:
                 raise DataError(f"interval '{interval}' has fewer rows than it had when counted")
-            page = await self._page_after(backtest_id, interval, page.last_time, staged, count)
+            page = next_page
 
-    async def _first_page(self, backtest_id: str, interval: str, k: _FillKeys) -> tuple[int, int, CandlePage]:
-        """Where this read starts: after the rows a dead filler staged, or at the first row."""
+    async def _open_read(self, backtest_id: str, interval: str, k: _FillKeys) -> tuple[int, int, IntervalRead | None]:
+        """Where this read starts: after the rows a failed or dead filler staged, or with the interval's query."""
 
         async def read() -> list[Any]:
             pipe = self._redis.pipeline(transaction=False)
             pipe.llen(k.staging)
-            pipe.hget(k.fill, "count")
+            pipe.hmget(k.fill, ["count", "result"])
             pipe.lindex(k.staging, -1)
             return await pipe.execute()
 
-        staged, count, last = await call_redis(read, f"resuming to cache interval '{interval}'")
+        staged, (count, result), last = await call_redis(read, f"resuming to cache interval '{interval}'")
         if staged and count is not None and last is not None:
             if staged >= int(count):  # every row staged, none left to read: the append completes it
-                return staged, int(count), CandlePage(candles=[], last_time=None)
+                return staged, int(count), None
             cursor = _decode_candle(last).time
-            return staged, int(count), await self._page_after(backtest_id, interval, cursor, staged, int(count))
-        page = await self._warehouse.first_page(backtest_id, interval, 0, min(self._page_rows, _FIRST_PAGE_ROWS))
-        # No row at all: the count rides on rows, and there are none.
-        return 0, page.interval_rows or 0, page
+            resumed = await self._continue(
+                backtest_id, interval, _stored_handle(result), staged, int(count), cursor, failed_before=True
+            )
+            return staged, int(count), resumed
+        first = await self._warehouse.read_interval(
+            backtest_id, interval, first_rows=min(self._page_rows, _FIRST_PAGE_ROWS)
+        )
+        return 0, first.total_rows, first
 
-    async def _page_after(self, backtest_id: str, interval: str, cursor: Any, staged: int, count: int) -> CandlePage:
-        rows = max(1, min(self._page_rows, count - staged))
-        page = await self._warehouse.page_after(backtest_id, interval, cursor, staged, rows)
-        return msgspec.structs.replace(page, candles=page.candles[1:])  # the cursor's own candle is staged
+    async def _continue(
+        self,
+        backtest_id: str,
+        interval: str,
+        handle: ResultHandle | None,
+        staged: int,
+        count: int,
+        cursor: datetime | None,
+        *,
+        failed_before: bool = False,
+    ) -> IntervalRead:
+        """The rows after the ``staged`` ones: from the same result while it exists, else one new query.
+
+        ``failed_before``: this read takes over from one that failed or died (counted as a resume).
+        """
+        if handle is not None:
+            resumed = await self._warehouse.resume(handle, backtest_id, interval, staged, self._page_rows)
+            if resumed is not None:
+                if resumed.total_rows != count:
+                    raise DataError(f"interval '{interval}' holds {resumed.total_rows} rows, not the {count} counted")
+                if failed_before:
+                    metrics.warehouse_resume("same_result")
+                return resumed
+        if cursor is None:
+            raise DataError(f"interval '{interval}' has fewer rows than it had when counted")
+        # The result is gone (or there never was a job): the rows after the last one staged.
+        metrics.warehouse_resume("new_query")
+        read = await self._warehouse.read_interval(
+            backtest_id, interval, first_rows=self._page_rows, after=cursor, position=staged
+        )
+        if read.total_rows != count - staged:
+            # ``time >`` the cursor: a second candle at the cursor's time is not read
+            # again, and shows here as a count that no longer adds up (never skipped silently).
+            raise DataError(
+                f"interval '{interval}' changed while it was read: {read.total_rows} rows after"
+                f" the {staged} staged, not {count - staged}"
+            )
+        return read
 
     async def _script(self, script: Callable[..., Awaitable[Any]], script_keys: list[str], args: list[Any]) -> int:
         result = int(await call_redis(lambda: script(keys=script_keys, args=args), "caching an interval"))

@@ -76,3 +76,13 @@ def warehouse_lookups_key(user_id: str) -> str:
 def user_streams_key(user_id: str) -> str:
     """Sorted set of one user's open streams across replicas (score: expiry)."""
     return f"gateway:streams:{{{user_id}}}"
+
+
+def replica_liveness_key(replica_id: str) -> str:
+    """Set by a replica every second with a 3 s expiry: while it exists, that replica's stream slots count."""
+    return f"gateway:replica:{{{replica_id}}}"
+
+
+def user_cancelled_streams_key(user_id: str) -> str:
+    """Sorted set of slot members whose acquire was given up (score: expiry); one landing late takes no slot."""
+    return f"gateway:streams-cancelled:{{{user_id}}}"

@@ -6,7 +6,8 @@ not know, and then:
 - a miss is remembered in Redis for ``bigquery.missing_ttl_s``, so probing
   one unknown id again costs no query on any replica;
 - one user may cause at most ``bigquery.max_lookups_per_user_per_s`` lookups
-  a second (a counter per user and second in Redis); beyond that the request
+  a second (a counter per user and second in Redis, counted and given its
+  expiry in one script); beyond that the request
   is answered 429 before any query (``TooManyLookups``);
 - concurrent lookups of one id in one process share one query.
 """
@@ -30,6 +31,16 @@ from gateway.sources.warehouse import BacktestRecord, Warehouse, WarehouseError,
 log = logging.getLogger(__name__)
 
 _WINDOW_S: Final = 1
+# One step, so the counter is never without its expiry: an INCR that found the
+# key gone between a separate SET NX and itself would make one for good (and a
+# counter left so by an older gateway gets its expiry back).
+_SPEND: Final = """
+local spent = redis.call('INCR', KEYS[1])
+if spent == 1 or redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return spent
+"""
 
 
 class TooManyLookups(RequestError):
@@ -44,8 +55,8 @@ class LookupLimit:
     """Warehouse lookups per user and second, counted across replicas in Redis."""
 
     def __init__(self, client: aioredis.Redis, per_second: int) -> None:
-        self._redis = client
         self._per_second = per_second
+        self._spend = client.register_script(_SPEND)
 
     async def spend(self, user_id: str) -> None:
         """Count one lookup for ``user_id``; ``TooManyLookups`` beyond the limit."""
@@ -53,16 +64,38 @@ class LookupLimit:
             return
         key = keys.warehouse_lookups_key(user_id)
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.set(key, 0, ex=_WINDOW_S, nx=True)
-            pipe.incr(key)
-            _, spent = await pipe.execute()
+            spent = await self._spend(keys=[key], args=[_WINDOW_S * 1000])
         except redis.exceptions.RedisError:
             return  # the lookup itself does not need Redis: a broken counter does not refuse it
         if spent > self._per_second:
             raise TooManyLookups(
                 f"more than {self._per_second} lookups of uncached backtests a second; retry in {_WINDOW_S} s"
             )
+
+
+class LookupTicket:
+    """One request's share of its user's lookup budget: at most one lookup spent, whichever path asks.
+
+    A lookup the request causes spends it, and so does a ``job_not_found``
+    answer that caused none (someone else's job, an id whose miss is
+    remembered): every request that ends in ``job_not_found`` costs its user
+    one lookup, so the 429 beyond the budget tells an existing id from an
+    unknown one no more than the answer itself does.
+    """
+
+    __slots__ = ("_limit", "_user_id", "spent")
+
+    def __init__(self, limit: LookupLimit, user_id: str) -> None:
+        self._limit = limit
+        self._user_id = user_id
+        self.spent = False
+
+    async def spend(self) -> None:
+        """Spend this request's one lookup (``TooManyLookups`` beyond the budget); later calls cost nothing."""
+        if self.spent:
+            return
+        self.spent = True
+        await self._limit.spend(self._user_id)
 
 
 class BacktestLookups:
@@ -74,18 +107,22 @@ class BacktestLookups:
         self._limit = LookupLimit(client, warehouse.settings.max_lookups_per_user_per_s)
         self._in_flight: dict[tuple[str, str], asyncio.Future[BacktestRecord | None]] = {}
 
-    async def backtest(self, backtest_id: str, user_id: str) -> BacktestRecord:
+    def ticket(self, user_id: str) -> LookupTicket:
+        """A request's share of ``user_id``'s lookup budget."""
+        return LookupTicket(self._limit, user_id)
+
+    async def backtest(self, backtest_id: str, ticket: LookupTicket) -> BacktestRecord:
         """The ``backtests`` row of ``backtest_id``; ``JobNotFound`` if there is none."""
         record, missing = await self._cache.record(backtest_id)
         if record is not None:
             return record
         if not missing:
-            record = await self._shared(("backtest", backtest_id), user_id, lambda: self._find(backtest_id))
+            record = await self._shared(("backtest", backtest_id), ticket, lambda: self._find(backtest_id))
         if record is None:
             raise JobNotFound(f"Job '{backtest_id}' not found")
         return record
 
-    async def backtest_of_job(self, job_id: str, user_id: str) -> BacktestRecord | None:
+    async def backtest_of_job(self, job_id: str, ticket: LookupTicket) -> BacktestRecord | None:
         """The newest backtest a job produced, or None."""
         backtest_id, missing = await self._cache.job_backtest(job_id)
         if missing:
@@ -103,7 +140,7 @@ class BacktestLookups:
                 await self._cache.store_job_backtest(job_id, record)
             return record
 
-        return await self._shared(("job", job_id), user_id, find)
+        return await self._shared(("job", job_id), ticket, find)
 
     async def _find(self, backtest_id: str) -> BacktestRecord | None:
         record = await self._warehouse.backtest(backtest_id)
@@ -119,12 +156,12 @@ class BacktestLookups:
             pending.exception()  # retrieved here, in case every caller went away
 
     async def _shared(
-        self, key: tuple[str, str], user_id: str, find: Callable[[], Awaitable[BacktestRecord | None]]
+        self, key: tuple[str, str], ticket: LookupTicket, find: Callable[[], Awaitable[BacktestRecord | None]]
     ) -> BacktestRecord | None:
         """One warehouse query per id at a time in this process; only the user who causes it spends a lookup."""
         pending = self._in_flight.get(key)
         if pending is None:
-            await self._limit.spend(user_id)
+            await ticket.spend()
             pending = self._in_flight.get(key)  # another caller may have started it meanwhile
         if pending is None:
             pending = asyncio.ensure_future(find())

@@ -1,11 +1,18 @@
 """Completed backtests in BigQuery (SPEC 8): parameterised queries on a bounded executor.
 
+BigQuery bills each query for the bytes it scans (10 MB at least), and
+paging through a query's result costs nothing. So an interval is one query
+(``read_interval``), ordered by time, whose result is then read page by page
+(``resume``: ``jobs.getQueryResults`` on the query's job), never a query per
+page. The result's ``total_rows`` is the interval's row count.
+
 The official client is blocking, and its row iterators fetch pages lazily,
 so every call *and* the iteration over its rows runs on this module's own
-thread pool, never on the event loop. Each query has a timeout. Rows become
+thread pool, never on the event loop. Each call has a timeout. Rows become
 canonical candle JSON on the worker thread, so the event loop only joins
 bytes. Table names come from configuration and are checked when the
-warehouse is built; every value is a query parameter.
+warehouse is built; every value is a query parameter. Every query is
+counted by purpose with the bytes BigQuery reported for it (metrics.py).
 """
 
 from __future__ import annotations
@@ -13,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from functools import partial
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import msgspec
 from google.api_core import exceptions as google_exceptions
@@ -29,6 +36,7 @@ from google.cloud.bigquery.retry import DEFAULT_RETRY
 from gateway import metrics
 from gateway.config import BIGQUERY_IDENTIFIER, BigQuerySettings
 from gateway.errors import ConfigError, SourceUnavailable
+from gateway.sources import bigquery_private, warehouse_usage
 from gateway.sources.candles import Candle, encode_candle
 
 log = logging.getLogger(__name__)
@@ -61,15 +69,76 @@ class BacktestRecord(msgspec.Struct, frozen=True):
 
 
 class CandlePage(msgspec.Struct, frozen=True):
-    """Candles of one interval as stored JSON, with the time of the last one (the next cursor)."""
+    """Candles of one page of an interval's result, as stored JSON, with the time of the last one."""
 
     candles: list[bytes]
     last_time: datetime | None
-    # Rows of the interval in the table (known from the first page only).
-    interval_rows: int | None = None
     # Why the row after ``candles`` could not become a candle: the reader sends
     # the candles before it, then reports this as the interval's data_error.
     error: str | None = None
+
+
+class ResultHandle(msgspec.Struct, frozen=True):
+    """Where a query's result can be read again without running the query: its job.
+
+    BigQuery keeps a query's result about 24 hours; paging through it
+    (``jobs.getQueryResults``) is free. A query answered without a job
+    (``JOB_CREATION_OPTIONAL``, a result that fits its first page) has none.
+    """
+
+    job_id: str
+    project: str
+    location: str | None = None
+    # The index in the interval of the result's first row (a query from a cursor starts past 0).
+    offset: int = 0
+
+
+class IntervalRead:
+    """One query result of an interval, read a page at a time on the warehouse's thread pool.
+
+    ``first`` is the page the query itself returned; ``next_page`` fetches
+    the next one (None after the last). Pages never overlap: ``position``
+    is the index, in the interval, of the next row to come.
+    """
+
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        interval: str,
+        *,
+        total_rows: int,
+        handle: ResultHandle | None,
+        first: CandlePage,
+        pages: Iterator[Any] | None,
+        position: int,
+    ) -> None:
+        self._warehouse = warehouse
+        self._interval = interval
+        self.total_rows = total_rows
+        self.handle = handle
+        self.first = first
+        self._pages = pages
+        self.position = position
+
+    async def next_page(self, ids: str) -> CandlePage | None:
+        """The next page of the result; None when there is none (or no job to read it from)."""
+        pages = self._pages
+        if pages is None:
+            return None
+        interval, position = self._interval, self.position
+
+        def fetch() -> CandlePage | None:
+            rows = next(pages, None)  # the request happens here: on this thread
+            return None if rows is None else _candle_page(interval, position, rows)
+
+        page = await self._warehouse._call(fetch, ids)
+        if page is None:
+            self._pages = None
+            return None
+        metrics.WAREHOUSE_PAGES.inc()
+        _usage_pages()
+        self.position += len(page.candles)
+        return page
 
 
 class Warehouse:
@@ -108,7 +177,16 @@ class Warehouse:
             f" FROM {self._backtests} WHERE {column} = @value"
             " ORDER BY created_at DESC LIMIT 1"
         )
-        rows = await self._query(sql, [bigquery.ScalarQueryParameter("value", "STRING", value)], _plain_rows)
+        parameters = [bigquery.ScalarQueryParameter("value", "STRING", value)]
+        timeout_s = self._settings.query_timeout_s
+
+        def run() -> tuple[list[tuple[Any, ...]], _Cost]:
+            rows = self._run_query(sql, parameters, page_size=None)
+            cost = _cost_of(rows)  # before the rows: iterating drops the answer it is read from
+            return _plain_rows(rows), cost
+
+        rows, cost = await self._call(run, _query_ids(parameters), timeout_s)
+        _count_query("metadata", cost)
         if not rows:
             return None
         backtest_id, user_id, symbol, exchange, intervals, job_id = rows[0]
@@ -121,79 +199,145 @@ class Warehouse:
             job_id=job_id,
         )
 
-    async def first_page(self, backtest_id: str, interval: str, offset: int, rows: int) -> CandlePage:
-        """Candles from position ``offset`` on, with the interval's row count."""
-        sql = (
-            "SELECT time, open, high, low, close, volume, COUNT(*) OVER () AS interval_rows"
-            f" FROM {self._candles} WHERE backtest_id = @backtest_id AND `interval` = @interval"
-            " ORDER BY time LIMIT @rows OFFSET @offset"
-        )
-        parameters = [
-            *_interval_parameters(backtest_id, interval),
-            bigquery.ScalarQueryParameter("rows", "INT64", rows),
-            bigquery.ScalarQueryParameter("offset", "INT64", offset),
-        ]
-        return await self._query(sql, parameters, partial(_candle_page, interval, offset, with_count=True))
+    async def read_interval(
+        self, backtest_id: str, interval: str, *, first_rows: int, after: datetime | None = None, position: int = 0
+    ) -> IntervalRead:
+        """One query for the interval's candles in time order (those after ``after`` only, if given).
 
-    async def page_after(
-        self, backtest_id: str, interval: str, after: datetime, position: int, rows: int
-    ) -> CandlePage:
-        """Up to ``rows`` candles after time ``after`` (a cursor, not an offset).
-
-        ``>=`` rather than ``>``: a second candle at the cursor's time comes
-        back and fails the ascending check as a data_error, so a duplicate
-        time is reported, never skipped. The caller drops the one candle it
-        already has.
+        Its first page (``first_rows`` rows at most) comes with the answer,
+        and with it the result's row count (``total_rows``). The rest is read
+        from the same result with ``resume``: no other query.
+        ``position``: the index in the interval of the result's first row.
         """
         sql = (
             "SELECT time, open, high, low, close, volume"
             f" FROM {self._candles} WHERE backtest_id = @backtest_id AND `interval` = @interval"
-            " AND time >= @after ORDER BY time LIMIT @rows"
+            + (" AND time > @after" if after is not None else "")
+            + " ORDER BY time"
         )
-        parameters = [
-            *_interval_parameters(backtest_id, interval),
-            bigquery.ScalarQueryParameter("after", "TIMESTAMP", after),
-            bigquery.ScalarQueryParameter("rows", "INT64", rows + 1),
-        ]
-        return await self._query(sql, parameters, partial(_candle_page, interval, position - 1, with_count=False))
+        parameters = _interval_parameters(backtest_id, interval)
+        if after is not None:
+            parameters.append(bigquery.ScalarQueryParameter("after", "TIMESTAMP", after))
+
+        def run() -> tuple[CandlePage, int, ResultHandle | None, _Cost]:
+            rows = self._run_query(sql, parameters, page_size=first_rows)
+            cost = _cost_of(rows)  # before the rows: iterating drops the answer it is read from
+            # Only the first page, which the query's answer holds: the next ones come
+            # through ``resume``, in pages of another size.
+            first = next(iter(rows.pages), None)
+            page = _candle_page(interval, position, first if first is not None else ())
+            handle = None
+            if rows.job_id is not None and rows.project is not None:
+                handle = ResultHandle(rows.job_id, rows.project, rows.location, offset=position)
+            return page, int(rows.total_rows or 0), handle, cost
+
+        page, total_rows, handle, cost = await self._call(run, _query_ids(parameters))
+        _count_query("candles", cost)
+        return IntervalRead(
+            self,
+            interval,
+            total_rows=total_rows,
+            handle=handle,
+            first=page,
+            pages=None,
+            position=position + len(page.candles),
+        )
+
+    async def resume(
+        self, handle: ResultHandle, backtest_id: str, interval: str, position: int, page_rows: int
+    ) -> IntervalRead | None:
+        """The result of an earlier query from the interval's row ``position`` on, in pages of ``page_rows``.
+
+        No query: ``jobs.get`` and ``jobs.getQueryResults``. ``total_rows`` of
+        the read is the interval's (the result's plus its offset). None if
+        BigQuery no longer has that result (expired, or its job deleted): the
+        caller decides whether a new query is worth it.
+        """
+
+        def run() -> tuple[CandlePage, Iterator[Any], int] | None:
+            try:
+                job = self._client.get_job(
+                    handle.job_id, project=handle.project, location=handle.location, **self._call_options()
+                )
+                assert isinstance(job, bigquery.QueryJob), f"job {handle.job_id} is not a query"
+                # ``start_index``, not the page token: the staged length is the exact place to
+                # resume from, and the public client takes a token only for table listings.
+                rows = job.result(
+                    page_size=page_rows,
+                    start_index=position - handle.offset,
+                    retry=self._call_options()["retry"],
+                    timeout=self._settings.query_timeout_s,
+                )
+                pages = iter(rows.pages)
+                first = next(pages, None)
+            except google_exceptions.NotFound:
+                return None
+            return (
+                _candle_page(interval, position, first if first is not None else ()),
+                pages,
+                handle.offset + int(rows.total_rows or 0),
+            )
+
+        resumed = await self._call(run, f"backtest {backtest_id}, interval {interval}, job {handle.job_id}")
+        if resumed is None:
+            log.info("the result of job %s is gone; %s %s needs a new query", handle.job_id, backtest_id, interval)
+            return None
+        page, pages, total_rows = resumed
+        metrics.WAREHOUSE_PAGES.inc()
+        _usage_pages()
+        return IntervalRead(
+            self,
+            interval,
+            total_rows=total_rows,
+            handle=handle,
+            first=page,
+            pages=pages,
+            position=position + len(page.candles),
+        )
+
+    def _call_options(self) -> dict[str, Any]:
+        timeout_s = self._settings.query_timeout_s
+        # The client's default retries go on for 10 minutes; ours end with the query's timeout, so nothing hangs.
+        return {"retry": DEFAULT_RETRY.with_timeout(timeout_s), "timeout": timeout_s}
+
+    def _run_query(
+        self, sql: str, parameters: Sequence[bigquery.ScalarQueryParameter], *, page_size: int | None
+    ) -> Any:
+        """``jobs.query`` (on the calling thread, an executor's): the result's first page and its size."""
+        timeout_s = self._settings.query_timeout_s
+        return self._client.query_and_wait(
+            sql,
+            job_config=bigquery.QueryJobConfig(query_parameters=list(parameters)),
+            location=self._settings.location or None,
+            api_timeout=timeout_s,
+            wait_timeout=timeout_s,
+            retry=DEFAULT_RETRY.with_timeout(timeout_s),
+            job_retry=None,  # type: ignore[arg-type]  # None disables, as documented
+            page_size=page_size,
+        )
 
     @metrics.observe_warehouse
-    async def _query(
-        self,
-        sql: str,
-        parameters: Sequence[bigquery.ScalarQueryParameter],
-        convert: Callable[[Any], T],
-    ) -> T:
-        timeout_s = self._settings.query_timeout_s
-
-        def run() -> T:
-            rows = self._client.query_and_wait(
-                sql,
-                job_config=bigquery.QueryJobConfig(query_parameters=list(parameters)),
-                location=self._settings.location or None,
-                api_timeout=timeout_s,
-                wait_timeout=timeout_s,
-                # The client's default retries go on for 10 minutes (40 with job
-                # retries); ours end with the query's timeout, so nothing hangs.
-                retry=DEFAULT_RETRY.with_timeout(timeout_s),
-                job_retry=None,  # type: ignore[arg-type]  # None disables, as documented
-            )
-            # Iterating fetches further pages: it belongs on this thread too.
-            return convert(rows)
-
+    async def _call(self, work: Callable[[], T], ids: str, timeout_s: float | None = None) -> T:
+        """``work`` (blocking client calls, and the rows' conversion) on the thread pool, bounded in time."""
+        timeout_s = timeout_s or self._settings.query_timeout_s
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s + _LOOP_TIMEOUT_SLACK_S):
-                return await loop.run_in_executor(self._executor, run)
+                return await loop.run_in_executor(self._executor, work)
         except TimeoutError as exc:
-            log.warning("warehouse query timed out after %.0f s (%s)", timeout_s, _query_ids(parameters))
+            log.warning("warehouse query timed out after %.0f s (%s)", timeout_s, ids)
             raise WarehouseError(f"query timed out after {timeout_s:.0f} s") from exc
         except (google_exceptions.GoogleAPIError, OSError, ValueError) as exc:
-            log.warning("warehouse query failed (%s): %s", _query_ids(parameters), _detail(exc))
+            log.warning("warehouse query failed (%s): %s", ids, _detail(exc))
             raise WarehouseError(_describe(exc)) from exc
         except Exception as exc:  # requests/urllib3 errors and the like, from the client's transport
-            log.warning("warehouse query failed (%s): %s", _query_ids(parameters), _detail(exc))
+            log.warning("warehouse query failed (%s): %s", ids, _detail(exc))
             raise WarehouseError(_describe(exc)) from exc
+        finally:
+            usage = warehouse_usage.current()
+            if usage is not None:
+                usage.seconds += time.perf_counter() - started
 
 
 def make_client(settings: BigQuerySettings) -> bigquery.Client:
@@ -214,6 +358,31 @@ def warehouse_unavailable(exc: WarehouseError) -> SourceUnavailable:
     return SourceUnavailable(f"the warehouse failed: {exc}")
 
 
+class _Cost(NamedTuple):
+    processed_bytes: int | None
+    billed_bytes: int | None
+
+
+def _cost_of(rows: Any) -> _Cost:
+    """What BigQuery reported for the query behind ``rows``."""
+    return _Cost(rows.total_bytes_processed, bigquery_private.bytes_billed(rows))
+
+
+def _count_query(purpose: str, cost: _Cost) -> None:
+    metrics.warehouse_query(purpose, cost.processed_bytes, cost.billed_bytes)
+    usage = warehouse_usage.current()
+    if usage is not None:
+        usage.queries += 1
+        usage.bytes_processed += cost.processed_bytes or 0
+        usage.bytes_billed += cost.billed_bytes or 0
+
+
+def _usage_pages() -> None:
+    usage = warehouse_usage.current()
+    if usage is not None:
+        usage.pages += 1
+
+
 def _interval_parameters(backtest_id: str, interval: str) -> list[bigquery.ScalarQueryParameter]:
     return [
         bigquery.ScalarQueryParameter("backtest_id", "STRING", backtest_id),
@@ -226,22 +395,19 @@ def _plain_rows(rows: Any) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in rows]
 
 
-def _candle_page(interval: str, first_position: int, rows: Any, *, with_count: bool) -> CandlePage:
+def _candle_page(interval: str, first_position: int, rows: Iterable[Any]) -> CandlePage:
     """Rows as canonical candle JSON, up to the first row with a NULL (named in ``error``)."""
     candles: list[bytes] = []
     last_time = None
-    interval_rows = None
     error = None
     for offset, row in enumerate(rows):
-        if with_count:
-            interval_rows = row[6]
-        time, open_, high, low, close, volume = row[:6]  # slicing: row.values() deep-copies
-        if None in (time, open_, high, low, close, volume):
+        time_, open_, high, low, close, volume = tuple(row)  # tuple(): row.values() deep-copies
+        if None in (time_, open_, high, low, close, volume):
             error = f"candle {first_position + offset} of interval '{interval}' has a NULL column"
             break
-        candles.append(encode_candle(Candle(time, open_, high, low, close, volume)))
-        last_time = time
-    return CandlePage(candles=candles, last_time=last_time, interval_rows=interval_rows, error=error)
+        candles.append(encode_candle(Candle(time_, open_, high, low, close, volume)))
+        last_time = time_
+    return CandlePage(candles=candles, last_time=last_time, error=error)
 
 
 def _describe(exc: BaseException) -> str:
