@@ -125,6 +125,7 @@ test("new arguments reopen the stream; an unmount mid-stream leaves no request o
   await until(async () => (await openOnServer()) === 0, "no stream left open at the gateway");
   assert.equal(await page.$$eval(".chart", (charts) => charts.length), 0);
   assert.equal(streams.started.length, 2, "nothing reopened after the unmount");
+  assert.equal(await page.evaluate(() => window.probe.stale), 0, "no render showed the first stream's intervals");
   assert.deepEqual(problems, []);
   await page.close();
 });
