@@ -53,6 +53,8 @@ from gateway.devtools.dev_auth import DevSigningKey, mint_token
 from gateway.devtools.devserver import add_console_routes, write_demo_job
 from gateway.devtools.ports import free_port
 from gateway.resources import LIFECYCLE
+from gateway.runner import GatewayRunner
+from gateway.server import runner_options
 from gateway.workers import JobWriter
 from tests.helpers import STEPS, make_candles
 
@@ -95,10 +97,8 @@ class Harness:
                    "socket_timeout_s": 2, "outage_wait_s": 0.5},
             # Short tokens must really expire; reconnects in the tests should be quick.
             auth={"clock_skew_s": 0},
-            # A ping a second: a stream whose client went away is noticed at the next write (the tests
-            # that count the gateway's open streams wait for it).
             server={"retry_ms": 200, "max_streams_per_user": 2, "shutdown_grace_s": 0, "access_log": False,
-                    "ping_interval_s": 1, "cors_origins": [self.allowed_page_url]},
+                    "cors_origins": [self.allowed_page_url]},
             follow={"recheck_interval_s": 0.2},
         )  # fmt: skip
 
@@ -176,7 +176,8 @@ class Harness:
         app = create_app(self.settings)
         add_console_routes(app, self._page_token, NODE_MODULES)
         app.on_response_prepare.append(self._record_answer)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        # The runner and options of `serve` and `make run` (a client that goes away cancels its handler).
+        runner = GatewayRunner(app, **{**runner_options(self.settings), "shutdown_timeout": 0.5})
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.gateway_port, reuse_address=True).start()
         self._replica = runner
