@@ -25,7 +25,7 @@ from tests.helpers import make_candles, open_followers, seed_job, stream_path
 from tests.sse_client import next_events
 
 JOB = "ends-job"
-FOLLOW = {"intervals": "minute", "follow": "true", "chunk_size": 5000, "limit": 50_000}
+FOLLOW: dict[str, object] = {"intervals": "minute", "follow": "true", "chunk_size": 5000, "limit": 50_000}
 
 
 async def _in_hub(metrics) -> float:
@@ -52,7 +52,7 @@ async def _append_and_complete(redis_client, job_id: str, candles: list[Any], na
     await redis_client.publish(events_channel(job_id), b'{"status": "completed"}')
 
 
-async def _open_raw(client, token: str, job_id: str = JOB, **params: Any) -> socket.socket:
+async def _open_raw(client, token: str, *, job_id: str = JOB, **params: object) -> socket.socket:
     """A follow stream on a plain socket with a tiny receive buffer, read to the end of its snapshot."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -178,7 +178,7 @@ async def test_churn_a_thousand_followers_of_ten_jobs_a_third_leaving_around_eac
     params = FOLLOW | {"chunk_size": 100}
 
     async def open_one(job: str) -> socket.socket:
-        return await _open_raw(client, token(), job, **params)
+        return await _open_raw(client, token(), job_id=job, **params)
 
     socks: dict[str, list[socket.socket]] = {}
     for job in jobs:
