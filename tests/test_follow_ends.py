@@ -52,7 +52,7 @@ async def _append_and_complete(redis_client, job_id: str, candles: list[Any], na
     await redis_client.publish(events_channel(job_id), b'{"status": "completed"}')
 
 
-async def _open_raw(client, token: str, *, job_id: str = JOB, **params: object) -> socket.socket:
+async def _open_raw(client, token: str, params: dict[str, object], job_id: str = JOB) -> socket.socket:
     """A follow stream on a plain socket with a tiny receive buffer, read to the end of its snapshot."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -88,7 +88,7 @@ async def test_the_first_follower_behind_exactly_at_the_jobs_end_takes_nobody_el
     names = tuple(f"i{n}" for n in range(16))
     await seed_job(writer(JOB), counts=dict.fromkeys(names, 1))
     params = FOLLOW | {"intervals": ",".join(names)}
-    slow = await _open_raw(client, token(), **params)  # first in, and never reads again
+    slow = await _open_raw(client, token(), params)  # first in, and never reads again
     await _until_in_hub(metrics, before + 1)
     readers = await open_followers(client, JOB, token, 2, **params)
     await _until_in_hub(metrics, before + 3)
@@ -106,7 +106,7 @@ async def test_the_first_follower_gone_exactly_at_the_jobs_end_takes_nobody_else
     metrics = await aiohttp_client(metrics_app())
     before = await _in_hub(metrics)
     await seed_job(writer(JOB), counts={"minute": 1})
-    gone = await _open_raw(client, token())
+    gone = await _open_raw(client, token(), FOLLOW)
     await _until_in_hub(metrics, before + 1)
     readers = await open_followers(client, JOB, token, 2, **FOLLOW)
     await _until_in_hub(metrics, before + 3)
@@ -127,7 +127,7 @@ async def test_followers_cancelled_while_their_hub_writes_a_long_catch_up_end_as
     w = writer(JOB)
     await seed_job(w, counts={"minute": 1})
     params = FOLLOW | {"chunk_size": 1}
-    socks = [await _open_raw(client, token(), **params) for _ in range(60)]
+    socks = [await _open_raw(client, token(), params) for _ in range(60)]
     await _until_in_hub(metrics, before + 60)
     caplog.set_level(logging.INFO)
     # A catch-up of 1,500 one-point chunks, read one by one: half the followers reset their
@@ -178,7 +178,7 @@ async def test_churn_a_thousand_followers_of_ten_jobs_a_third_leaving_around_eac
     params = FOLLOW | {"chunk_size": 100}
 
     async def open_one(job: str) -> socket.socket:
-        return await _open_raw(client, token(), job_id=job, **params)
+        return await _open_raw(client, token(), params, job)
 
     socks: dict[str, list[socket.socket]] = {}
     for job in jobs:
