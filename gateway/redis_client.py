@@ -142,16 +142,7 @@ class _GatedRedisCluster(RedisCluster):
 
 
 class _GatedClusterPipeline(ClusterPipeline):
-    """A cluster pipeline through the gate, that allows ``RENAME`` within one slot.
-
-    redis-py refuses ``RENAME`` in any cluster pipeline, as it could span two
-    slots; ours never does (both names carry the same ``{id}`` tag, and Redis
-    answers ``CROSSSLOT`` if they did not), and the backtest cache renames a
-    filled staging list into place inside a transaction.
-    """
-
-    def rename(self, src: Any, dst: Any) -> Any:
-        return self.execute_command("RENAME", src, dst)
+    """A cluster pipeline through the gate."""
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         client = cast(_GatedRedisCluster, self.cluster_client)
