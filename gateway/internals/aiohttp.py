@@ -15,13 +15,25 @@
   one pass, with aiohttp's own framing and accounting and no task switch
   per socket.
 
-``tests/test_internals.py`` pins both.
+- ``handlers_as``: aiohttp answers a request its HTTP parser rejects in
+  plain text from ``RequestHandler.handle_error``, before any app,
+  middleware or signal sees it; its ``Server`` always builds a plain
+  ``RequestHandler`` per connection, and no public option changes either
+  (``access_log_class`` and ``logger`` only observe). So the runner's
+  server is given a subclass that builds the gateway's handler
+  (``runner.JsonErrorHandler``), leaning on the runner's ``_make_server``
+  hook and the ``_loop`` and ``_kwargs`` that ``Server.__call__`` passes on.
+  Not for speed (it has none): for the SPEC's JSON on every error.
+
+``tests/test_internals.py`` pins the first two; ``tests/test_errors.py`` the third.
 """
 
 from __future__ import annotations
 
+from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import StreamWriter
+from aiohttp.web_protocol import RequestHandler
 
 
 class HeadersWithFirstWrite:
@@ -44,3 +56,27 @@ def write_at_once(writer: AbstractStreamWriter, data: bytes) -> None:
         return
     step.close()
     raise RuntimeError("aiohttp's StreamWriter.write(drain=False) waited: tests/test_internals.py says why")
+
+
+class _BuildsHandlers(web.Server):
+    handler_class: type[RequestHandler] = RequestHandler
+
+    def __call__(self) -> RequestHandler:
+        return self.handler_class(self, loop=self._loop, **self._kwargs)
+
+
+def handlers_as(server: web.Server, handler_class: type[RequestHandler]) -> None:
+    """Have ``server`` (built by an ``AppRunner``) build each connection's handler as ``handler_class``."""
+    # Same object, same state: only the class that builds each connection's handler changes.
+    server.__class__ = type("GatewayServer", (_BuildsHandlers,), {"handler_class": handler_class})
+
+
+class Runner(web.AppRunner):
+    """``web.AppRunner`` whose server builds ``handler_class`` for each connection."""
+
+    handler_class: type[RequestHandler] = RequestHandler
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # runs the app's startup, builds aiohttp's Server
+        handlers_as(server, self.handler_class)
+        return server
