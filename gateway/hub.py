@@ -262,12 +262,18 @@ class Hub:
         for member in joins:
             if member.settled:
                 continue
-            group = _Group(member.stream, member.source)
-            group.needs_look = member.heard_at is None or member.heard_at != self.notes_heard
+            needs_look = member.heard_at is None or member.heard_at != self.notes_heard
+            # Caught up (its snapshot is the live edge): it boards a group at its spot if there is one.
+            group = None if needs_look else self._at_spot(member.stream)
+            if group is None:
+                group = _Group(member.stream, member.source)
+                group.needs_look = needs_look
+                self.groups.append(group)
+            else:
+                group.model.status_sent_at = max(group.model.status_sent_at, member.stream.status_sent_at)
             member.board(group)
             group.members[member] = None
             metrics.FOLLOW_RIDERS.inc()
-            self.groups.append(group)
         reads = Reads(self._gate)
         for group in list(self.groups):
             if all(member.settled for member in group.members):
@@ -303,6 +309,10 @@ class Hub:
             group.over = True
         else:
             group.due = due
+
+    def _at_spot(self, stream: CandleStream) -> _Group | None:
+        """A group whose next events are byte for byte ``stream``'s (between passes, nothing waits to be written)."""
+        return next((group for group in self.groups if not group.over and group.model.same_spot(stream)), None)
 
     def _merge(self) -> None:
         """Groups that reached one spot become one."""

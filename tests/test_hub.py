@@ -138,7 +138,7 @@ async def test_a_rider_whose_client_stops_reading_falls_out_and_later_gets_every
 
 async def test_a_rider_that_never_reads_again_is_cut_off_and_resumes_exactly(make_gateway, writer, token):
     client = await make_gateway(
-        follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0, "send_timeout_s": 0.3}
+        follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0, "send_timeout_s": 1.0}
     )
     w = writer(JOB)
     names = ("minute", "3minute", "day")
