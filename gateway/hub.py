@@ -276,11 +276,13 @@ class Hub:
             metrics.FOLLOW_RIDERS.inc()
         reads = Reads(self._gate)
         for group in list(self.groups):
-            if all(member.settled for member in group.members):
-                group.over = True  # nobody left to write to: stop reading for them
-            elif look_all or group.needs_look or group.due <= now:
-                await self._look(group, reads, now)
-            group.flush()
+            # Only groups that look: a pass for a join costs nothing per member of the others.
+            if look_all or group.needs_look or group.due <= now:
+                if any(not member.settled for member in group.members):
+                    await self._look(group, reads, now)
+                else:
+                    group.over = True  # nobody left to write to: stop reading for them
+                group.flush()
         self.groups = [group for group in self.groups if not group.over]
         self._merge()
         if self._note_at is not None and look_all:
