@@ -45,7 +45,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
-from gateway.internals.aiohttp import HeadersWithFirstWrite, write_at_once
+from gateway.internals.aiohttp import HeadersWithFirstWrite, write_at_once, write_body
 from gateway.protocol import PING
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,12 @@ class CandleEventResponse(HeadersWithFirstWrite, EventSourceResponse):
         transport = self._transport
         if self._over or self._writer is None or transport is None or transport.is_closing():
             return Delivery.GONE
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
         try:
-            write_at_once(self._writer, frames[0] if len(frames) == 1 else b"".join(frames))
+            if self._writes:
+                write_body(self._writer, transport, data)
+            else:
+                write_at_once(self._writer, data)  # the first one: aiohttp sends the headers with it
         except ConnectionResetError:
             return Delivery.GONE
         self._writes += 1

@@ -15,6 +15,12 @@
   one pass, with aiohttp's own framing and accounting and no task switch
   per socket.
 
+- ``write_body``: once the headers are out, the same bytes and counts as
+  ``write_at_once`` without running a coroutine: the body framed as
+  aiohttp frames it (``StreamWriter.chunked``: HTTP/1.1 chunked encoding;
+  HTTP/1.0 plain), ``output_size`` and ``buffer_size`` counted, one
+  ``transport.write``. It pays for itself in the follow hub, which writes
+  one frame to thousands of sockets: measured in the commit that added it.
 - ``handlers_as``: aiohttp answers a request its HTTP parser rejects in
   plain text from ``RequestHandler.handle_error``, before any app,
   middleware or signal sees it; its ``Server`` always builds a plain
@@ -25,10 +31,12 @@
   hook and the ``_loop`` and ``_kwargs`` that ``Server.__call__`` passes on.
   Not for speed (it has none): for the SPEC's JSON on every error.
 
-``tests/test_internals.py`` pins the first two; ``tests/test_errors.py`` the third.
+``tests/test_internals.py`` pins the first three; ``tests/test_errors.py`` the last.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -56,6 +64,20 @@ def write_at_once(writer: AbstractStreamWriter, data: bytes) -> None:
         return
     step.close()
     raise RuntimeError("aiohttp's StreamWriter.write(drain=False) waited: tests/test_internals.py says why")
+
+
+def write_body(writer: AbstractStreamWriter, transport: asyncio.Transport, data: bytes) -> None:
+    """``write_at_once(writer, data)`` after the first body write, for a body without Content-Length or compression."""
+    if not isinstance(writer, StreamWriter) or writer.length is not None:
+        write_at_once(writer, data)
+        return
+    if transport.is_closing():
+        raise ConnectionResetError("Cannot write to closing transport")
+    if writer.chunked:
+        data = b"%x\r\n%b\r\n" % (len(data), data)
+    writer.output_size += len(data)
+    writer.buffer_size += len(data)
+    transport.write(data)
 
 
 class _BuildsHandlers(web.Server):
