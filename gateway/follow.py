@@ -53,6 +53,7 @@ async def follow_live(
     from gateway.hub import Leave
 
     stream.mark_status_sent_with_snapshot()
+    response.bound_send_buffer()  # a follower lives long: its kernel buffer stays small
     while True:
         # Python 3.11's asyncio.wait_for, around redis-py's socket writes during the
         # snapshot, can swallow a cancellation that lands as a write completes

@@ -134,12 +134,19 @@ class CandleEventResponse(HeadersWithFirstWrite, EventSourceResponse):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         writer = await super().prepare(request)
         self._writer, self._transport = writer, request.transport
-        sock = None if request.transport is None else request.transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._heartbeat = _heartbeat(min(self.ping_interval_s, self.send_timeout_s or math.inf) / _TICKS)
         self._heartbeat.add(self)
         return writer
+
+    def bound_send_buffer(self) -> None:
+        """Cap the kernel's send buffer for a long-lived stream (a follower): autotuning would grow it to MBs.
+
+        Not for a snapshot: the snapshot's MBs go out faster through the
+        autotuned buffer, and a client that stops reading one is cut off.
+        """
+        sock = None if self._transport is None else self._transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
     def write_frames(self, frames: Sequence[bytes], size: int) -> Delivery:
         """Write ``frames`` (``size`` bytes in all) now, in one socket write: the one way bytes reach the client."""
