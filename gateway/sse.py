@@ -26,8 +26,9 @@ with two changes (``gateway/internals/aiohttp.py`` holds the one door):
 
 Memory per connection stays bounded: a stream waits for the drain once
 over ``BUFFER_BOUND`` bytes wait in user space (a follower leaves its hub,
-``hub.py``), and the kernel's send buffer is capped at
-``SEND_BUFFER_BYTES`` (autotuning grew it to 2.85 MB for a slow client).
+``hub.py``), and a follower's kernel send buffer is capped at
+``SEND_BUFFER_BYTES`` once its snapshot is sent (autotuning grew it to
+2.85 MB for a slow client).
 """
 
 from __future__ import annotations
