@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio.client import PubSub
 
 from gateway.sse import CandleEventResponse
@@ -49,6 +50,7 @@ async def test_a_client_that_stops_reading_is_cut_off_at_the_send_timeout_as_cut
     client = await make_gateway(server={"send_timeout_s": 0.5, "max_streams_per_user": 0})
     await seed_job(writer(JOB), counts={"minute": 50_000}, status="completed")
     caplog.set_level(logging.INFO, logger="gateway.streams")
+    before = _ended("job", "snapshot", "cut_slow_client")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
@@ -58,6 +60,7 @@ async def test_a_client_that_stops_reading_is_cut_off_at_the_send_timeout_as_cut
     await loop.sock_sendall(sock, f"GET {stream_path(JOB)}?{query} HTTP/1.1\r\nHost: g\r\n\r\n".encode())
     # It never reads: the snapshot fills every buffer and the stream waits, until the cut.
     assert await _logged(caplog, 1) == ["cut_slow_client"]
+    assert _ended("job", "snapshot", "cut_slow_client") == before + 1
     sock.close()
 
 
@@ -67,6 +70,7 @@ async def test_followers_that_close_right_after_all_complete_end_as_all_complete
     await seed_job(w, counts={"minute": 2})
     readers = await open_followers(client, JOB, token, 30, intervals="minute")
     caplog.set_level(logging.INFO, logger="gateway.streams")
+    before = _ended("job", "follow", "all_complete")
     await w.update(status="completed")
 
     async def read_then_close(response, next_event) -> None:
@@ -75,6 +79,7 @@ async def test_followers_that_close_right_after_all_complete_end_as_all_complete
 
     await asyncio.gather(*(read_then_close(*reader) for reader in readers))
     assert await _logged(caplog, 30) == ["all_complete"] * 30
+    assert _ended("job", "follow", "all_complete") == before + 30
 
 
 async def test_an_unexpected_exception_ends_the_stream_as_incomplete_and_closes_it(
@@ -91,6 +96,7 @@ async def test_an_unexpected_exception_ends_the_stream_as_incomplete_and_closes_
     transcript = await read_stream(await open_stream(client, JOB, token=token(), intervals="minute"))
     assert transcript.names == ["interval_start", "data_chunk"]  # then the body ended: the client resumes
     assert await _logged(caplog, 1) == ["incomplete"]
+    assert _ended("job", "snapshot", "incomplete") >= 1
     assert any(record.exc_info and "a bug" in str(record.exc_info[1]) for record in caplog.records)
 
 
@@ -154,3 +160,29 @@ async def test_the_notes_listener_survives_an_error_that_is_not_redis(make_gatew
     event = (await asyncio.wait_for(next_events(next_event, 1), 5.0))[0]
     assert (event.event, event.payload["points_sent"]) == ("data_chunk", 2)
     response.close()
+
+
+def _ended(source: str, mode: str, outcome: str) -> float:
+    labels = {"source": source, "mode": mode, "outcome": outcome}
+    return REGISTRY.get_sample_value("gateway_streams_ended_total", labels) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("job", "status", "source", "outcome"),
+    [
+        ("outcome-missing", None, "job", "job_not_found"),
+        ("outcome-failed", "failed", "job", "job_error"),
+        ("bt_1737530000.123", None, "backtest", "connection_error"),  # no warehouse configured here
+    ],
+)
+async def test_a_fatal_error_is_the_streams_outcome_logged_and_counted(
+    client, writer, token, caplog, job, status, source, outcome
+):
+    if status is not None:
+        await seed_job(writer(job), counts={"minute": 1}, status=status)
+    caplog.set_level(logging.INFO, logger="gateway.streams")
+    before = _ended(source, "snapshot", outcome)
+    transcript = await read_stream(await open_stream(client, job, token=token(), intervals="minute"))
+    assert transcript.events[-1].payload["error"] == outcome
+    assert await _logged(caplog, 1) == [outcome]
+    assert _ended(source, "snapshot", outcome) == before + 1
