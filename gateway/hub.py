@@ -151,14 +151,19 @@ class _Group:
         self.mark = self.model.mark()
         behind = Leave.ENDED if self.over else Leave.BEHIND
         if frames:
-            size = sum(map(len, frames))
-            for member in list(self.members):
+            data = frames[0] if len(frames) == 1 else b"".join(frames)  # joined once, not once per member
+            batch, size = (data,), len(data)
+            dropped: list[tuple[_Member, Delivery]] = []
+            for member in self.members:
                 if member.settled:
-                    del self.members[member]
+                    dropped.append((member, Delivery.SENT))
                     continue
-                delivery = member.response.write_frames(frames, size)
+                delivery = member.response.write_frames(batch, size)
                 if delivery is not Delivery.SENT:
-                    del self.members[member]
+                    dropped.append((member, delivery))
+            for member, delivery in dropped:
+                del self.members[member]
+                if delivery is not Delivery.SENT:
                     member.settle(Leave.GONE if delivery is Delivery.GONE else behind)
         if self.over:
             for member in self.members:
