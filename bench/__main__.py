@@ -773,6 +773,9 @@ def main() -> None:
         action="store_true",
         help="fan-out: also run bench/floor.py's follow mode at each size (the least work per append)",
     )
+    parser.add_argument(
+        "--fanout-nchan", action="store_true", help="fan-out: also run nchan (nginx, 1 worker) at each size"
+    )
     parser.add_argument("--fanout-idle", type=int, default=19_000, help="fan-out: idle followers held (0: skip)")
     parser.add_argument(
         "--fanout-connect-concurrency",

@@ -21,6 +21,11 @@ workers; the row says how), then:
   events per second, ``connection_error`` events and refused (non-200)
   streams, and the client's own CPU (to show it is not the bottleneck).
 
+With ``--fanout-nchan`` each size also runs nchan (``bench/nchan.py``: nginx's
+pub/sub module, one worker) in the gateway's place, same client, same
+message sizes, one publication per job every 200 ms: the yardstick of the
+issue that asked for the hub.
+
 With ``--fanout-floor`` each size first runs ``bench/floor.py``'s follow
 mode in the gateway's place (same client, appender and Valkey): the least
 a follow server can do per append, for reading the gateway's row against.
@@ -75,10 +80,11 @@ def job_id(n: int) -> str:
 class _Follower(asyncio.Protocol):
     """One follow stream read off a raw socket: only the live data_chunk's points_sent is parsed."""
 
-    def __init__(self, client: _Client, follower: int, request: bytes) -> None:
+    def __init__(self, client: _Client, follower: int, request: bytes, *, live_at_once: bool = False) -> None:
         self._client = client
         self._follower = follower
         self._request = request
+        self._live_at_once = live_at_once  # no snapshot (nchan): live from the response's status line
         self._buffer = b""
         self.ready = asyncio.get_running_loop().create_future()
         self.status_ok: bool | None = None
@@ -98,6 +104,9 @@ class _Follower(asyncio.Protocol):
                 self._client.refused += 1
                 self._done()
                 return
+            if self._live_at_once:
+                self.live = True
+                self._done()
         *events, self._buffer = buffer.split(b"\n\n")
         now = time.time()
         for event in events:
@@ -144,10 +153,12 @@ async def _client_main(args: argparse.Namespace) -> None:
     async def open_one(n: int) -> None:
         job = n % args.jobs
         path = f"/api/sse/backtest/{job_id(job)}/data/multi?intervals=day&follow=true&token={args.token}"
+        if args.nchan:
+            path = f"/sub/{job_id(job)}"
         request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode()
         async with in_flight:
             transport, follower = await loop.create_connection(
-                lambda: _Follower(client, n, request), "127.0.0.1", args.port
+                lambda: _Follower(client, n, request, live_at_once=args.nchan), "127.0.0.1", args.port
             )
             transports.append(transport)
             await follower.ready
@@ -184,6 +195,7 @@ def client_command(argv: Sequence[str]) -> None:
     parser.add_argument("--jobs", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--nchan", action="store_true", help="subscribe to nchan's /sub/<job> instead")
     args = parser.parse_args(argv)
     raise_open_files()
     from gateway.server import install_uvloop
@@ -279,12 +291,12 @@ def _percentile(ordered: Sequence[float], fraction: float) -> float:
 
 
 def _start_client(
-    port: int, token: str, followers: int, jobs: int, out: Path, concurrency: int
+    port: int, token: str, followers: int, jobs: int, out: Path, concurrency: int, nchan: bool = False
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.fanout", "client", "--port", str(port), "--token", token,
          "--followers", str(followers), "--jobs", str(jobs), "--out", str(out),
-         "--concurrency", str(concurrency)],
+         "--concurrency", str(concurrency), *(["--nchan"] if nchan else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
 
@@ -303,15 +315,16 @@ async def run_size(
     workers: int = 1,
     metrics_port: int = 0,
     connect_concurrency: int = 64,
+    nchan: bool = False,
 ) -> FanoutResult:
-    writers = await _seed(redis_client, jobs)
+    writers = [] if nchan else await _seed(redis_client, jobs)
     out = work / f"fanout-{followers}x{jobs}.bin"
     # Summed over the gateway's processes. With workers this includes what each forked worker
     # faults in of the shared libraries on its first streams (about 10 MiB each on the bench
     # machine, VmRSS's RssFile part): a fixed cost that small sizes spread over few followers.
     rss_before = rss_kib(gateway_pid)
     connect_cpu0 = cpu_seconds(gateway_pid)
-    client = _start_client(port, token, followers, jobs, out, connect_concurrency)
+    client = _start_client(port, token, followers, jobs, out, connect_concurrency, nchan)
     assert client.stdin is not None and client.stdout is not None
     loop = asyncio.get_running_loop()
     try:
@@ -339,7 +352,12 @@ async def run_size(
         if duration_s <= 0:
             return result
         client_cpu0 = cpu_seconds(client.pid)
-        appended = await _append_for(writers, duration_s)
+        if nchan:
+            from bench.nchan import publish_for
+
+            appended = await publish_for(port, jobs, duration_s)
+        else:
+            appended = await _append_for(writers, duration_s)
         await asyncio.sleep(2.0)  # the last appends' deliveries
         cpu2, commands2, t2 = cpu_seconds(gateway_pid), await _commands(redis_client), time.time()
         result.client_cpu = (cpu_seconds(client.pid) - client_cpu0) / (t2 - t1)
@@ -415,6 +433,7 @@ class _Run:
     source: str | None = None  # another source tree's gateway (--fanout-baseline)
     idle_only: bool = False
     floor: bool = False  # bench/floor.py's follow mode instead of a gateway (--fanout-floor)
+    nchan: bool = False  # nchan (bench/nchan.py) instead of a gateway (--fanout-nchan)
 
 
 def _runs(args: argparse.Namespace, worker_counts: Sequence[int]) -> list[_Run]:
@@ -427,6 +446,8 @@ def _runs(args: argparse.Namespace, worker_counts: Sequence[int]) -> list[_Run]:
     for followers, jobs in sizes:
         if args.fanout_floor:
             runs.append(_Run(followers, jobs, 1, floor=True))
+        if args.fanout_nchan:
+            runs.append(_Run(followers, jobs, 1, nchan=True))
         runs += [_Run(followers, jobs, w, source) for w in worker_counts for source in sources]
     runs += [_Run(args.fanout_idle, 1, w, idle_only=True) for w in worker_counts]
     return [run for run in runs if run.followers > 0]
@@ -478,6 +499,8 @@ def _label(run: _Run, counts: Sequence[int], followers_per_worker: Sequence[int]
         parts.append("baseline")
     if run.floor:
         return "floor (bench/floor.py, 1 process)"
+    if run.nchan:
+        return "nchan (nginx, 1 worker)"
     return " ".join(parts)
 
 
@@ -493,6 +516,13 @@ async def fanout_section(
         _check_baseline_workers(args.fanout_baseline, counts)
     client = aioredis.Redis.from_url(redis_url)
     results = []
+    notes = []
+    if args.fanout_nchan:
+        from bench.nchan import ensure_nchan
+
+        if (why := ensure_nchan()) is not None:
+            notes.append(f"nchan rows skipped: {why}")
+            args.fanout_nchan = False
     try:
         for run in _runs(args, counts):
             port = free_port()
@@ -524,7 +554,13 @@ async def fanout_section(
                 command = [sys.executable, "-m", "pyinstrument", "-o", str(profile), "-c", program, *command[3:]]
             # The baseline runs in its own tree: ``python -m`` puts the working directory first on
             # sys.path, ahead of PYTHONPATH, so from here it would run this tree's gateway.
-            async with server_process(command, env, port, work / f"{name}.log", cwd=run.source) as gateway:
+            if run.nchan:
+                from bench.nchan import nchan_server
+
+                server = nchan_server(work / f"{name}-nginx", port)
+            else:
+                server = server_process(command, env, port, work / f"{name}.log", cwd=run.source)
+            async with server as gateway:
                 await asyncio.sleep(0.5)
                 # Every worker listening (it binds the public port before its metrics port):
                 # until then SO_REUSEPORT gives every connection to the ones that do.
@@ -542,6 +578,7 @@ async def fanout_section(
                     workers=run.workers,
                     metrics_port=metrics_port,
                     connect_concurrency=args.fanout_connect_concurrency,
+                    nchan=run.nchan,
                 )
                 result.label = _label(run, counts, result.followers_per_worker)
                 print(table([result])[-1], file=sys.stderr)
@@ -556,6 +593,7 @@ async def fanout_section(
     return [
         f"fan-out: one append per job every {APPEND_EVERY_S * 1000:.0f} ms for {duration:.0f} s;"
         f" {processes}; raw-socket client in its own process",
+        *notes,
         "",
         *table(results),
     ]

@@ -20,13 +20,12 @@ from typing import TypeVar
 from aiohttp import HttpVersion11, hdrs, web
 
 from gateway import metrics
-from gateway.broadcast import Seat
 from gateway.config import Settings
 from gateway.errors import RedisUnreachable, StreamError, Unauthenticated, Unavailable
-from gateway.follow import LiveTail
+from gateway.follow import follow_live
 from gateway.lifecycle import Lifecycle, StreamStopped
 from gateway.limits import RECONNECT_PATIENCE_S, retry_after_seconds
-from gateway.live import Follower
+from gateway.live import Registration
 from gateway.observe import StreamWatch
 from gateway.params import StreamRequest, parse_stream_request
 from gateway.position import StreamPosition, decode_position
@@ -86,7 +85,7 @@ async def _admitted(request: web.Request, request_started: float) -> web.StreamR
         # (In memory only: nothing is asked of Redis before authorization.)
         notes = app[NOTES]
         early = notes.follow(params.id) if params.follow and notes.hears(params.id) else contextlib.nullcontext()
-        async with early as feed:
+        async with early as early_hold:
             source: Source | None = None
             snapshot: Snapshot | None = None
             failure: StreamError | None = None
@@ -97,7 +96,16 @@ async def _admitted(request: web.Request, request_started: float) -> web.StreamR
                 failure = exc
             try:
                 return await _respond(
-                    request, settings, params, position, source, snapshot, failure, user.uid, request_started, feed
+                    request,
+                    settings,
+                    params,
+                    position,
+                    source,
+                    snapshot,
+                    failure,
+                    user.uid,
+                    request_started,
+                    early_hold,
                 )
             finally:
                 if source is not None:
@@ -168,7 +176,7 @@ async def _respond(
     failure: StreamError | None,
     user_id: str,
     request_started: float,
-    feed: Follower | None,
+    registered: Registration | None,
 ) -> web.StreamResponse:
     server = settings.server
     response = CandleEventResponse(ping_interval=server.ping_interval_s, send_timeout=server.send_timeout_s)
@@ -194,35 +202,48 @@ async def _respond(
             entry=entry,
         )
         send = watch.bind(response.send_frame)
-        outcome = "client_gone"
+        if source is None or snapshot is None:
+            assert failure is not None
+            body = send_start_error(failure, params, position, send, retry_ms=server.jittered_retry_ms())
+        else:
+            body = _run_stream(request, settings, params, position, source, snapshot, send, response, watch, registered)
+        outcome = "incomplete"  # unless the stream says otherwise: an unexpected exception is a bug's outcome
+        returned = False
         try:
-            if source is None or snapshot is None:
-                assert failure is not None
-                body = send_start_error(failure, params, position, send, retry_ms=server.jittered_retry_ms())
-            else:
-                seat = Seat(response, watch)
-                body = _run_stream(request, settings, params, position, source, snapshot, send, seat, feed)
             entry.body = asyncio.ensure_future(body)
             try:
                 await entry.body
-                outcome = watch.outcome_of_return()
             except (StreamStopped, asyncio.CancelledError):
                 if not entry.stop_requested or (task := asyncio.current_task()) is None or task.cancelling():
                     raise  # the handler itself was cancelled: the client went away
                 outcome = "drained"
-            await response.write_eof()
+            else:
+                # Final once the body returned: the end of the body failing (the client
+                # closed right after all_complete) changes nothing of what it was sent.
+                outcome, returned = watch.outcome_of_return(), True
+            with contextlib.suppress(ConnectionResetError):
+                await response.write_eof()
         except (ConnectionResetError, TimeoutError):
             # The client went away or stopped reading; it may reconnect and resume.
-            outcome = "cut_slow_client" if response.cut_off else "client_gone"
+            outcome = _gone(response)
         except asyncio.CancelledError:
-            outcome = "cut_slow_client" if response.cut_off else "drained" if entry.stop_requested else "client_gone"
+            if not returned:
+                outcome = "drained" if entry.stop_requested and not response.cut_off else _gone(response)
             raise
+        except Exception:
+            # A bug: the client's connection ends here, and it resumes from its last event.
+            log.exception("stream %s failed", watch.stream_id)
         finally:
             watch.end(outcome)
             response.stop_streaming()
             with contextlib.suppress(asyncio.CancelledError):
                 await response.wait()
     return response
+
+
+def _gone(response: CandleEventResponse) -> str:
+    """How a stream whose connection failed ended: cut off by the heartbeat, or the client left."""
+    return "cut_slow_client" if response.cut_off else "client_gone"
 
 
 async def _run_stream(
@@ -233,8 +254,9 @@ async def _run_stream(
     source: Source,
     snapshot: Snapshot,
     send: Send,
-    seat: Seat,
-    registered: Follower | None,
+    response: CandleEventResponse,
+    watch: StreamWatch,
+    registered: Registration | None,
 ) -> None:
     """The stream's events; a follow stream with ``registered`` heard its job's notes since before its read."""
     stream = CandleStream(params, snapshot, source, position, send, retry_ms=settings.server.jittered_retry_ms())
@@ -243,12 +265,13 @@ async def _run_stream(
         await stream.run()
         return
     # A registration made before the read is of this very job: a running job keeps its request's id.
+    heard_at = None if registered is None else registered.heard_at
     registration = request.app[NOTES].follow(job_id) if registered is None else contextlib.nullcontext(registered)
-    async with registration as feed:
-        tail = LiveTail(stream, source, feed, status_min_interval_s=settings.follow.status_min_interval_s, seat=seat)
+    async with registration as held:
+        live = partial(follow_live, stream, held.hub, source, response, watch, heard_at)
         metrics.FOLLOWERS.inc()
         try:
-            await stream.run(live_tail=partial(tail.run, caught_up=registered is not None))
+            await stream.run(live_tail=live)
         finally:
             metrics.FOLLOWERS.dec()
 

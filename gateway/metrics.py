@@ -92,13 +92,14 @@ STREAM_ERRORS = Counter(
 FOLLOWERS = Gauge("followers", "Streams following a running job live", namespace=NAMESPACE)
 FOLLOW_RIDERS = Gauge(
     "follow_cohort_riders",
-    "Follow streams riding a cohort: the cohort's leader writes their events (the rest wait on their own)",
+    "Follow streams in their job's hub, which writes their live events (the rest are in their snapshot or"
+    " waiting for their socket to drain); the name is kept from the cohorts the hub replaced",
     namespace=NAMESPACE,
 )
 NOTE_TO_WRITTEN_SECONDS = Histogram(
     "follow_note_to_written_seconds",
     "From a worker's note reaching the process to the events of the look it caused handed to the sockets"
-    " (per wake-up of a lone follower or a cohort's leader, not per rider)",
+    " (per pass of a job's hub, not per follower)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     namespace=NAMESPACE,
 )

@@ -104,7 +104,7 @@ class StreamWatch:
         return not self._first_chunk
 
     def sent_elsewhere(self, events: int, sent_bytes: int, last_event: bytes, error_frames: list[bytes]) -> None:
-        """Count what a follow cohort (broadcast.py) wrote to this stream; its metrics counted the events already."""
+        """Count what its job's follow hub (hub.py) wrote to this stream; the hub counted the events' metrics."""
         self._events += events
         self._bytes += sent_bytes
         self._last_event = last_event

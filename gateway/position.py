@@ -75,6 +75,13 @@ def copy_position(source: StreamPosition, target: StreamPosition) -> None:
     target.current_bar = source.current_bar
 
 
+def clone_position(source: StreamPosition) -> StreamPosition:
+    """A copy of ``source`` that shares nothing with it."""
+    clone = msgspec.structs.replace(source)
+    clone.intervals = [msgspec.structs.replace(interval) for interval in source.intervals]
+    return clone
+
+
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(StreamPosition).decode
 

@@ -100,35 +100,6 @@ class ClosedTransportConnection(aioredis.Connection):
             raise redis.exceptions.ConnectionError(f"the connection was closed under a write ({exc})") from exc
 
 
-class InPlaceWriteConnection(ClosedTransportConnection):
-    """A connection that sends each command from the caller's own task, timed by ``asyncio.timeout``.
-
-    redis-py (8.1) times every write with ``asyncio.wait_for``, which on
-    Python 3.11 wraps the write in a task of its own: a task per command,
-    bytes that leave one turn of the event loop later (under load a turn is
-    many socket sends long), and a cancellation that lands as the write
-    completes can be swallowed (bpo-42130). The timeout is the same
-    ``socket_timeout``, and a write that runs out of it is redis-py's
-    ``TimeoutError`` as before, after the connection is dropped.
-    """
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        timeout = self.socket_timeout
-        if not timeout or not self.is_connected:
-            # Connecting (and the handshake's own commands): exactly as redis-py does it.
-            await super().send_packed_command(command, check_health)
-            return
-        # Without a socket_timeout redis-py writes in place; the timeout around it is ours.
-        self.socket_timeout = None
-        try:
-            async with asyncio.timeout(timeout):
-                await super().send_packed_command(command, check_health)
-        except TimeoutError:
-            raise redis.exceptions.TimeoutError("Timeout writing to socket") from None
-        finally:
-            self.socket_timeout = timeout
-
-
 def _build_single_client(settings: RedisSettings) -> aioredis.Redis:
     """A client on a blocking pool whose connections retry a failed command on a fresh connection.
 
@@ -149,7 +120,7 @@ def _build_single_client(settings: RedisSettings) -> aioredis.Redis:
         # pooled connection fails its command, which the retry repeats.
         health_check_interval=0,
         # For redis:// URLs; rediss:// and unix:// keep redis-py's own classes (the URL's wins).
-        connection_class=InPlaceWriteConnection,
+        connection_class=ClosedTransportConnection,
         **_security_options(settings),
     )
     return aioredis.Redis(connection_pool=pool)
@@ -215,16 +186,7 @@ class _GatedRedisCluster(RedisCluster):
 
 
 class _GatedClusterPipeline(ClusterPipeline):
-    """A cluster pipeline through the gate, that allows ``RENAME`` within one slot.
-
-    redis-py refuses ``RENAME`` in any cluster pipeline, as it could span two
-    slots; ours never does (both names carry the same ``{id}`` tag, and Redis
-    answers ``CROSSSLOT`` if they did not), and the backtest cache renames a
-    filled staging list into place inside a transaction.
-    """
-
-    def rename(self, src: Any, dst: Any) -> Any:
-        return self.execute_command("RENAME", src, dst)
+    """A cluster pipeline through the gate."""
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         client = cast(_GatedRedisCluster, self.cluster_client)

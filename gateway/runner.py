@@ -9,12 +9,10 @@ answers them in the SPEC's JSON like every other error (400
 ``invalid_request`` naming what the parser rejected, 500 ``internal``).
 
 aiohttp's ``Server`` always builds a plain ``RequestHandler`` per
-connection and offers no option to change that, so ``GatewayRunner`` gives
-the server it builds a subclass that builds ``JsonErrorHandler`` instead.
-What that leans on beyond aiohttp's public names: the runner's
-``_make_server`` hook, and the ``_loop`` and ``_kwargs`` that
-``Server.__call__`` passes on. aiohttp is pinned (``setup.cfg``); after an
-upgrade, ``tests/test_errors.py`` says whether they still hold.
+connection and offers no public option to change that:
+``gateway/internals/aiohttp.py`` (its one door into aiohttp's private
+parts) has the runner's server build ``JsonErrorHandler`` instead. After an
+upgrade, ``tests/test_errors.py`` says whether that still holds.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway import metrics
 from gateway.app import INTERNAL_ERROR_MESSAGE, error_response
+from gateway.internals.aiohttp import Runner
 from gateway.logs import clean
 
 # aiohttp's reasons are fixed words followed by the rejected bytes, which may
@@ -79,21 +78,10 @@ def rejection_message(exc: BaseException | None) -> str:
     return f"malformed HTTP request: {clean(what)}"
 
 
-class _JsonErrorServer(web.Server):
-    """aiohttp's low-level server, building a ``JsonErrorHandler`` per connection."""
-
-    def __call__(self) -> RequestHandler:
-        return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
-class GatewayRunner(web.AppRunner):
+class GatewayRunner(Runner):
     """``web.AppRunner`` whose connections answer aiohttp's own errors in JSON.
 
     ``serve``, the dev server and the tests' servers all run the app on it.
     """
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()  # runs the app's startup, builds aiohttp's Server
-        # Same object, same state: only the class that builds each connection's handler changes.
-        server.__class__ = _JsonErrorServer
-        return server
+    handler_class = JsonErrorHandler

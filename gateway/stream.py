@@ -10,10 +10,8 @@ HTTP (it hands finished frames to ``send``).
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from functools import partial
-from typing import Protocol
 
 import msgspec
 
@@ -22,7 +20,7 @@ from gateway.errors import DataError, JobFailed, StreamError
 from gateway.params import StreamRequest
 from gateway.payloads import Payloads
 from gateway.policy import Complete, SendChunk, Start, next_action
-from gateway.position import Phase, StreamPosition, copy_position
+from gateway.position import Phase, StreamPosition, clone_position, copy_position
 from gateway.protocol import (
     DataChunk,
     ErrorEvent,
@@ -35,15 +33,29 @@ Send = Callable[[bytes, bytes], Awaitable[None]]
 
 
 class StreamOver(Exception):
-    """Raised by a live tail whose stream's last event went out elsewhere (a follow cohort, ``broadcast.py``)."""
+    """Raised by a live tail whose stream's last event went out elsewhere (its job's follow hub, ``hub.py``)."""
 
 
-class FrameStore(Protocol):
-    """Frames shared between streams (follow mode's encode-once cache, ``live.FrameCache``)."""
+class Mark:
+    """Where a stream stood after some events: what a follower adopts when it leaves its job's hub."""
 
-    def get(self, key: Hashable) -> bytes | None: ...
+    __slots__ = ("anchors", "last_times", "position", "state", "went_back")
 
-    def put(self, key: Hashable, frame: bytes) -> None: ...
+    def __init__(
+        self,
+        position: StreamPosition,
+        state: JobState,
+        last_times: dict[int, datetime],
+        anchors: dict[int, bytes],
+        *,
+        went_back: bool,
+    ) -> None:
+        self.position = position
+        self.state = state
+        self.last_times = last_times
+        # The last stored element sent per interval (the continuity check's anchor, ``_check_continuity``).
+        self.anchors = anchors
+        self.went_back = went_back
 
 
 class CandleStream:
@@ -81,14 +93,10 @@ class CandleStream:
         # The last stored element sent of each interval, to check the next read's element before it.
         self._anchors: dict[int, bytes] = {}
         self._went_back = False  # a completed job said it runs again: reported once, then not adopted
-        self._frames: FrameStore | None = None
         # When follow mode last sent a job_status (its clock), for coalescing.
         self.status_sent_at = -math.inf
         # Set just before the stream's last event (all_complete or a fatal error) is handed to send.
         self.sending_last_event = False
-        # Called by follow mode once one look's events were all handed to send:
-        # a cohort's leader (broadcast.py) writes them out to its riders then.
-        self.round_over: Callable[[], None] = _nothing
         # What a live event's bytes depend on besides its id, the state and the chunk.
         self._shape = (request.intervals, request.limit, request.chunk_size, request.order, self._payloads.exists)
         # What the payloads say of the job besides its state.
@@ -116,14 +124,11 @@ class CandleStream:
                         await self._complete(index)
             if live_tail is not None and self.position.is_partial:
                 await live_tail()
-            await self._finish()
+            await self.finish()
         except StreamOver:
             return
         except StreamError as exc:
-            if not exc.fatal:
-                raise
-            self.sending_last_event = True
-            await self._error(exc, interval=None)
+            await self.end_with(exc)
         finally:
             for reader in self._readers.values():
                 await reader.aclose()
@@ -198,7 +203,8 @@ class CandleStream:
             protocol.INTERVAL_COMPLETE, self._payloads.interval_complete(self.position, self._state, index)
         )
 
-    async def _finish(self) -> None:
+    async def finish(self) -> None:
+        """``all_complete``: the stream's last event."""
         self.position.finished = True
         self.sending_last_event = True
         await self._emit(protocol.ALL_COMPLETE, self._payloads.all_complete(self.position, self._state))
@@ -222,14 +228,14 @@ class CandleStream:
             return
         self._account(index, chunk)
         interval.total_points = interval.points_sent
-        await self._emit_shared(protocol.DATA_CHUNK, (index, chunk.points), partial(self._live_chunk, index, chunk))
+        await self._emit(protocol.DATA_CHUNK, self._chunk_payload(index, chunk.points, is_last=False))
 
-    def _live_chunk(self, index: int, chunk: Chunk) -> DataChunk:
-        return self._chunk_payload(index, chunk.points, is_last=False)
-
-    def share_frames(self, frames: FrameStore) -> None:
-        """Live events (after the snapshot) reuse the frames of other streams that send the same bytes."""
-        self._frames = frames
+    async def end_with(self, exc: StreamError) -> None:
+        """A fatal error ends the stream with an ``error`` event (a non-fatal one is raised again)."""
+        if not exc.fatal:
+            raise exc
+        self.sending_last_event = True
+        await self._error(exc, interval=None)
 
     async def fail_live(self, index: int, exc: DataError) -> None:
         """A data_error for an interval being followed: no more points for it."""
@@ -251,9 +257,9 @@ class CandleStream:
     async def send_job_status(self) -> None:
         self.position.job_status = self._state.status
         self.position.current_bar = self._state.current_bar
-        await self._emit_shared(protocol.JOB_STATUS, None, partial(self._payloads.job_status, self._state))
+        await self._emit(protocol.JOB_STATUS, self._payloads.job_status(self._state))
 
-    # -- what a follow cohort (broadcast.py) needs -----------------------------
+    # -- what a follow hub (hub.py) needs ----------------------------------------
 
     @property
     def first_event_sent(self) -> bool:
@@ -268,10 +274,11 @@ class CandleStream:
             and self.position == other.position
             and self._last_times == other._last_times
             and self._anchors == other._anchors
+            and self._went_back == other._went_back
         )
 
-    def fork(self, send: Send, round_over: Callable[[], None]) -> CandleStream:
-        """A stream at this one's position and state, writing through ``send`` (a cohort's leader).
+    def fork(self, send: Send) -> CandleStream:
+        """A stream at this one's position and state, writing through ``send`` (a hub's model of its followers).
 
         It shares the source, and may outlive this stream: follow mode runs on
         running jobs, whose source holds nothing per stream (closing it is a no-op).
@@ -284,18 +291,32 @@ class CandleStream:
             send,
             retry_ms=None,
         )
-        twin.adopt(self)
-        twin.round_over = round_over
-        twin._frames = self._frames
+        twin.adopt(self.mark())
         twin.status_sent_at = self.status_sent_at
         return twin
 
-    def adopt(self, other: CandleStream) -> None:
-        """Take over where ``other`` (a cohort's leader) is: what it sent went to this stream's client too."""
-        copy_position(other.position, self.position)
-        self._state = other._state
-        self._last_times = dict(other._last_times)
-        self._anchors = dict(other._anchors)
+    def mark(self) -> Mark:
+        """Where this stream stands now, kept apart from it."""
+        return Mark(
+            clone_position(self.position),
+            self._state,
+            dict(self._last_times),
+            dict(self._anchors),
+            went_back=self._went_back,
+        )
+
+    def adopt(self, mark: Mark) -> None:
+        """Take over ``mark`` (where a hub's model stood): what it sent went to this stream's client too.
+
+        The continuity anchors travel with it: a group's model checks each
+        live read against the element its members were last sent, and a
+        member that leaves goes on checking from there.
+        """
+        copy_position(mark.position, self.position)
+        self._state = mark.state
+        self._last_times = dict(mark.last_times)
+        self._anchors = dict(mark.anchors)
+        self._went_back = mark.went_back
 
     # -- helpers -------------------------------------------------------------
 
@@ -371,37 +392,10 @@ class CandleStream:
         payload = self._payloads.error(exc, interval=interval, code=code, points_sent=points_sent)
         await self._emit(protocol.ERROR, payload)
 
-    async def _emit_shared(self, event: bytes, extra: Hashable, build: Callable[[], Payload]) -> None:
-        """A live event, through the shared frame cache when there is one.
-
-        The key holds everything the frame's bytes depend on: the event, its
-        id (the position after it, which carries the request's fingerprint),
-        the request's shape, which intervals exist, the job's state and
-        backtest id, and ``extra`` (the chunk's interval and points). Equal
-        keys therefore mean equal bytes: a hit is exactly what this stream
-        would have built. The first event of a connection (with its
-        ``retry:``) and streams still in their snapshot never use it.
-        """
-        if self._frames is None or self._retry_ms is not None:
-            await self._emit(event, build())
-            return
-        event_id = self.position.encode()
-        state = self._state
-        key = (event, event_id, self._shape, state.status, state.current_bar, self._job.backtest_id, extra)
-        frame = self._frames.get(key)
-        if frame is None:
-            frame = protocol.frame(event, build(), event_id)
-            self._frames.put(key, frame)
-        await self._send(event, frame)
-
     async def _emit(self, event: bytes, payload: Payload) -> None:
         frame = protocol.frame(event, payload, self.position.encode(), self._retry_ms)
         self._retry_ms = None  # only the first event of a connection carries retry
         await self._send(event, frame)
-
-
-def _nothing() -> None:
-    pass
 
 
 def read_plan(request: StreamRequest, position: StreamPosition | None) -> ReadPlan:

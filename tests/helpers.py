@@ -169,3 +169,11 @@ async def follow_and_append(
     assert (live.event, live.payload["points_sent"]) == ("data_chunk", seeded + 1)
     assert live.payload["data_points"] == expected_points(appended)
     return response, next_event, live
+
+
+def group_sizes(client, job_id: str) -> list[int]:
+    """How many followers each group of the job's hub (``hub.py``) writes to, smallest first."""
+    from gateway.resources import NOTES
+
+    hub = client.server.app[NOTES].hub(job_id)
+    return sorted(len(group.members) for group in hub.groups) if hub is not None else []

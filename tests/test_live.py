@@ -12,6 +12,7 @@ from gateway.resources import NOTES, REDIS
 from tests.helpers import (
     expected_points,
     follow_and_append,
+    group_sizes,
     make_candles,
     open_followers,
     open_stream,
@@ -367,11 +368,9 @@ async def test_followers_at_one_position_share_one_frame_and_the_others_get_thei
     assert got_other.id != got_first.id
     for event in (got_first, got_behind, got_other):
         assert event.payload["data_points"] == expected_points(appended)
-    job = client.server.app[NOTES]._jobs[f"job:{{{JOB}}}:events".encode()]
     # Four streams, two distinct byte strings, each encoded once: the first, the twin and the
-    # caught-up stream ride one cohort (one leader writes to all three), the other its own.
-    assert job.frames.misses == 2
-    assert sorted(len(cohort) for cohort in job.cohorts) == [1, 3]
+    # caught-up stream are one group of the job's hub (one model stream builds their frames), the other its own.
+    assert group_sizes(client, JOB) == [1, 3]
     for response in (first, twin, behind, other):
         response.close()
 
@@ -419,8 +418,7 @@ async def test_followers_of_one_job_share_one_snapshot_and_one_chunk_read_per_ap
     lranges = await _commands(redis_client, "lrange") - before[0]
     hgetalls = await _commands(redis_client, "hgetall") - before[1]
     assert (lranges, hgetalls) == (5, 5)
-    frames = client.server.app[NOTES]._jobs[f"job:{{{JOB}}}:events".encode()].frames
-    assert frames.misses == 5  # one frame built per append, for all 50
+    assert group_sizes(client, JOB) == [50]  # one model stream builds each frame, for all 50
     for response in responses:
         response.close()
 

@@ -180,6 +180,10 @@ async def test_resume_with_last_event_id_through_nginx(site, writer, token):
                 parser.feed(chunk, head)
                 if len(head.named("data_chunk")) >= 3:
                     break
+        # The client stops after the third data_chunk, wherever its read ended (one read
+        # may carry the whole short stream): everything after it is what the resume sends.
+        third = [index for index, event in enumerate(head.events) if event.event == "data_chunk"][2]
+        head.events = head.events[: third + 1]
         last_id = head.events[-1].id
         async with session.get(
             base + stream_path("nginx-resume"), params=query, headers={"Last-Event-ID": str(last_id)}

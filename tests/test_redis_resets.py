@@ -9,7 +9,7 @@ as in production) and reaches a real Valkey through the tests' own proxy
   (with ``all_complete``, or ``connection_error`` to resume from);
 - a new stream opened meanwhile gets 200 or 503, never 500;
 - the log holds no error that was not mapped (uvloop's ``RuntimeError`` on a
-  closed transport), no task that died unobserved, no stopped cohort.
+  closed transport), no task that died unobserved, no stopped follow hub.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ async def test_redis_connections_cut_under_live_streams(valkey, proxy, direct, c
     for unmapped in (
         "Task exception was never retrieved",
         "unable to perform operation",
-        "follow cohort stopped",
+        "follow hub stopped",
         "Traceback",
         " 500 ",
     ):

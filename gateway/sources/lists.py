@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -140,13 +139,18 @@ class ListChunkReader:
         return read
 
     async def aclose(self) -> None:
-        for read in self._pending:
-            read.cancel()
-        for read in self._pending:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await read  # its result or error is no longer wanted
-        self._pending.clear()
-        self._settle_budget()
-        if self._counted and self._budget is not None:
-            self._budget.readers -= 1
-            self._counted = False
+        pending, self._pending = list(self._pending), type(self._pending)()
+        try:
+            for read in pending:
+                read.cancel()
+            if pending:
+                # Waits without raising the reads' own outcome, but a cancellation of the caller still raises.
+                await asyncio.wait(pending)
+        finally:
+            for read in pending:
+                if read.done() and not read.cancelled():
+                    read.exception()  # its result or error is no longer wanted
+            self._settle_budget()
+            if self._counted and self._budget is not None:
+                self._budget.readers -= 1
+                self._counted = False

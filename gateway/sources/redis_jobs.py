@@ -19,7 +19,7 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from gateway.errors import DataError, JobNotFound, StoredValueMalformed
+from gateway.errors import DataError, JobNotFound, RedisUnreachable, StoredValueMalformed
 from gateway.params import ID_PATTERN
 from gateway.redis_client import call_redis, response_error
 from gateway.sources import keys
@@ -87,6 +87,10 @@ class RedisJobSource:
             return await pipe.execute(raise_on_error=False)
 
         replies = await call_redis(read, "reading the job")
+        for reply in replies:
+            # A cluster pipeline hands back a node's connection failure as a reply, not raised.
+            if isinstance(reply, redis.exceptions.RedisError) and not isinstance(reply, redis.exceptions.ResponseError):
+                raise RedisUnreachable(f"Redis unreachable while reading the job ({type(reply).__name__})")
         tail_replies = replies[len(intervals) + 1 :]
         replies = replies[: len(intervals) + 1]
         fields = replies[0]

@@ -1,0 +1,333 @@
+"""One hub per followed job per process: read each change once, encode each live event once, write it to every follower.
+
+After its snapshot, a follow stream joins its job's hub and its own task
+only waits. The hub is one task (after Centrifugo's hub, a channel's
+publication encoded once and written to each client); everything it
+keeps changes in that task alone:
+
+    notes, re-check timer, joins --> hub task --> pass: for each group
+        group = a model stream (a fork) + the followers at its spot
+        look: read once per pass, build each event once (follow.look)
+        flush: the look's frames, one write per follower (response.write_frames)
+
+- A *group* holds the followers whose next events are byte for byte the
+  same (same request, job and position, ``CandleStream.same_spot``). Its
+  model stream builds each frame once; the hub writes the frames of one
+  look to each member in one socket write, without waiting. Groups that
+  reach one spot merge after a pass.
+- The *hand-over* (``follow``): a stream joins with its snapshot sent. It
+  gets a group of its own, at its position, and the hub looks for it
+  before anything else is written to it, unless it registered before it
+  read its snapshot and no note came since: then the snapshot is the live
+  edge and it waits for the next note like everyone else. Either way, no
+  gap and no duplicate: the next event written to it continues its own.
+- The *byte bound*: a follower whose socket's buffer holds more than
+  ``sse.BUFFER_BOUND`` after a write leaves (``BEHIND``); its task waits
+  for the drain (the heartbeat cuts off a client that stalls; it resumes
+  by ``Last-Event-ID``) and joins again. Past the job's last event it
+  leaves ``ENDED`` instead, with nothing left to send.
+- Leaving, however it happens (cancellation included), the follower's
+  stream adopts the position of the last frames written to it, so its
+  event ids, ``points_sent``, log line and metrics say exactly what it was
+  sent.
+- The hub's task ends when it has no follower left; the next join starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+from typing import Final
+
+from gateway import metrics, protocol
+from gateway.errors import StreamError
+from gateway.follow import Reads, look
+from gateway.observe import StreamWatch
+from gateway.redis_client import RedisBusy
+from gateway.sources.base import Source
+from gateway.sse import CandleEventResponse, Delivery
+from gateway.stream import CandleStream
+
+log = logging.getLogger(__name__)
+
+# Pauses of a group whose read found the pool busy: first, and longest.
+_BUSY_PAUSE_S: Final = (0.05, 1.0)
+
+
+class Leave(enum.Enum):
+    """Why a follower left its hub."""
+
+    ENDED = "ended"  # the stream's last event was written to it
+    BEHIND = "behind"  # its client does not keep up: wait for the drain, then join again
+    GONE = "gone"  # its connection is closing
+    STOPPED = "stopped"  # the hub stopped (a bug): the stream ends
+
+
+class _Member:
+    __slots__ = (
+        "bytes_at", "errors_at", "events_at", "group", "heard_at", "left", "response", "settled", "source", "stream",
+        "watch",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        stream: CandleStream,
+        source: Source,
+        response: CandleEventResponse,
+        watch: StreamWatch,
+        heard_at: int | None,
+    ) -> None:
+        self.stream = stream
+        self.source = source
+        self.response = response
+        self.watch = watch
+        self.heard_at = heard_at
+        # Its task waits for this; cancelling the task cancels it (hence ``settled``).
+        self.left: asyncio.Future[Leave] = asyncio.get_running_loop().create_future()
+        self.settled = False
+        self.group: _Group | None = None
+        self.events_at = self.bytes_at = self.errors_at = 0
+
+    def board(self, group: _Group) -> None:
+        """Count from here what ``group`` writes (the member stands where its model stands)."""
+        self.group = group
+        self.events_at, self.bytes_at, self.errors_at = group.events, group.bytes, len(group.error_frames)
+
+    def settle(self, why: Leave) -> None:
+        """Adopt what was written to it, tell its watch, and let its task go on (once)."""
+        if self.settled:
+            return
+        self.settled = True
+        group = self.group
+        if group is not None:
+            self.stream.adopt(group.mark)
+            self.account()
+            metrics.FOLLOW_RIDERS.dec()
+        if not self.left.done():
+            self.left.set_result(why)
+
+    def account(self) -> None:
+        """Tell the stream's watch what the group wrote to it since it boarded."""
+        group = self.group
+        assert group is not None
+        if events := group.events - self.events_at:
+            errors = group.error_frames[self.errors_at :]
+            self.watch.sent_elsewhere(events, group.bytes - self.bytes_at, group.last_event, errors)
+
+
+class _Group:
+    """A model stream and the followers at its spot."""
+
+    def __init__(self, stream: CandleStream, source: Source) -> None:
+        self.model = stream.fork(self._collect)
+        self.source = source
+        self.members: dict[_Member, None] = {}  # in joining order
+        self.pending: list[bytes] = []  # frames of the current look, not yet written
+        self.events = self.bytes = 0  # what the model sent so far
+        self.last_event = b""
+        self.error_frames: list[bytes] = []
+        self.mark = self.model.mark()  # where the last written frame left the model
+        self.needs_look = True
+        self.due = math.inf  # when a held-back job_status (or a busy read) wants a look
+        self.pause = _BUSY_PAUSE_S[0]
+        self.over = False
+
+    async def _collect(self, event: bytes, frame: bytes) -> None:
+        self.pending.append(frame)
+        self.events += 1
+        self.bytes += len(frame)
+        self.last_event = event
+        if event == protocol.ERROR:
+            self.error_frames.append(frame)
+        if metrics.SWITCH.on:
+            metrics.event_counter(event).inc(len(self.members))
+            metrics.BYTES_SENT.inc(len(frame) * len(self.members))
+
+    def flush(self) -> None:
+        """Write the look's frames to every member in one pass, without waiting; let go those that cannot take more."""
+        frames, self.pending = self.pending, []
+        self.mark = self.model.mark()
+        behind = Leave.ENDED if self.over else Leave.BEHIND
+        if frames:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)  # joined once, not once per member
+            batch, size = (data,), len(data)
+            dropped: list[tuple[_Member, Delivery]] = []
+            for member in self.members:
+                if member.settled:
+                    dropped.append((member, Delivery.SENT))
+                    continue
+                delivery = member.response.write_frames(batch, size)
+                if delivery is not Delivery.SENT:
+                    dropped.append((member, delivery))
+            for member, delivery in dropped:
+                del self.members[member]
+                if delivery is not Delivery.SENT:
+                    member.settle(Leave.GONE if delivery is Delivery.GONE else behind)
+        if self.over:
+            for member in self.members:
+                member.settle(Leave.ENDED)
+            self.members.clear()
+
+    def take(self, other: _Group) -> None:
+        """Members of ``other``, at this group's spot, ride this one from now on."""
+        for member in other.members:
+            if not member.settled:
+                member.account()
+                member.board(self)
+                self.members[member] = None
+        other.members.clear()
+        self.model.status_sent_at = max(self.model.status_sent_at, other.model.status_sent_at)
+        self.due = min(self.due, other.due)
+
+
+class Hub:
+    """The followers of one job in this process, and the one task that feeds them."""
+
+    def __init__(self, gate: asyncio.Semaphore, *, recheck_interval_s: float, status_min_interval_s: float) -> None:
+        self._gate = gate
+        self._recheck_interval_s = recheck_interval_s
+        self._status_min_interval_s = status_min_interval_s
+        self.notes_heard = 0  # notes of the job heard so far (a registration's mark)
+        self._noted = False  # a note came since the last pass
+        self._quiet_interval = True  # no note during the current re-check interval
+        self._note_at: float | None = None  # when the earliest note not yet answered came (loop clock)
+        self._joins: list[_Member] = []
+        self.groups: list[_Group] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def followers(self) -> int:
+        return sum(len(group.members) for group in self.groups) + len(self._joins)
+
+    def noted(self, at: float) -> None:
+        """A worker's note: look again."""
+        self.notes_heard += 1
+        self._noted = True
+        self._quiet_interval = False
+        if self._note_at is None:
+            self._note_at = at
+        self._wake.set()
+
+    async def follow(
+        self,
+        stream: CandleStream,
+        source: Source,
+        response: CandleEventResponse,
+        watch: StreamWatch,
+        heard_at: int | None,
+    ) -> Leave:
+        """Hand ``stream`` (its snapshot sent) to the hub until it leaves, standing where its last frame left it."""
+        member = _Member(stream, source, response, watch, heard_at)
+        self._joins.append(member)
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="follow-hub")
+        try:
+            return await member.left
+        finally:
+            member.settle(Leave.STOPPED)  # cancelled: the hub drops it at its next write
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        recheck_at = loop.time() + self._recheck_interval_s
+        try:
+            while self._joins or self.groups:
+                deadline = min([recheck_at, *(group.due for group in self.groups)])
+                if not self._wake.is_set():
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+                self._wake.clear()
+                now = loop.time()
+                look_all, self._noted = self._noted, False
+                if now >= recheck_at:
+                    # Notes cover the interval, or else the re-check looks (a lost note is found late, never lost).
+                    look_all = look_all or self._quiet_interval
+                    self._quiet_interval = True
+                    recheck_at = now + self._recheck_interval_s
+                await self._pass(look_all, now)
+        except Exception:
+            log.exception("follow hub stopped; its followers' streams end")
+        finally:
+            self._task = None
+            for group in self.groups:
+                for member in group.members:
+                    member.settle(Leave.STOPPED)
+            for member in self._joins:
+                member.settle(Leave.STOPPED)
+            self.groups, self._joins = [], []
+
+    async def _pass(self, look_all: bool, now: float) -> None:
+        joins, self._joins = self._joins, []
+        for member in joins:
+            if member.settled:
+                continue
+            needs_look = member.heard_at is None or member.heard_at != self.notes_heard
+            # Caught up (its snapshot is the live edge): it boards a group at its spot if there is one.
+            group = None if needs_look else self._at_spot(member.stream)
+            if group is None:
+                group = _Group(member.stream, member.source)
+                group.needs_look = needs_look
+                self.groups.append(group)
+            else:
+                group.model.status_sent_at = max(group.model.status_sent_at, member.stream.status_sent_at)
+            member.board(group)
+            group.members[member] = None
+            metrics.FOLLOW_RIDERS.inc()
+        reads = Reads(self._gate)
+        for group in list(self.groups):
+            # Only groups that look: a pass for a join costs nothing per member of the others.
+            if look_all or group.needs_look or group.due <= now:
+                if any(not member.settled for member in group.members):
+                    await self._look(group, reads, now)
+                else:
+                    group.over = True  # nobody left to write to: stop reading for them
+                group.flush()
+        self.groups = [group for group in self.groups if not group.over]
+        self._merge()
+        if self._note_at is not None and look_all:
+            if metrics.SWITCH.on:
+                metrics.NOTE_TO_WRITTEN_SECONDS.observe(asyncio.get_running_loop().time() - self._note_at)
+            self._note_at = None
+
+    async def _look(self, group: _Group, reads: Reads, now: float) -> None:
+        model = group.model
+        try:
+            due = await look(model, group.source, reads, self._status_min_interval_s, now)
+        except RedisBusy:
+            # Every connection is taken (a burst of new streams): Redis is fine, so look again shortly.
+            log.info("follow hub of %s waits for a free Redis connection", model.request.id)
+            group.due = now + group.pause
+            group.pause = min(group.pause * 2, _BUSY_PAUSE_S[1])
+            return
+        except StreamError as exc:
+            await model.end_with(exc)  # job_error, connection_error: the stream's last event
+            group.over = True
+            return
+        group.needs_look = False
+        group.pause = _BUSY_PAUSE_S[0]
+        if due == -math.inf:
+            await model.finish()
+            group.over = True
+        else:
+            group.due = due
+
+    def _at_spot(self, stream: CandleStream) -> _Group | None:
+        """A group whose next events are byte for byte ``stream``'s (between passes, nothing waits to be written)."""
+        return next((group for group in self.groups if not group.over and group.model.same_spot(stream)), None)
+
+    def _merge(self) -> None:
+        """Groups that reached one spot become one."""
+        kept: list[_Group] = []
+        for group in self.groups:
+            same = next((other for other in kept if other.model.same_spot(group.model)), None)
+            if same is None:
+                kept.append(group)
+            else:
+                same.take(group)
+        self.groups = kept
