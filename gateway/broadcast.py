@@ -36,7 +36,8 @@ import enum
 import logging
 from collections.abc import Awaitable, Callable
 
-from gateway import metrics, protocol
+from gateway import compression, metrics, protocol
+from gateway.compression import Codec, Encoder, LiveEncoder
 from gateway.observe import StreamWatch
 from gateway.sse import CandleEventResponse, Delivery, DirectWire, chunked, write_each
 from gateway.stream import CandleStream
@@ -73,7 +74,16 @@ def wire_for(stream: CandleStream, seat: Seat) -> DirectWire | None:
 
 
 class _Rider:
-    __slots__ = ("bytes_at_boarding", "errors_at_boarding", "events_at_boarding", "left", "seat", "stream", "wire")
+    __slots__ = (
+        "bytes_at_boarding",
+        "encoder",
+        "errors_at_boarding",
+        "events_at_boarding",
+        "left",
+        "seat",
+        "stream",
+        "wire",
+    )
 
     def __init__(self, stream: CandleStream, seat: Seat, wire: DirectWire, cohort: Cohort) -> None:
         self.stream = stream
@@ -83,6 +93,7 @@ class _Rider:
         self.events_at_boarding = cohort.events
         self.bytes_at_boarding = cohort.bytes
         self.errors_at_boarding = len(cohort.error_frames)
+        self.encoder: Encoder | None = seat.response.encoder
 
 
 class Cohort:
@@ -104,6 +115,10 @@ class Cohort:
         self.last_event = b""
         self.error_frames: list[bytes] = []
         self._pending: list[tuple[bytes, bytes]] = []  # (event, frame) sent by the leader, not yet written
+        # Compression (issue 22): one shared encoder per codec among the riders, and
+        # how many riders are compressed (none: the frames go as they are, as before).
+        self._live: dict[Codec, LiveEncoder] = {}
+        self._coded_riders = 0
         self._task = asyncio.create_task(self._run(run_leader), name="follow-cohort")
 
     def __len__(self) -> int:
@@ -120,6 +135,8 @@ class Cohort:
         # The stream already sent what the leader has queued (it stands where the leader stands).
         self._flush()
         rider = _Rider(stream, seat, wire, self)
+        if rider.encoder is not None:
+            self._board_coded(rider)
         self._riders[rider] = None
         metrics.FOLLOW_RIDERS.inc()
         try:
@@ -133,6 +150,8 @@ class Cohort:
         self._flush()  # what the leader already sent goes to this rider too (a no-op while flushing)
         del self._riders[rider]
         metrics.FOLLOW_RIDERS.dec()
+        if rider.encoder is not None:
+            self._leave_coded(rider, why)
         # (A rider that is GONE did not get the last frame; its client resumes
         # from the id it received, so only its log line counts one event more.)
         rider.stream.adopt(self.leader)
@@ -176,14 +195,17 @@ class Cohort:
             return
         pending, self._pending = self._pending, []
         frames = pending[0][1] if len(pending) == 1 else b"".join(frame for _, frame in pending)
-        chunk = chunked(frames)
         # After the stream's last event a rider that fell behind has nothing left to catch up with.
         behind = Leave.ENDED if self.leader.sending_last_event else Leave.BEHIND
         riders = list(self._riders)
-        dropped = [
-            (riders[position], behind if delivery is Delivery.BEHIND else Leave.GONE)
-            for position, delivery in write_each([rider.wire for rider in riders], frames, chunk)
-        ]
+        if self._coded_riders:
+            dropped = self._write_coded(riders, frames, behind)
+        else:
+            chunk = chunked(frames)
+            dropped = [
+                (riders[position], behind if delivery is Delivery.BEHIND else Leave.GONE)
+                for position, delivery in write_each([rider.wire for rider in riders], frames, chunk)
+            ]
         delivered = len(self._riders) - sum(why is Leave.GONE for _, why in dropped)
         if metrics.SWITCH.on and delivered:
             for event, frame in pending:
@@ -191,6 +213,66 @@ class Cohort:
                 metrics.BYTES_SENT.inc(len(frame) * delivered)
         for rider, why in dropped:
             self._let_go(rider, why)
+
+    # -- compression (issue 22) ------------------------------------------------------
+    # Riders that asked for a codec take one shared encoding of each write
+    # (compression.LiveEncoder), written to all of them as the frames are: encode
+    # once per codec, write many. A rider boards at a point after which the shared
+    # bytes depend on nothing earlier, and its own encoder hands over there.
+
+    def _write_coded(self, riders: list[_Rider], data: bytes, behind: Leave) -> list[tuple[_Rider, Leave]]:
+        """Write ``data`` to every rider in its codec: the same bytes to all riders of one codec."""
+        dropped: list[tuple[_Rider, Leave]] = []
+        for codec, group in _by_codec(riders).items():
+            live = self._live.get(codec)
+            coded = data if live is None else live.encode(data)
+            for position, delivery in write_each([rider.wire for rider in group], coded, chunked(coded)):
+                dropped.append((group[position], behind if delivery is Delivery.BEHIND else Leave.GONE))
+            if live is not None:
+                for rider in group:
+                    assert rider.encoder is not None
+                    rider.encoder.took(data, live)
+                compression.count_shared(codec, len(data), len(coded), len(group))
+        return dropped
+
+    def _board_coded(self, rider: _Rider) -> None:
+        """Bring a compressed rider onto its codec's shared encoder, at a point that depends on nothing before."""
+        assert rider.encoder is not None
+        codec = rider.encoder.codec
+        live = self._live.get(codec)
+        if live is None:
+            live = self._live[codec] = LiveEncoder(codec)
+        restart = live.restart()
+        if restart:  # those already aboard in this codec end what they took so far
+            aboard = [other for other in self._riders if other.encoder is not None and other.encoder.codec is codec]
+            write_each([other.wire for other in aboard], restart, chunked(restart))
+        head = rider.encoder.hand_over()
+        if head:
+            rider.wire.write_frames((head,), len(head))
+        self._coded_riders += 1
+        rider.seat.response.shared_ping = lambda: self._ping(codec)
+
+    def _leave_coded(self, rider: _Rider, why: Leave) -> None:
+        assert rider.encoder is not None
+        self._coded_riders -= 1
+        rider.seat.response.shared_ping = None
+        tail = rider.encoder.take_back(self._live[rider.encoder.codec])
+        if tail and why is not Leave.GONE:
+            rider.wire.write_frames((tail,), len(tail))
+
+    def _ping(self, codec: Codec) -> None:
+        """A ``: ping`` to every rider of ``codec``: one of them was quiet for a ping interval, so all were."""
+        self._flush()
+        live = self._live[codec]
+        group = [rider for rider in self._riders if rider.encoder is not None and rider.encoder.codec is codec]
+        coded = live.encode(protocol.PING)
+        dropped = write_each([rider.wire for rider in group], coded, chunked(coded))
+        for rider in group:
+            assert rider.encoder is not None
+            rider.encoder.took(protocol.PING, live)
+        compression.count_shared(codec, len(protocol.PING), len(coded), len(group))
+        for position, delivery in dropped:
+            self._let_go(group[position], Leave.BEHIND if delivery is Delivery.BEHIND else Leave.GONE)
 
     async def _run(self, run_leader: Callable[[CandleStream], Awaitable[None]]) -> None:
         try:
@@ -205,3 +287,11 @@ class Cohort:
             for rider in list(self._riders):
                 self._let_go(rider, why)
             self._on_over(self)
+
+
+def _by_codec(riders: list[_Rider]) -> dict[Codec, list[_Rider]]:
+    groups: dict[Codec, list[_Rider]] = {}
+    for rider in riders:
+        codec = Codec.IDENTITY if rider.encoder is None else rider.encoder.codec
+        groups.setdefault(codec, []).append(rider)
+    return groups

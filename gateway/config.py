@@ -110,6 +110,15 @@ class FollowSettings(_Section, frozen=True):
     max_reads_in_flight: PositiveInt = 16
 
 
+# Content codings of streams, in the server's order of preference; empty (or
+# "identity") turns compression off.
+CODEC_LIST = r"^\s*((zstd|gzip|identity)\s*(,\s*(zstd|gzip|identity)\s*)*)?\Z"
+
+
+class CompressionSettings(_Section, frozen=True):
+    codecs: Annotated[str, Meta(pattern=CODEC_LIST)] = "zstd,gzip"
+
+
 class LogSettings(_Section, frozen=True):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -132,6 +141,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     bigquery: BigQuerySettings = BigQuerySettings()
     cache: CacheSettings = CacheSettings()
     follow: FollowSettings = FollowSettings()
+    compression: CompressionSettings = CompressionSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     dev: DevSettings = DevSettings()
@@ -151,6 +161,9 @@ _PATTERN_MEANINGS = {
     f"Expected `str` matching regex {pattern!r}": "must be a BigQuery identifier"
     " (letters, digits, '_' and '-', not starting with '-')"
     for pattern in (BIGQUERY_IDENTIFIER, r"^\Z|" + BIGQUERY_IDENTIFIER)
+} | {
+    f"Expected `str` matching regex {CODEC_LIST!r}": "must be a comma-separated list of zstd, gzip"
+    " (empty or identity: no compression)"
 }
 
 

@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway import metrics
 from gateway.broadcast import Seat
+from gateway.compression import Codec, encoder_for, negotiate, parse_codecs
 from gateway.config import Settings
 from gateway.errors import RedisUnreachable, StreamError, Unauthenticated, Unavailable
 from gateway.follow import LiveTail
@@ -126,6 +127,12 @@ async def _respond(
 ) -> web.StreamResponse:
     server = settings.server
     response = CandleEventResponse(ping_interval=server.ping_interval_s, send_timeout=server.send_timeout_s)
+    codec = negotiate(request.headers.get(hdrs.ACCEPT_ENCODING), parse_codecs(settings.compression.codecs))
+    response.headers[hdrs.VARY] = hdrs.ACCEPT_ENCODING
+    if codec is not Codec.IDENTITY:
+        response.headers[hdrs.CONTENT_ENCODING] = codec.value
+        response.encoder = encoder_for(codec)
+    metrics.STREAM_ENCODINGS.labels(codec.value).inc()
     await response.prepare(request)
     if position is None:
         is_partial = snapshot is not None and snapshot.job.state.is_active

@@ -29,12 +29,13 @@ import asyncio
 import enum
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
+from gateway.compression import Encoder
 from gateway.protocol import PING
 
 # Heartbeat ticks per ping interval (or send timeout): a ping goes out after
@@ -115,6 +116,19 @@ class CandleEventResponse(EventSourceResponse):
 
     cut_off = False  # set when the heartbeat cut off a client that stopped reading (for the stream's outcome)
 
+    # -- compression (issue 22): every body byte passes ``_coded`` on its way out.
+    # None: identity, the bytes go as they are. The handler sets it with the
+    # Content-Encoding header before prepare(); a follow cohort hands a rider's
+    # encoder over to its shared live encoder and sets ``shared_ping``, through
+    # which the rider's pings go while it rides (nothing else may be inserted
+    # into a stream that shared compressed bytes refer back into).
+    encoder: Encoder | None = None
+    shared_ping: Callable[[], None] | None = None
+
+    def _coded(self, data: bytes) -> bytes:
+        encoder = self.encoder
+        return data if encoder is None else encoder.encode(data)
+
     def _abort_transport(self) -> None:
         self.cut_off = True
         super()._abort_transport()
@@ -148,7 +162,7 @@ class CandleEventResponse(EventSourceResponse):
     async def _write_now(self, frame: bytes) -> None:
         self._write_pending = True
         try:
-            await self.write(frame)
+            await self.write(self._coded(frame))
         except ConnectionResetError:
             self.stop_streaming()
             raise
@@ -163,6 +177,9 @@ class CandleEventResponse(EventSourceResponse):
             return
         size, self._pending_size = self._pending_size, 0
         assert self._wire is not None
+        if self.encoder is not None:  # compression (issue 22): the turn's frames coded and flushed as one
+            pending = [self.encoder.encode(pending[0] if len(pending) == 1 else b"".join(pending))]
+            size = len(pending[0])
         delivery = self._wire.write_frames(pending, size)
         if delivery is Delivery.GONE:
             self._gone = True  # the next send_frame says so to the stream
@@ -171,6 +188,8 @@ class CandleEventResponse(EventSourceResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         self._flush()  # the last events before the end of the body
+        if self.encoder is not None:  # compression (issue 22): the codec's end and trailer
+            data = self.encoder.finish() + data
         await super().write_eof(data)
 
     def direct_wire(self) -> DirectWire | None:
@@ -231,11 +250,16 @@ class CandleEventResponse(EventSourceResponse):
             return
         if self._quiet >= ping_after and not self._write_pending and not self._pinging:
             self._quiet = 0
+            if self.shared_ping is not None:  # compression (issue 22): a compressed rider pings with its cohort
+                self.shared_ping()
+                self._seen = self._writes
+                return
             wire = self.direct_wire()
             if wire is not None and wire.idle():
                 # The usual case: nothing waits in the socket's buffer, so the ping
                 # goes straight out, without a task of its own.
-                wire.write_frames((PING,), len(PING))
+                ping = self._coded(PING)
+                wire.write_frames((ping,), len(ping))
                 self._seen = self._writes
                 return
             self._pinging = True
@@ -244,7 +268,7 @@ class CandleEventResponse(EventSourceResponse):
     async def _send_ping(self) -> None:
         try:
             async with asyncio.timeout(self._send_timeout):
-                await self.write(PING)
+                await self.write(self._coded(PING))
         except TimeoutError:
             self._abort_transport()
             self._end()

@@ -1,0 +1,241 @@
+"""Compressed streams (issue 22): negotiation, per-write flushing, shared live bytes, the endpoint's headers.
+
+The codecs' bytes are read back by decoders other than the ones that wrote
+them where that exists (``gzip.decompress`` checks the trailer's CRC-32 and
+length; curl decodes both codings); the core stream tests run under each
+coding too (``tests/conftest.py``, ``CODINGS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import zlib
+
+import pytest
+from backports.zstd import ZstdDecompressor
+
+from gateway.compression import (
+    ZSTD_WINDOW_LOG,
+    Codec,
+    LiveEncoder,
+    encoder_for,
+    negotiate,
+    parse_codecs,
+)
+from gateway.config import load_settings
+from gateway.errors import ConfigError
+from tests.helpers import open_stream, seed_job, stream_path
+from tests.sse_client import read_stream
+
+BOTH = (Codec.ZSTD, Codec.GZIP)
+JOB = "coded-job"
+
+
+@pytest.mark.parametrize(
+    ("header", "chosen"),
+    [
+        (None, Codec.IDENTITY),
+        ("", Codec.IDENTITY),
+        ("gzip, deflate, br, zstd", Codec.ZSTD),  # what Chrome sends: equal weights, the server's order
+        ("gzip, deflate, br", Codec.GZIP),
+        ("gzip;q=1.0, zstd;q=0.5", Codec.GZIP),  # the client's weights come first
+        ("zstd;q=0, gzip", Codec.GZIP),
+        ("zstd;q=0, gzip;q=0", Codec.IDENTITY),
+        ("*", Codec.ZSTD),
+        ("*;q=0.1, zstd;q=0", Codec.GZIP),
+        ("x-gzip", Codec.GZIP),
+        ("GZIP;Q=0.7", Codec.GZIP),
+        ("br, deflate", Codec.IDENTITY),
+        ("identity", Codec.IDENTITY),
+        ("zstd;q=nonsense, gzip;q=0.2", Codec.GZIP),
+        ("identity;q=0, br", Codec.IDENTITY),  # nothing we have is acceptable: a plain stream beats none
+    ],
+)
+def test_negotiation_weighs_q_values_then_prefers_zstd_over_gzip(header, chosen):
+    assert negotiate(header, BOTH) is chosen
+
+
+def test_the_setting_restricts_the_codecs_or_turns_compression_off():
+    assert negotiate("zstd, gzip", (Codec.GZIP,)) is Codec.GZIP
+    assert negotiate("zstd", (Codec.GZIP,)) is Codec.IDENTITY
+    assert negotiate("zstd, gzip", ()) is Codec.IDENTITY
+    assert parse_codecs("zstd,gzip") == BOTH
+    assert parse_codecs(" gzip , zstd ") == (Codec.GZIP, Codec.ZSTD)
+    assert parse_codecs("") == parse_codecs("identity") == ()
+    with pytest.raises(ConfigError, match=r"compression\.codecs.*comma-separated list of zstd, gzip"):
+        load_settings(environ={"GATEWAY_COMPRESSION_CODECS": "brotli"})
+
+
+FRAMES = [b'id: %d\nevent: data_chunk\ndata: {"points_sent": %d, "x": "abc"}\n\n' % (i, i) for i in range(50)]
+
+
+class _ZstdFrames:
+    """A zstd reader of one body of many frames, as HTTP clients read it (one decompressor per frame)."""
+
+    def __init__(self) -> None:
+        self._frame = ZstdDecompressor()
+
+    def decompress(self, data: bytes) -> bytes:
+        out = b""
+        while data:
+            if self._frame.eof:
+                self._frame = ZstdDecompressor()
+            out += self._frame.decompress(data)
+            data = self._frame.unused_data if self._frame.eof else b""
+        return out
+
+
+def _decoder(codec: Codec):
+    if codec is Codec.GZIP:
+        return zlib.decompressobj(31).decompress
+    return _ZstdFrames().decompress
+
+
+@pytest.mark.parametrize("codec", BOTH)
+def test_every_write_decodes_on_arrival_and_the_body_decodes_whole(codec):
+    encoder = encoder_for(codec)
+    assert encoder is not None
+    decode = _decoder(codec)
+    body = b""
+    for frame in FRAMES:
+        coded = encoder.encode(frame)
+        # Flushed: the decoder gives the whole frame back from this write alone.
+        assert decode(coded) == frame
+        body += coded
+    body += encoder.finish()
+    whole = b"".join(FRAMES)
+    if codec is Codec.GZIP:
+        assert gzip.decompress(body) == whole  # checks the trailer's CRC-32 and length
+    else:
+        assert ZstdDecompressor().decompress(body) == whole
+    assert len(body) < len(whole) / 3  # 64-byte events: block and flush overheads weigh
+
+
+def test_zstd_frames_declare_a_window_within_rfc_9659s_8_mb():
+    encoder = encoder_for(Codec.ZSTD)
+    assert encoder is not None
+    coded = encoder.encode(b"x" * 1_000_000)
+    assert coded[:4] == b"\x28\xb5\x2f\xfd"
+    descriptor = coded[4]
+    assert not descriptor & 0x20  # not single-segment: a window descriptor follows
+    exponent, mantissa = coded[5] >> 3, coded[5] & 7
+    window = (1 << (10 + exponent)) + ((1 << (10 + exponent)) // 8) * mantissa
+    assert window == 1 << ZSTD_WINDOW_LOG <= 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize("codec", BOTH)
+def test_connections_that_join_a_shared_live_encoder_at_different_times_decode_everything(codec):
+    """Encode once, write many: each connection's body is its own frames, then the shared bytes, then its own."""
+    live = LiveEncoder(codec)
+    connections = [encoder_for(codec) for _ in range(3)]
+    bodies = [b""] * 3
+    plain = [b""] * 3
+    decoders = [_decoder(codec) for _ in range(3)]
+
+    def write(index: int, coded: bytes, frame: bytes) -> None:
+        # Every write decodes on arrival, with the history this connection's decoder has.
+        assert decoders[index](coded) == frame
+        bodies[index] += coded
+        plain[index] += frame
+
+    aboard: list[int] = []
+    for step, frame in enumerate(FRAMES):
+        joining = step // 10  # connection 0 joins at frame 0... 2 at 20; 0 leaves at 30
+        if step % 10 == 0 and joining < 3:
+            restart = live.restart()
+            for index in aboard:
+                write(index, restart, b"")
+            encoder = connections[joining]
+            assert encoder is not None
+            # its own writes first, then the hand-over
+            own = b"own %d\n" % joining
+            write(joining, encoder.encode(own), own)
+            write(joining, encoder.hand_over(), b"")
+            aboard.append(joining)
+        if step == 30:
+            leaving = connections[0]
+            assert leaving is not None
+            write(0, leaving.take_back(live), b"")
+            aboard.remove(0)
+            write(0, leaving.encode(b"own again\n"), b"own again\n")
+        coded = live.encode(frame)
+        for index in aboard:
+            write(index, coded, frame)
+            encoder = connections[index]
+            assert encoder is not None
+            encoder.took(frame, live)
+        if step == 30:
+            own_frame = connections[0].encode(frame)  # type: ignore[union-attr]
+            write(0, own_frame, frame)
+    for index in aboard:
+        encoder = connections[index]
+        assert encoder is not None
+        write(index, encoder.take_back(live), b"")
+    for index, encoder in enumerate(connections):
+        assert encoder is not None
+        write(index, encoder.finish(), b"")
+        if codec is Codec.GZIP:
+            assert gzip.decompress(bodies[index]) == plain[index]
+        else:
+            assert _ZstdFrames().decompress(bodies[index]) == plain[index]
+    assert plain[2].startswith(b"own 2\n") and plain[2].endswith(FRAMES[-1])
+
+
+async def test_a_stream_says_it_varies_by_accept_encoding_and_names_its_coding(make_gateway, writer, token):
+    await seed_job(writer(JOB), counts={"day": 3}, status="completed")
+    client = await make_gateway()
+    for asked, coding in [("identity", None), ("gzip", "gzip"), ("gzip, zstd", "zstd"), ("br", None)]:
+        response = await open_stream(client, JOB, token=token(), intervals="day", headers={"Accept-Encoding": asked})
+        assert response.headers["Vary"] == "Accept-Encoding"
+        assert response.headers.get("Content-Encoding") == coding
+        assert (await read_stream(response)).names[-1] == "all_complete"
+
+    off = await make_gateway(compression={"codecs": ""})
+    response = await open_stream(off, JOB, token=token(), intervals="day", headers={"Accept-Encoding": "zstd, gzip"})
+    assert "Content-Encoding" not in response.headers
+    assert response.headers["Vary"] == "Accept-Encoding"
+    await read_stream(response)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+async def test_curl_compressed_shows_each_live_event_as_it_is_sent(make_gateway, writer, token, coding):
+    """``curl --compressed -N``: a follower's events, decoded by curl, each on its own as the worker appends."""
+    client = await make_gateway()
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 2})
+    url = client.make_url(stream_path(JOB)).with_query(intervals="minute", follow="true", token=token())
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-N", "--compressed", "-H", f"Accept-Encoding: {coding}", "-D", "/dev/stderr", str(url),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert curl.stdout is not None and curl.stderr is not None
+    try:
+        text = b""
+        while b"event: interval_complete" not in text:
+            text += await asyncio.wait_for(curl.stdout.read(65536), 10)
+        for n in range(3):
+            await w.append("minute", [_candle(2 + n)])
+            live = b""
+            while b"\n\n" not in live:
+                live += await asyncio.wait_for(curl.stdout.read(65536), 10)
+            # One event: the appended candle, decoded by curl before the next one exists.
+            assert live.count(b"event: data_chunk") == 1 and b'"points_sent":%d' % (3 + n) in live
+        await w.update(status="completed")
+        rest = await asyncio.wait_for(curl.stdout.read(), 10)
+        assert rest.rstrip().split(b"\n")[-2] == b"event: all_complete"
+        headers = await curl.stderr.read()
+        assert f"content-encoding: {coding}".encode() in headers.lower()
+    finally:
+        if curl.returncode is None:
+            curl.kill()
+        await curl.wait()
+    assert curl.returncode in (0, -9)
+
+
+def _candle(n: int):
+    from tests.helpers import make_candles
+
+    return make_candles(1, first=n)[0]
