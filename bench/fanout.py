@@ -49,6 +49,7 @@ from typing import cast
 import aiohttp
 import redis.asyncio as aioredis
 
+from bench.compression import Decoder
 from bench.processes import cpu_seconds, rss_kib, server_process
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
 from gateway.devtools.ports import free_port, free_port_block
@@ -75,11 +76,18 @@ def job_id(n: int) -> str:
 class _Follower(asyncio.Protocol):
     """One follow stream read off a raw socket: only the live data_chunk's points_sent is parsed."""
 
-    def __init__(self, client: _Client, follower: int, request: bytes) -> None:
+    def __init__(self, client: _Client, follower: int, request: bytes, coding: str = "identity") -> None:
         self._client = client
         self._follower = follower
         self._request = request
         self._buffer = b""
+        self._head = b""
+        # A compressed stream (--coding): the chunked body de-framed and decoded before the events are split.
+        self._decoder = None if coding == "identity" else Decoder(coding)
+        self._raw = b""
+        self._in_body = False
+        self._chunk_left = 0
+        self._skip = 0
         self.ready = asyncio.get_running_loop().create_future()
         self.status_ok: bool | None = None
         self.live = False
@@ -88,16 +96,20 @@ class _Follower(asyncio.Protocol):
         cast(asyncio.Transport, transport).write(self._request)  # uvloop's is no asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data
         if self.status_ok is None:
-            if b"\r\n" not in buffer:
-                self._buffer = buffer
+            head = self._head + data
+            if b"\r\n" not in head:
+                self._head = head
                 return
-            self.status_ok = buffer.startswith(b"HTTP/1.1 200")
+            self.status_ok = head.startswith(b"HTTP/1.1 200")
             if not self.status_ok:
                 self._client.refused += 1
                 self._done()
                 return
+            data, self._head = head, b""
+        if self._decoder is not None:
+            data = self._decoded(data)
+        buffer = self._buffer + data
         *events, self._buffer = buffer.split(b"\n\n")
         now = time.time()
         for event in events:
@@ -111,6 +123,36 @@ class _Follower(asyncio.Protocol):
                 self._client.record(self._follower, int(event[at : event.find(b",", at)]), now)
             elif b"connection_error" in event:
                 self._client.connection_errors += 1
+
+    def _decoded(self, data: bytes) -> bytes:
+        """The decoded body bytes in ``data`` (headers skipped, chunk framing removed)."""
+        raw = self._raw + data
+        if not self._in_body:
+            end = raw.find(b"\r\n\r\n")
+            if end < 0:
+                self._raw = raw
+                return b""
+            raw, self._in_body = raw[end + 4 :], True
+        body = []
+        while raw:
+            if self._chunk_left:
+                body.append(raw[: self._chunk_left])
+                taken = len(body[-1])
+                raw, self._chunk_left = raw[taken:], self._chunk_left - taken
+                self._skip = 2 if not self._chunk_left else 0  # the CRLF after a chunk's data
+            elif self._skip:
+                skipped = min(self._skip, len(raw))
+                raw, self._skip = raw[skipped:], self._skip - skipped
+            else:
+                end = raw.find(b"\r\n")
+                if end < 0:
+                    break
+                self._chunk_left, raw = int(raw[:end], 16), raw[end + 2 :]
+                if not self._chunk_left:
+                    raw = b""  # the body's end
+        self._raw = raw
+        assert self._decoder is not None
+        return self._decoder.decode(b"".join(body))
 
     def _done(self) -> None:
         if not self.ready.done():
@@ -144,10 +186,13 @@ async def _client_main(args: argparse.Namespace) -> None:
     async def open_one(n: int) -> None:
         job = n % args.jobs
         path = f"/api/sse/backtest/{job_id(job)}/data/multi?intervals=day&follow=true&token={args.token}"
-        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode()
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+            f"Accept-Encoding: {args.coding}\r\n\r\n"
+        ).encode()
         async with in_flight:
             transport, follower = await loop.create_connection(
-                lambda: _Follower(client, n, request), "127.0.0.1", args.port
+                lambda: _Follower(client, n, request, args.coding), "127.0.0.1", args.port
             )
             transports.append(transport)
             await follower.ready
@@ -184,6 +229,7 @@ def client_command(argv: Sequence[str]) -> None:
     parser.add_argument("--jobs", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--coding", default="identity", help="Accept-Encoding of every follower: identity, gzip, zstd")
     args = parser.parse_args(argv)
     raise_open_files()
     from gateway.server import install_uvloop
@@ -279,12 +325,12 @@ def _percentile(ordered: Sequence[float], fraction: float) -> float:
 
 
 def _start_client(
-    port: int, token: str, followers: int, jobs: int, out: Path, concurrency: int
+    port: int, token: str, followers: int, jobs: int, out: Path, concurrency: int, coding: str = "identity"
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.fanout", "client", "--port", str(port), "--token", token,
          "--followers", str(followers), "--jobs", str(jobs), "--out", str(out),
-         "--concurrency", str(concurrency)],
+         "--concurrency", str(concurrency), "--coding", coding],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
 
@@ -303,6 +349,7 @@ async def run_size(
     workers: int = 1,
     metrics_port: int = 0,
     connect_concurrency: int = 64,
+    coding: str = "identity",
 ) -> FanoutResult:
     writers = await _seed(redis_client, jobs)
     out = work / f"fanout-{followers}x{jobs}.bin"
@@ -311,7 +358,7 @@ async def run_size(
     # machine, VmRSS's RssFile part): a fixed cost that small sizes spread over few followers.
     rss_before = rss_kib(gateway_pid)
     connect_cpu0 = cpu_seconds(gateway_pid)
-    client = _start_client(port, token, followers, jobs, out, connect_concurrency)
+    client = _start_client(port, token, followers, jobs, out, connect_concurrency, coding)
     assert client.stdin is not None and client.stdout is not None
     loop = asyncio.get_running_loop()
     try:
@@ -415,6 +462,7 @@ class _Run:
     source: str | None = None  # another source tree's gateway (--fanout-baseline)
     idle_only: bool = False
     floor: bool = False  # bench/floor.py's follow mode instead of a gateway (--fanout-floor)
+    coding: str = "identity"  # the followers' Accept-Encoding (--fanout-codings)
 
 
 def _runs(args: argparse.Namespace, worker_counts: Sequence[int]) -> list[_Run]:
@@ -427,7 +475,13 @@ def _runs(args: argparse.Namespace, worker_counts: Sequence[int]) -> list[_Run]:
     for followers, jobs in sizes:
         if args.fanout_floor:
             runs.append(_Run(followers, jobs, 1, floor=True))
-        runs += [_Run(followers, jobs, w, source) for w in worker_counts for source in sources]
+        codings = [coding.strip() for coding in getattr(args, "fanout_codings", "identity").split(",")]
+        runs += [
+            _Run(followers, jobs, w, source, coding=coding)
+            for w in worker_counts
+            for source in sources
+            for coding in codings
+        ]
     runs += [_Run(args.fanout_idle, 1, w, idle_only=True) for w in worker_counts]
     return [run for run in runs if run.followers > 0]
 
@@ -476,6 +530,8 @@ def _label(run: _Run, counts: Sequence[int], followers_per_worker: Sequence[int]
         parts.append(f"({run.workers} worker{'s' if run.workers > 1 else ''}{spread})")
     if run.source:
         parts.append("baseline")
+    if run.coding != "identity":
+        parts.append(run.coding)
     if run.floor:
         return "floor (bench/floor.py, 1 process)"
     return " ".join(parts)
@@ -513,7 +569,7 @@ async def fanout_section(
             # which came with it.
             if run.source is None or run.workers > 1:
                 env["GATEWAY_METRICS_PORT"] = str(metrics_port)
-            name = f"fanout-{run.followers}x{run.jobs}-{run.workers}w{'-baseline' if run.source else ''}"
+            name = f"fanout-{run.followers}x{run.jobs}-{run.workers}w{'-baseline' if run.source else ''}-{run.coding}"
             if run.floor:
                 name += "-floor"
                 command = [sys.executable, "-m", "bench.floor", "--redis-url", redis_url, "--port", str(port)]
@@ -542,6 +598,7 @@ async def fanout_section(
                     workers=run.workers,
                     metrics_port=metrics_port,
                     connect_concurrency=args.fanout_connect_concurrency,
+                    coding=run.coding,
                 )
                 result.label = _label(run, counts, result.followers_per_worker)
                 print(table([result])[-1], file=sys.stderr)

@@ -44,6 +44,15 @@ async def test_client_eventsource_and_console_in_headless_chromium(settings, sig
             "SCREENSHOT_DIR": str(SCREENSHOTS),
         }
         code, output = await run_node(
-            ["--test", "--test-concurrency=1", "--test-reporter=spec", "tests/js/"], env, timeout_s=120
+            # NODE_TEST_ARGS: e.g. --test-name-pattern=zstd, to run some of them while working on them
+            [
+                "--test",
+                "--test-concurrency=1",
+                "--test-reporter=spec",
+                *os.environ.get("NODE_TEST_ARGS", "").split(),
+                "tests/js/",
+            ],
+            env,
+            timeout_s=120,
         )
     assert code == 0, output
