@@ -233,6 +233,7 @@ async def compression_section(
             f" {_ms(cpu[coding])} | {statistics.median(cpu[coding]) / identity_cpu:.2f}x |"
             f" {_ms(times[coding])} | {statistics.median(times[coding]) / identity_time:.2f}x |"
         )
+    lines += ["", *live_options()]
     if args.compress_idle:
         lines += ["", "| codec | RSS per idle follow stream |", "|---|---|"]
         for coding in CODINGS:
@@ -262,3 +263,86 @@ async def idle_followers(port: int, token: str, pid: int, count: int, coding: st
         for response in responses:
             response.close()
     return (after - before) / count
+
+
+def live_options(followers: int = 2000, events: int = 20) -> list[str]:
+    """Encode once, write many under compression, measured in process: one compressor per follower, or one shared.
+
+    A live event (one candle, ~330 bytes) to ``followers`` followers of one
+    job, each of whose own compressors first took a 500-candle snapshot
+    chunk (its history). Per event: CPU of the coding for all followers and
+    the bytes each receives; per follower: the compressor's memory.
+    """
+    from gateway.compression import Codec, LiveEncoder, encoder_for
+
+    rng = random.Random(7)
+    snapshot = b"event: data_chunk\ndata: {" + b",".join(
+        b'{"time":"2020-01-01T%02d:%02d:00Z","open":%.2f,"high":%.2f,"low":%.2f,"close":%.2f,"volume":%d}'
+        % (i // 60 % 24, i % 60, 1000 + rng.random(), 1001 + rng.random(), 999 + rng.random(), 1000 + rng.random(),
+           rng.randint(100, 900_000))
+        for i in range(500)
+    ) + b"}\n\n"  # fmt: skip
+
+    def live_event(n: int) -> bytes:
+        return (
+            b'id: 3.0.1.%d\nevent: data_chunk\ndata: {"interval":"minute",'
+            b'"data_points":[{"time":"2020-01-02T00:%02d:00Z",'
+            b'"open":%.2f,"high":%.2f,"low":%.2f,"close":%.2f,"volume":%d}],"points_sent":%d,"total_points":%d,'
+            b'"chunk_index":%d,"is_last_chunk":false,"is_partial":true,"current_bar":%d,"job_status":"running"}\n\n'
+            % (n, n % 60, 1000 + rng.random(), 1001 + rng.random(), 999 + rng.random(), 1000 + rng.random(),
+               rng.randint(100, 900_000), 500 + n, 500 + n, 1 + n, n)
+        )  # fmt: skip
+
+    lines = [
+        f"encode once, write many: a one-candle live event ({len(live_event(0))} bytes) to {followers:,} followers"
+        f" of one job, {events} events (in process)",
+        "",
+        "| codec | option | CPU per event for all followers | bytes per follower per event |"
+        " compressor memory per follower |",
+        "|---|---|---|---|---|",
+    ]
+    for codec in (Codec.ZSTD, Codec.GZIP):
+        own = [encoder_for(codec) for _ in range(followers)]
+        rss0 = _rss_kib_self()
+        for encoder in own:
+            assert encoder is not None
+            encoder.encode(snapshot)
+        per_follower_kib = (_rss_kib_self() - rss0) / followers
+        started, size = time.process_time(), 0
+        for n in range(events):
+            frame = live_event(n)
+            for encoder in own:
+                assert encoder is not None
+                size += len(encoder.encode(frame))
+        own_cpu = (time.process_time() - started) / events
+        own_bytes = size / events / followers
+        for encoder in own:
+            assert encoder is not None
+            encoder.hand_over()  # frees each compressor, as boarding a cohort does
+        del own
+        shared = LiveEncoder(codec)
+        riders = [encoder_for(codec) for _ in range(followers)]
+        started, size = time.process_time(), 0
+        for n in range(events):
+            frame = live_event(n)
+            coded = shared.encode(frame)
+            for rider in riders:
+                assert rider is not None
+                rider.took(frame, shared)  # gzip's CRC-32 and length; nothing for zstd
+            size += len(coded)
+        shared_cpu = (time.process_time() - started) / events
+        lines.append(
+            f"| {codec} | a compressor per follower | {own_cpu * 1000:.2f} ms | {own_bytes:.0f} |"
+            f" {per_follower_kib:.0f} KiB (freed when it boards) |"
+        )
+        lines.append(
+            f"| {codec} | one shared per cohort (chosen) | {shared_cpu * 1000:.2f} ms | {size / events:.0f} | 0 |"
+        )
+    return lines
+
+
+def _rss_kib_self() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0

@@ -229,9 +229,10 @@ class Cohort:
             for position, delivery in write_each([rider.wire for rider in group], coded, chunked(coded)):
                 dropped.append((group[position], behind if delivery is Delivery.BEHIND else Leave.GONE))
             if live is not None:
-                for rider in group:
-                    assert rider.encoder is not None
-                    rider.encoder.took(data, live)
+                if codec is Codec.GZIP:  # its trailer's CRC-32 and length (zstd riders keep no count)
+                    for rider in group:
+                        assert rider.encoder is not None
+                        rider.encoder.took(data, live)
                 compression.count_shared(codec, len(data), len(coded), len(group))
         return dropped
 
