@@ -245,3 +245,81 @@ def _candle(n: int):
     from tests.helpers import make_candles
 
     return make_candles(1, first=n)[0]
+
+
+async def test_riders_of_every_coding_share_a_cohort_and_its_pings_and_leave_it_decodable(make_gateway, writer, token):
+    """One cohort, three codings: each rider decodes every live event, the cohort's pings and the end.
+
+    Riders board one after another (each boarding restarts the shared
+    encoder of its coding for those aboard); a ping interval shorter than
+    the quiet between appends makes the cohort ping its compressed riders.
+    """
+    from prometheus_client import REGISTRY
+
+    from gateway.resources import NOTES
+    from tests.faults import eventually
+    from tests.helpers import make_candles
+    from tests.sse_client import Transcript, next_events
+
+    def sample(name: str, codec: str) -> float:
+        return REGISTRY.get_sample_value(name, {"codec": codec}) or 0.0
+
+    before = {codec: sample("gateway_compression_input_bytes_total", codec) for codec in ("gzip", "zstd")}
+    before_out = {codec: sample("gateway_compression_output_bytes_total", codec) for codec in ("gzip", "zstd")}
+    client = await make_gateway(
+        follow={"recheck_interval_s": 30.0}, server={"ping_interval_s": 0.3, "max_streams_per_user": 0}
+    )
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 2})
+    codings = ["zstd", "identity", "gzip", "zstd", "gzip"]
+    readers, transcripts = [], []
+    for coding in codings:
+        response = await open_stream(
+            client, JOB, token=token(), intervals="minute", follow="true", headers={"Accept-Encoding": coding}
+        )
+        assert response.headers.get("Content-Encoding", "identity") == coding
+        next_event = _reader(response, transcript := Transcript())
+        transcripts.append(transcript)
+        while (await next_events(next_event, 1))[0].event != "interval_complete":
+            pass
+        readers.append((response, next_event))
+
+    def riders() -> list[int]:
+        job = client.server.app[NOTES]._jobs.get(f"job:{{{JOB}}}:events".encode())
+        return sorted(len(cohort) for cohort in job.cohorts) if job is not None else []
+
+    async def all_aboard() -> bool:
+        return riders() == [len(codings)]
+
+    assert await eventually(all_aboard, 5.0)
+    for n, candle in enumerate(make_candles(3, first=2)):
+        await w.append("minute", [candle])
+        got = [(await next_events(next_event, 1))[0] for _, next_event in readers]
+        assert {(event.event, event.payload["points_sent"]) for event in got} == {("data_chunk", 3 + n)}
+        await asyncio.sleep(0.8)  # quiet: the cohort pings its riders
+    assert riders() == [len(codings)]  # the pings went through the cohort: nobody left it
+    await w.update(status="completed")
+    for response, next_event in readers:
+        assert (await next_events(next_event, 1))[0].event == "all_complete"
+        assert await response.content.read() == b""  # the body ended cleanly: gzip's trailer checked by the decoder
+    # Pings arrived between the events, decoded like everything else.
+    assert all(transcript.comments.count("ping") >= 2 for transcript in transcripts), transcripts[0].comments
+    for codec in ("gzip", "zstd"):
+        sent_in = sample("gateway_compression_input_bytes_total", codec) - before[codec]
+        sent_out = sample("gateway_compression_output_bytes_total", codec) - before_out[codec]
+        assert 0 < sent_out < sent_in
+
+
+def _reader(response, transcript):
+    """``next_event()`` of a response, its comments kept in ``transcript``."""
+    from tests.sse_client import SSEParser
+
+    parser, iterator = SSEParser(), response.content.iter_any().__aiter__()
+
+    async def next_event():
+        while True:
+            if transcript.events:
+                return transcript.events.pop(0)
+            parser.feed(await iterator.__anext__(), transcript)
+
+    return next_event
