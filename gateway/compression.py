@@ -23,6 +23,18 @@ which nothing refers to what it wrote (``hand_over``), frees its compressor,
 and takes the shared bytes until it leaves (``take_back``). A deflate stream
 after a full flush, and a zstd frame begun after the previous one ended,
 depend on nothing before them; both decoders take the concatenation.
+
+What a fan-out that writes one event to many connections does with it
+(today ``broadcast.Cohort``), per codec among its connections:
+
+- join: ``live.restart()``'s bytes to those already taking ``live``, then the
+  joiner's ``encoder.hand_over()`` bytes to the joiner;
+- each write: ``coded = live.encode(data)`` to every one of them, and for
+  gzip ``encoder.took(data, live)`` on each (its trailer's CRC-32 and length);
+- a joined connection's ``: ping`` goes through ``live`` to all of them alike
+  (its body may hold nothing the shared bytes did not, as they refer back);
+- leave: ``encoder.take_back(live)``'s bytes to the leaver, whose own
+  ``encode`` then goes on; at the end of its body, ``finish()`` as always.
 """
 
 from __future__ import annotations
