@@ -266,6 +266,11 @@ class CandleEventResponse(EventSourceResponse):
             self._ping_write = asyncio.get_running_loop().create_task(self._send_ping())
 
     async def _send_ping(self) -> None:
+        if self.shared_ping is not None:  # compression (issue 22): it boarded a cohort since the ping was due
+            self._pinging = False
+            self.shared_ping()
+            self._seen = self._writes
+            return
         try:
             async with asyncio.timeout(self._send_timeout):
                 await self.write(self._coded(PING))
