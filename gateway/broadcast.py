@@ -148,6 +148,8 @@ class Cohort:
         if rider not in self._riders:
             return
         self._flush()  # what the leader already sent goes to this rider too (a no-op while flushing)
+        if rider not in self._riders:
+            return  # that flush found it gone or behind and let it go already
         del self._riders[rider]
         metrics.FOLLOW_RIDERS.dec()
         if rider.encoder is not None:
