@@ -36,6 +36,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from bench.compression import compression_section
 from bench.fanout import fanout_section, worker_counts
 from bench.processes import cpu_seconds, rss_kib, server_process
 from gateway.config import BigQuerySettings
@@ -575,6 +576,11 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
         client = aioredis.Redis.from_url(redis_url)
         if args.only == "warehouse":
             return await warehouse_only(args, work, key, client, redis_url)
+        if args.only == "compression":
+            async with certificate_endpoint(key) as certs_url:
+                lines = await compression_section(args, work, _compression_env(redis_url, certs_url), key, client)
+            await client.aclose()
+            return lines
         seeded = time.perf_counter()
         await seed(client, args.points)
         print(f"seeded 3 x {args.points} candles in {time.perf_counter() - seeded:.1f} s", file=sys.stderr)
@@ -648,6 +654,11 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 lines += await warehouse_section(args, work, env, key, client, redis_url)
             if args.ops_rounds and args.only is None:
                 lines += await ops_section(args, work, env, key, redis_url)
+            if args.only is None and args.compress_runs:
+                lines += [
+                    "",
+                    *await compression_section(args, work, _compression_env(redis_url, certs_url), key, client),
+                ]
             if args.only is None:
                 lines += ["", *await fanout_section(args, work, redis_url, certs_url, PROJECT, key)]
         await client.aclose()
@@ -742,6 +753,17 @@ async def measure(
     return lines
 
 
+def _compression_env(redis_url: str, certs_url: str) -> dict[str, str]:
+    return {
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_AUTH_CERTS_URL": certs_url,
+        "GATEWAY_AUTH_FIREBASE_PROJECT_ID": PROJECT,
+        "GATEWAY_METRICS_PORT": str(free_port()),
+        "GATEWAY_SERVER_MAX_STREAMS_PER_USER": "0",
+        "GATEWAY_SERVER_ACCESS_LOG": "false",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=50_000, help="candles per interval (3 intervals)")
@@ -760,9 +782,17 @@ def main() -> None:
     parser.add_argument("--ops-streams", type=int, default=64, help="concurrent streams of that comparison")
     parser.add_argument(
         "--only",
-        choices=["streams", "warehouse", "ops", "fanout"],
+        choices=["streams", "warehouse", "ops", "fanout", "compression"],
         help="run one section only: streams (vs the floor), warehouse (BigQuery emulator), "
-        "ops (metrics on/off, 1 and 2 workers), fanout (followers x jobs)",
+        "ops (metrics on/off, 1 and 2 workers), fanout (followers x jobs), compression (codecs vs identity)",
+    )
+    parser.add_argument("--compress-runs", type=int, default=5, help="compression: CPU rounds per codec (0: skip)")
+    parser.add_argument("--compress-link-runs", type=int, default=3, help="compression: throttled-link rounds")
+    parser.add_argument("--compress-idle", type=int, default=1000, help="compression: idle followers per codec")
+    parser.add_argument(
+        "--fanout-codings",
+        default="identity",
+        help="fan-out: Accept-Encoding of the followers, each a run of every size, e.g. identity,zstd,gzip",
     )
     parser.add_argument("--quick", action="store_true", help="fan-out: 8 s per size instead of 30")
     parser.add_argument("--fanout-seconds", type=float, default=30.0, help="fan-out: seconds of appends per size")

@@ -54,6 +54,7 @@ from typing import cast
 import aiohttp
 import redis.asyncio as aioredis
 
+from bench.compression import Decoder
 from bench.processes import cpu_seconds, rss_kib, server_process
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
 from gateway.devtools.ports import free_port, free_port_block
@@ -80,12 +81,22 @@ def job_id(n: int) -> str:
 class _Follower(asyncio.Protocol):
     """One follow stream read off a raw socket: only the live data_chunk's points_sent is parsed."""
 
-    def __init__(self, client: _Client, follower: int, request: bytes, *, live_at_once: bool = False) -> None:
+    def __init__(
+        self, client: _Client, follower: int, request: bytes, coding: str = "identity", *, live_at_once: bool = False
+    ) -> None:
         self._client = client
         self._follower = follower
         self._request = request
         self._live_at_once = live_at_once  # no snapshot (nchan): live from the response's status line
         self._buffer = b""
+        self._head = b""
+        # A compressed stream (--coding): the chunked body de-framed and decoded before the events are split.
+        self._decoder = None if coding == "identity" else Decoder(coding)
+        self._raw = b""
+        self._in_body = False
+        self._chunk_left = 0
+        self._skip = 0
+        self._arrived: list[tuple[float, bytes]] = []  # coded reads, stamped, not yet decoded
         self.ready = asyncio.get_running_loop().create_future()
         self.status_ok: bool | None = None
         self.live = False
@@ -94,12 +105,12 @@ class _Follower(asyncio.Protocol):
         cast(asyncio.Transport, transport).write(self._request)  # uvloop's is no asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data
         if self.status_ok is None:
-            if b"\r\n" not in buffer:
-                self._buffer = buffer
+            head = self._head + data
+            if b"\r\n" not in head:
+                self._head = head
                 return
-            self.status_ok = buffer.startswith(b"HTTP/1.1 200")
+            self.status_ok = head.startswith(b"HTTP/1.1 200")
             if not self.status_ok:
                 self._client.refused += 1
                 self._done()
@@ -107,8 +118,25 @@ class _Follower(asyncio.Protocol):
             if self._live_at_once:
                 self.live = True
                 self._done()
+            data, self._head = head, b""
+        if self._decoder is not None:
+            # Stamped now, decoded once this poll's reads are all stamped: a burst of
+            # 10,000 coded reads would otherwise stamp its last ones late by the
+            # decoding of the first (the client's cost, not the gateway's latency).
+            if not self._arrived:
+                asyncio.get_running_loop().call_soon(self._decode_arrived)
+            self._arrived.append((time.time(), data))
+            return
+        self._events(data, time.time())
+
+    def _decode_arrived(self) -> None:
+        arrived, self._arrived = self._arrived, []
+        for at, data in arrived:
+            self._events(self._decoded(data), at)
+
+    def _events(self, data: bytes, now: float) -> None:
+        buffer = self._buffer + data
         *events, self._buffer = buffer.split(b"\n\n")
-        now = time.time()
         for event in events:
             if not self.live:
                 if b"event: interval_complete" in event:
@@ -120,6 +148,36 @@ class _Follower(asyncio.Protocol):
                 self._client.record(self._follower, int(event[at : event.find(b",", at)]), now)
             elif b"connection_error" in event:
                 self._client.connection_errors += 1
+
+    def _decoded(self, data: bytes) -> bytes:
+        """The decoded body bytes in ``data`` (headers skipped, chunk framing removed)."""
+        raw = self._raw + data
+        if not self._in_body:
+            end = raw.find(b"\r\n\r\n")
+            if end < 0:
+                self._raw = raw
+                return b""
+            raw, self._in_body = raw[end + 4 :], True
+        body = []
+        while raw:
+            if self._chunk_left:
+                body.append(raw[: self._chunk_left])
+                taken = len(body[-1])
+                raw, self._chunk_left = raw[taken:], self._chunk_left - taken
+                self._skip = 2 if not self._chunk_left else 0  # the CRLF after a chunk's data
+            elif self._skip:
+                skipped = min(self._skip, len(raw))
+                raw, self._skip = raw[skipped:], self._skip - skipped
+            else:
+                end = raw.find(b"\r\n")
+                if end < 0:
+                    break
+                self._chunk_left, raw = int(raw[:end], 16), raw[end + 2 :]
+                if not self._chunk_left:
+                    raw = b""  # the body's end
+        self._raw = raw
+        assert self._decoder is not None
+        return self._decoder.decode(b"".join(body))
 
     def _done(self) -> None:
         if not self.ready.done():
@@ -155,10 +213,13 @@ async def _client_main(args: argparse.Namespace) -> None:
         path = f"/api/sse/backtest/{job_id(job)}/data/multi?intervals=day&follow=true&token={args.token}"
         if args.nchan:
             path = f"/sub/{job_id(job)}"
-        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode()
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+            f"Accept-Encoding: {args.coding}\r\n\r\n"
+        ).encode()
         async with in_flight:
             transport, follower = await loop.create_connection(
-                lambda: _Follower(client, n, request, live_at_once=args.nchan), "127.0.0.1", args.port
+                lambda: _Follower(client, n, request, args.coding, live_at_once=args.nchan), "127.0.0.1", args.port
             )
             transports.append(transport)
             await follower.ready
@@ -196,6 +257,7 @@ def client_command(argv: Sequence[str]) -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out", required=True)
     parser.add_argument("--nchan", action="store_true", help="subscribe to nchan's /sub/<job> instead")
+    parser.add_argument("--coding", default="identity", help="Accept-Encoding of every follower: identity, gzip, zstd")
     args = parser.parse_args(argv)
     raise_open_files()
     from gateway.server import install_uvloop
@@ -291,12 +353,19 @@ def _percentile(ordered: Sequence[float], fraction: float) -> float:
 
 
 def _start_client(
-    port: int, token: str, followers: int, jobs: int, out: Path, concurrency: int, nchan: bool = False
+    port: int,
+    token: str,
+    followers: int,
+    jobs: int,
+    out: Path,
+    concurrency: int,
+    nchan: bool = False,
+    coding: str = "identity",
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.fanout", "client", "--port", str(port), "--token", token,
          "--followers", str(followers), "--jobs", str(jobs), "--out", str(out),
-         "--concurrency", str(concurrency), *(["--nchan"] if nchan else [])],
+         "--concurrency", str(concurrency), "--coding", coding, *(["--nchan"] if nchan else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
 
@@ -316,6 +385,7 @@ async def run_size(
     metrics_port: int = 0,
     connect_concurrency: int = 64,
     nchan: bool = False,
+    coding: str = "identity",
 ) -> FanoutResult:
     writers = [] if nchan else await _seed(redis_client, jobs)
     out = work / f"fanout-{followers}x{jobs}.bin"
@@ -324,7 +394,7 @@ async def run_size(
     # machine, VmRSS's RssFile part): a fixed cost that small sizes spread over few followers.
     rss_before = rss_kib(gateway_pid)
     connect_cpu0 = cpu_seconds(gateway_pid)
-    client = _start_client(port, token, followers, jobs, out, connect_concurrency, nchan)
+    client = _start_client(port, token, followers, jobs, out, connect_concurrency, nchan, coding)
     assert client.stdin is not None and client.stdout is not None
     loop = asyncio.get_running_loop()
     try:
@@ -434,6 +504,7 @@ class _Run:
     idle_only: bool = False
     floor: bool = False  # bench/floor.py's follow mode instead of a gateway (--fanout-floor)
     nchan: bool = False  # nchan (bench/nchan.py) instead of a gateway (--fanout-nchan)
+    coding: str = "identity"  # the followers' Accept-Encoding (--fanout-codings)
 
 
 def _runs(args: argparse.Namespace, worker_counts: Sequence[int]) -> list[_Run]:
@@ -448,7 +519,13 @@ def _runs(args: argparse.Namespace, worker_counts: Sequence[int]) -> list[_Run]:
             runs.append(_Run(followers, jobs, 1, floor=True))
         if args.fanout_nchan:
             runs.append(_Run(followers, jobs, 1, nchan=True))
-        runs += [_Run(followers, jobs, w, source) for w in worker_counts for source in sources]
+        codings = [coding.strip() for coding in getattr(args, "fanout_codings", "identity").split(",")]
+        runs += [
+            _Run(followers, jobs, w, source, coding=coding)
+            for w in worker_counts
+            for source in sources
+            for coding in codings
+        ]
     runs += [_Run(args.fanout_idle, 1, w, idle_only=True) for w in worker_counts]
     return [run for run in runs if run.followers > 0]
 
@@ -497,6 +574,8 @@ def _label(run: _Run, counts: Sequence[int], followers_per_worker: Sequence[int]
         parts.append(f"({run.workers} worker{'s' if run.workers > 1 else ''}{spread})")
     if run.source:
         parts.append("baseline")
+    if run.coding != "identity":
+        parts.append(run.coding)
     if run.floor:
         return "floor (bench/floor.py, 1 process)"
     if run.nchan:
@@ -543,7 +622,7 @@ async def fanout_section(
             # which came with it.
             if run.source is None or run.workers > 1:
                 env["GATEWAY_METRICS_PORT"] = str(metrics_port)
-            name = f"fanout-{run.followers}x{run.jobs}-{run.workers}w{'-baseline' if run.source else ''}"
+            name = f"fanout-{run.followers}x{run.jobs}-{run.workers}w{'-baseline' if run.source else ''}-{run.coding}"
             if run.floor:
                 name += "-floor"
                 command = [sys.executable, "-m", "bench.floor", "--redis-url", redis_url, "--port", str(port)]
@@ -579,6 +658,7 @@ async def fanout_section(
                     metrics_port=metrics_port,
                     connect_concurrency=args.fanout_connect_concurrency,
                     nchan=run.nchan,
+                    coding=run.coding,
                 )
                 result.label = _label(run, counts, result.followers_per_worker)
                 print(table([result])[-1], file=sys.stderr)

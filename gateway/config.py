@@ -133,6 +133,15 @@ class FollowSettings(_Section, frozen=True):
     max_reads_in_flight: PositiveInt = 16
 
 
+# Content codings of streams, in the server's order of preference; empty (or
+# "identity") turns compression off.
+CODEC_LIST = r"^\s*((zstd|gzip|identity)\s*(,\s*(zstd|gzip|identity)\s*)*)?\Z"
+
+
+class CompressionSettings(_Section, frozen=True):
+    codecs: Annotated[str, Meta(pattern=CODEC_LIST)] = "zstd,gzip"
+
+
 class LogSettings(_Section, frozen=True):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -155,6 +164,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     bigquery: BigQuerySettings = BigQuerySettings()
     cache: CacheSettings = CacheSettings()
     follow: FollowSettings = FollowSettings()
+    compression: CompressionSettings = CompressionSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     dev: DevSettings = DevSettings()
@@ -182,7 +192,9 @@ _PATTERN_MEANINGS = {
     for pattern in (BIGQUERY_IDENTIFIER, r"^\Z|" + BIGQUERY_IDENTIFIER)
 } | {
     f"Expected `str` matching regex {CORS_ORIGIN!r}": "must be an origin, scheme://host[:port]"
-    " (http or https, no path, no trailing slash), e.g. https://app.example.com"
+    " (http or https, no path, no trailing slash), e.g. https://app.example.com",
+    f"Expected `str` matching regex {CODEC_LIST!r}": "must be a comma-separated list of zstd, gzip"
+    " (empty or identity: no compression)",
 }
 
 

@@ -20,6 +20,7 @@ from typing import TypeVar
 from aiohttp import HttpVersion11, hdrs, web
 
 from gateway import metrics
+from gateway.compression import Codec, encoder_for, negotiate, parse_codecs
 from gateway.config import Settings
 from gateway.errors import RedisUnreachable, StreamError, Unauthenticated, Unavailable
 from gateway.follow import follow_live
@@ -184,6 +185,7 @@ async def _respond(
         # HTTP/1.0 has no chunked framing: the stream's end is the connection's (aiohttp-sse says keep-alive).
         response.force_close()
         response.headers[hdrs.CONNECTION] = "close"
+    _code_body(request, settings, response)
     await response.prepare(request)
     if position is None:
         is_partial = snapshot is not None and snapshot.job.state.is_active
@@ -239,6 +241,16 @@ async def _respond(
             with contextlib.suppress(asyncio.CancelledError):
                 await response.wait()
     return response
+
+
+def _code_body(request: web.Request, settings: Settings, response: CandleEventResponse) -> None:
+    """The body's content coding, from ``Accept-Encoding`` and ``compression.codecs`` (before ``prepare``)."""
+    codec = negotiate(request.headers.get(hdrs.ACCEPT_ENCODING), parse_codecs(settings.compression.codecs))
+    response.headers[hdrs.VARY] = hdrs.ACCEPT_ENCODING
+    if codec is not Codec.IDENTITY:
+        response.headers[hdrs.CONTENT_ENCODING] = codec.value
+        response.encoder = encoder_for(codec)
+    metrics.STREAM_ENCODINGS.labels(codec.value).inc()
 
 
 def _gone(response: CandleEventResponse) -> str:

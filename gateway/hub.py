@@ -39,9 +39,11 @@ import asyncio
 import enum
 import logging
 import math
+from functools import partial
 from typing import Final
 
-from gateway import metrics, protocol
+from gateway import compression, metrics, protocol
+from gateway.compression import Codec, LiveEncoder
 from gateway.errors import StreamError
 from gateway.follow import Reads, look
 from gateway.observe import StreamWatch
@@ -67,8 +69,8 @@ class Leave(enum.Enum):
 
 class _Member:
     __slots__ = (
-        "bytes_at", "errors_at", "events_at", "group", "heard_at", "left", "response", "settled", "source", "stream",
-        "watch",
+        "bytes_at", "codec", "errors_at", "events_at", "group", "heard_at", "left", "response", "settled", "source",
+        "stream", "watch",
     )  # fmt: skip
 
     def __init__(
@@ -82,6 +84,8 @@ class _Member:
         self.stream = stream
         self.source = source
         self.response = response
+        # The body's content coding; None for identity (the frames go as they are).
+        self.codec: Codec | None = None if response.encoder is None else response.encoder.codec
         self.watch = watch
         self.heard_at = heard_at
         # Its task waits for this; cancelling the task cancels it (hence ``settled``).
@@ -102,6 +106,8 @@ class _Member:
         self.settled = True
         group = self.group
         if group is not None:
+            if self.codec is not None:
+                group.release_coded(self)
             self.stream.adopt(group.mark)
             self.account()
             metrics.FOLLOW_RIDERS.dec()
@@ -133,6 +139,10 @@ class _Group:
         self.due = math.inf  # when a held-back job_status (or a busy read) wants a look
         self.pause = _BUSY_PAUSE_S[0]
         self.over = False
+        # Compression (issue 22): one shared encoder per codec among the members, so each
+        # look's frames are coded once per codec; how many members are coded (none: as before).
+        self.live: dict[Codec, LiveEncoder] = {}
+        self.coded = 0
 
     async def _collect(self, event: bytes, frame: bytes) -> None:
         self.pending.append(frame)
@@ -145,6 +155,13 @@ class _Group:
             metrics.event_counter(event).inc(len(self.members))
             metrics.BYTES_SENT.inc(len(frame) * len(self.members))
 
+    def admit(self, member: _Member) -> None:
+        """``member`` (standing at this group's spot) rides this group from now on."""
+        if member.codec is not None:
+            self._board_coded(member, member.codec)
+        member.board(self)
+        self.members[member] = None
+
     def flush(self) -> None:
         """Write the look's frames to every member in one pass, without waiting; let go those that cannot take more."""
         frames, self.pending = self.pending, []
@@ -152,15 +169,18 @@ class _Group:
         behind = Leave.ENDED if self.over else Leave.BEHIND
         if frames:
             data = frames[0] if len(frames) == 1 else b"".join(frames)  # joined once, not once per member
-            batch, size = (data,), len(data)
             dropped: list[tuple[_Member, Delivery]] = []
-            for member in self.members:
-                if member.settled:
-                    dropped.append((member, Delivery.SENT))
-                    continue
-                delivery = member.response.write_frames(batch, size)
-                if delivery is not Delivery.SENT:
-                    dropped.append((member, delivery))
+            if self.coded:
+                self._write_coded(data, dropped)
+            else:
+                batch, size = (data,), len(data)
+                for member in self.members:
+                    if member.settled:
+                        dropped.append((member, Delivery.SENT))
+                        continue
+                    delivery = member.response.write_frames(batch, size)
+                    if delivery is not Delivery.SENT:
+                        dropped.append((member, delivery))
             for member, delivery in dropped:
                 del self.members[member]
                 if delivery is not Delivery.SENT:
@@ -175,11 +195,77 @@ class _Group:
         for member in other.members:
             if not member.settled:
                 member.account()
-                member.board(self)
-                self.members[member] = None
+                if member.codec is not None:
+                    other.release_coded(member)
+                self.admit(member)
         other.members.clear()
         self.model.status_sent_at = max(self.model.status_sent_at, other.model.status_sent_at)
         self.due = min(self.due, other.due)
+
+    # -- compression (issue 22) ------------------------------------------------------
+    # Members that asked for a codec take one shared coding of each look's frames
+    # (compression.LiveEncoder), the same bytes to every member of that codec: coded
+    # once per codec, written many times. A member boards where the shared bytes
+    # depend on nothing earlier, its own encoder handing over there, and takes its own
+    # back when it leaves; while aboard, its ping goes through the group to all members
+    # of its codec (its body may hold nothing the shared bytes did not).
+
+    def _write_coded(self, data: bytes, dropped: list[tuple[_Member, Delivery]]) -> None:
+        coded: dict[Codec, bytes] = {}
+        sent: dict[Codec, int] = {}
+        batch, size = (data,), len(data)
+        for member in self.members:
+            if member.settled:
+                dropped.append((member, Delivery.SENT))
+                continue
+            codec = member.codec
+            if codec is None:
+                delivery = member.response.write_frames(batch, size)
+            else:
+                out = coded.get(codec)
+                if out is None:
+                    out = coded[codec] = self.live[codec].encode(data)
+                delivery = member.response.write_coded(out)
+                self._took(member, codec, data)
+                sent[codec] = sent.get(codec, 0) + 1
+            if delivery is not Delivery.SENT:
+                dropped.append((member, delivery))
+        for codec, out in coded.items():
+            compression.count_shared(codec, len(data), len(out), sent[codec])
+
+    def _took(self, member: _Member, codec: Codec, data: bytes) -> None:
+        if codec is Codec.GZIP:  # its trailer's CRC-32 and length (zstd keeps no count)
+            encoder = member.response.encoder
+            assert encoder is not None
+            encoder.took(data, self.live[codec])
+
+    def _board_coded(self, member: _Member, codec: Codec) -> None:
+        live = self.live.get(codec)
+        if live is None:
+            live = self.live[codec] = LiveEncoder(codec)
+        if restart := live.restart():  # those aboard in this codec end what they took so far
+            for other in self.members:
+                if other.codec is codec and not other.settled:
+                    other.response.write_coded(restart)
+        member.response.hand_over()
+        member.response.shared_ping = partial(self.ping, codec)
+        self.coded += 1
+
+    def release_coded(self, member: _Member) -> None:
+        """``member`` leaves this group's shared coding (and may be written to on its own again)."""
+        assert member.codec is not None
+        self.coded -= 1
+        member.response.take_back(self.live[member.codec])
+
+    def ping(self, codec: Codec) -> None:
+        """``: ping`` to every member of ``codec``: one of them was quiet for a ping interval, so all were."""
+        members = [member for member in self.members if member.codec is codec and not member.settled]
+        out = self.live[codec].encode(protocol.PING)
+        for member in members:
+            if member.response.write_coded(out) is Delivery.GONE:
+                member.response.stop_streaming()
+            self._took(member, codec, protocol.PING)
+        compression.count_shared(codec, len(protocol.PING), len(out), len(members))
 
 
 class Hub:
@@ -276,8 +362,7 @@ class Hub:
                 self.groups.append(group)
             else:
                 group.model.status_sent_at = max(group.model.status_sent_at, member.stream.status_sent_at)
-            member.board(group)
-            group.members[member] = None
+            group.admit(member)
             metrics.FOLLOW_RIDERS.inc()
         reads = Reads(self._gate)
         for group in list(self.groups):

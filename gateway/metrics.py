@@ -70,6 +70,21 @@ POINTS_SENT = Counter(
     "points_sent", "Candles sent in data_chunk events (counted when a stream ends)", namespace=NAMESPACE
 )
 BYTES_SENT = Counter("sent_bytes", "Bytes of SSE events sent (pings excluded)", namespace=NAMESPACE)
+STREAM_ENCODINGS = Counter(
+    "stream_encodings", "Streams answered 200, by content coding (identity, zstd, gzip)", ["codec"], namespace=NAMESPACE
+)
+COMPRESSION_INPUT_BYTES = Counter(
+    "compression_input_bytes",
+    "Body bytes of compressed streams before compression (events and pings), by codec",
+    ["codec"],
+    namespace=NAMESPACE,
+)
+COMPRESSION_OUTPUT_BYTES = Counter(
+    "compression_output_bytes",
+    "Body bytes of compressed streams after compression (what went on the wire), by codec",
+    ["codec"],
+    namespace=NAMESPACE,
+)
 FIRST_CHUNK_SECONDS = Histogram(
     "first_data_chunk_seconds",
     "From the request's arrival to its first data_chunk written",
@@ -215,6 +230,21 @@ def event_counter(event: bytes) -> Counter:
     if child is None:
         child = _EVENT_CHILDREN[event] = EVENTS_SENT.labels(event.decode("ascii", "replace"))
     return child
+
+
+_CODEC_CHILDREN: dict[str, tuple[Counter, Counter]] = {}
+
+
+def compressed(codec: str, before: int, after: int) -> None:
+    """Body bytes coded by ``codec``: ``before`` compression, ``after`` it (children cached: the hot path)."""
+    children = _CODEC_CHILDREN.get(codec)
+    if children is None:
+        children = _CODEC_CHILDREN[codec] = (
+            COMPRESSION_INPUT_BYTES.labels(codec),
+            COMPRESSION_OUTPUT_BYTES.labels(codec),
+        )
+    children[0].inc(before)
+    children[1].inc(after)
 
 
 # -- one-line hooks for other modules ----------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any, Final
 import msgspec
 
 from gateway import params, protocol
+from gateway.compression import PREFERENCE
 from gateway.sources.candles import CanonicalCandle
 
 OPENAPI_VERSION: Final = "3.1.0"
@@ -134,10 +135,16 @@ def _operation() -> dict[str, Any]:
         "responses": {
             "200": {
                 "description": "The event stream. Every event has an id; the first also carries retry:. "
-                "While idle the server sends ': ping' comment lines.",
+                "While idle the server sends ': ping' comment lines. Compressed when Accept-Encoding allows "
+                "(zstd, else gzip), flushed at every event.",
                 "headers": {
                     "Cache-Control": {"schema": {"type": "string", "const": "no-cache"}},
                     "X-Accel-Buffering": {"schema": {"type": "string", "const": "no"}},
+                    "Vary": {"schema": {"type": "string", "const": "Accept-Encoding"}},
+                    "Content-Encoding": {
+                        "description": "zstd or gzip when the body is compressed; absent for identity.",
+                        "schema": {"type": "string", "enum": [codec.value for codec in PREFERENCE]},
+                    },
                 },
                 "content": {"text/event-stream": {"schema": _event_stream_schema()}},
                 "x-sse-events": {name: {"$ref": _REF.format(name=_name(cls))} for name, cls in EVENTS.items()},
@@ -206,6 +213,13 @@ def _parameters() -> list[dict[str, Any]]:
             "name": "Last-Event-ID",
             "in": "header",
             "description": "Resume after this event id (opaque; valid only for the same parameters).",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "Accept-Encoding",
+            "in": "header",
+            "description": "Content codings the client decodes, with q-values: zstd or gzip (zstd at equal "
+            "weight), identity otherwise. Browsers send it by themselves.",
             "schema": {"type": "string"},
         },
     ]  # fmt: skip

@@ -14,6 +14,13 @@ with two changes (``gateway/internals/aiohttp.py`` holds the one door):
   ``interval_complete``, the next ``interval_start``...) together at the
   turn's end, and the headers with the first ones; the follow hub writes
   each look's frames to each follower with one call;
+- compression (``compression.py``): the handler gives a coded stream its
+  ``encoder``; ``write_frames`` codes each write through it (``_coded``,
+  flushed, so each event decodes on arrival) and ``write_eof`` adds its
+  end. A follow hub's group writes its compressed members one shared coding
+  of each look (``write_coded``), after ``hand_over``, and ``take_back``
+  when they leave; meanwhile their ``: ping`` goes through the group
+  (``shared_ping``);
 - one heartbeat per process replaces aiohttp-sse's ping task (its interval
   is set past any stream's life) and a timeout around every write: every
   ``ping_interval / 4`` it looks at all open streams at once, sends ``:
@@ -40,13 +47,14 @@ import logging
 import math
 import socket
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
+from gateway.compression import Encoder, LiveEncoder
 from gateway.internals.aiohttp import HeadersWithFirstWrite, write_at_once, write_body
 from gateway.protocol import PING
 
@@ -132,6 +140,11 @@ class CandleEventResponse(HeadersWithFirstWrite, EventSourceResponse):
         self._waiting = False  # the stream's task waits for the drain
         self._seen = self._quiet = self._stalled = 0  # the heartbeat's counts
         self._heartbeat: _Heartbeat | None = None
+        # Compression (issue 22, compression.py): set by the handler with Content-Encoding
+        # before prepare(); None is identity. While a hub's group writes this connection
+        # shared coded bytes, its ``: ping`` goes through the group (``shared_ping``).
+        self.encoder: Encoder | None = None
+        self.shared_ping: Callable[[], None] | None = None
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         writer = await super().prepare(request)
@@ -155,11 +168,23 @@ class CandleEventResponse(HeadersWithFirstWrite, EventSourceResponse):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
     def write_frames(self, frames: Sequence[bytes], size: int) -> Delivery:
-        """Write ``frames`` (``size`` bytes in all) now, in one socket write: the one way bytes reach the client."""
+        """Write ``frames`` (``size`` bytes in all) now, in one socket write: the one way bytes reach the client.
+
+        Coded by the connection's encoder first, if it has one (``_coded``).
+        """
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        return self.write_coded(self._coded(data) if self.encoder is not None else data)
+
+    def _coded(self, data: bytes) -> bytes:
+        """``data`` in the body's content coding, flushed (every body byte but a shared encoder's passes here)."""
+        encoder = self.encoder
+        return data if encoder is None else encoder.encode(data)
+
+    def write_coded(self, data: bytes) -> Delivery:
+        """Write ``data``, already in the body's content coding, now, in one socket write (the hub's shared bytes)."""
         transport = self._transport
         if self._over or self._writer is None or transport is None or transport.is_closing():
             return Delivery.GONE
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
         try:
             if self._writes:
                 write_body(self._writer, transport, data)
@@ -215,6 +240,8 @@ class CandleEventResponse(HeadersWithFirstWrite, EventSourceResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         self._flush()  # the last events before the end of the body
+        if self.encoder is not None and not self._over:
+            data = self.encoder.finish() + data  # the codec's end and trailer
         try:
             await super().write_eof(data)
         finally:
@@ -248,6 +275,31 @@ class CandleEventResponse(HeadersWithFirstWrite, EventSourceResponse):
             return
         if self._quiet >= max(1, round(self.ping_interval_s / tick)) and not self._waiting:
             self._quiet = 0
-            if self.write_frames((PING,), len(PING)) is Delivery.GONE:
+            if self.shared_ping is not None:
+                self.shared_ping()  # a compressed follower in a hub: its body takes nothing of its own
+            elif self.write_frames((PING,), len(PING)) is Delivery.GONE:
                 self.stop_streaming()
             self._seen = self._writes
+
+    # -- compression shared by a hub's group (compression.LiveEncoder) ------------------
+
+    def hand_over(self) -> Encoder | None:
+        """End this connection's own compression at a boundary: from here a hub writes shared coded bytes.
+
+        What the stream handed over goes first; then the encoder's
+        ``hand_over`` bytes. None for identity (nothing to hand over).
+        """
+        self._flush()
+        encoder = self.encoder
+        if encoder is None:
+            return None
+        if head := encoder.hand_over():
+            self.write_coded(head)
+        return encoder
+
+    def take_back(self, shared: LiveEncoder) -> None:
+        """Leave ``shared``: close what it began for this connection; its own encoder goes on from here."""
+        self.shared_ping = None
+        assert self.encoder is not None
+        if tail := self.encoder.take_back(shared):
+            self.write_coded(tail)

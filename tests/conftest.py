@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -107,9 +109,48 @@ def settings(redis_url: str, cert_endpoint: CertificateEndpoint, tmp_path: Path)
     )
 
 
+# The content codings a stream test may run under (issue 22): the core stream
+# modules run every test under each (``pytestmark = CODINGS``), the rest as identity.
+CODINGS = pytest.mark.parametrize("accept_encoding", ["identity", "gzip", "zstd"], indirect=True)
+
+
 @pytest.fixture
-def make_gateway(aiohttp_client: Any, settings: Settings, redis_client: aioredis.Redis) -> MakeGateway:
+def accept_encoding(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The ``Accept-Encoding`` the test client sends (identity unless a module runs under ``CODINGS``).
+
+    aiohttp's client decodes gzip and zstd itself (zlib, backports.zstd), so a
+    test reads the same events whatever the coding; the check after the test
+    is that each stream really came in the coding asked for.
+    ``TEST_ACCEPT_ENCODING=zstd make test`` runs every other test under a coding too.
+    """
+    coding: str = getattr(request, "param", os.environ.get("TEST_ACCEPT_ENCODING", "identity"))
+    yield coding
+
+
+def coding_check(compressing: bool, wrong: list[str]) -> aiohttp.TraceConfig:
+    """A client trace noting every stream that asked for one coding and came in another (or without Vary)."""
+    trace = aiohttp.TraceConfig()
+
+    async def on_request_end(session: Any, context: Any, params: aiohttp.TraceRequestEndParams) -> None:
+        headers = params.response.headers
+        asked = params.headers.get("Accept-Encoding")
+        if headers.get("Content-Type") != "text/event-stream" or asked not in ("identity", "gzip", "zstd"):
+            return  # a test that asks for something else checks what it gets itself
+        coding = asked if compressing else "identity"
+        got = headers.get("Content-Encoding", "identity")
+        if got != coding or "Accept-Encoding" not in headers.get("Vary", ""):
+            wrong.append(f"{params.url}: asked {coding}, got {got} (Vary: {headers.get('Vary')})")
+
+    trace.on_request_end.append(on_request_end)
+    return trace
+
+
+@pytest.fixture
+def make_gateway(
+    aiohttp_client: Any, settings: Settings, redis_client: aioredis.Redis, accept_encoding: str
+) -> Iterator[MakeGateway]:
     """Start the real app (through its factory) on a free port; returns a real HTTP client."""
+    wrong: list[str] = []
 
     async def make(**sections: dict[str, Any]) -> TestClient:
         # The emulator's client raises for failed queries, as BigQuery does.
@@ -120,9 +161,16 @@ def make_gateway(aiohttp_client: Any, settings: Settings, redis_client: aioredis
         options = {name: value for name, value in runner_options(configured).items() if name != "handler_cancellation"}
         server = GatewayTestServer(app)
         await server.start_server(**options)
-        return await aiohttp_client(server)  # type: ignore[no-any-return]
+        # Streams come in the coding the test runs under (unless this gateway turned compression off).
+        compressing = configured.compression.codecs.strip() not in ("", "identity")
+        return await aiohttp_client(  # type: ignore[no-any-return]
+            server,
+            headers={"Accept-Encoding": accept_encoding},
+            trace_configs=[coding_check(compressing, wrong)],
+        )
 
-    return make
+    yield make
+    assert not wrong, wrong
 
 
 @pytest.fixture

@@ -45,7 +45,16 @@ async def test_client_eventsource_and_console_in_headless_chromium(settings, sig
     async with running_harness(settings, signing_key, PROJECT, tmp_path / "valkey") as harness:
         env = _browser_env(harness)
         code, output = await run_node(
-            ["--test", "--test-concurrency=1", "--test-reporter=spec", "tests/js/browser.test.mjs"], env, timeout_s=300
+            # NODE_TEST_ARGS: e.g. --test-name-pattern=zstd, to run some of them while working on them
+            [
+                "--test",
+                "--test-concurrency=1",
+                "--test-reporter=spec",
+                *os.environ.get("NODE_TEST_ARGS", "").split(),
+                "tests/js/browser.test.mjs",
+            ],
+            env,
+            timeout_s=300,
         )
     assert code == 0, output
 

@@ -316,7 +316,7 @@ ONE_LINE_MISTAKES = [
         {"GATEWAY_REDIS_URL": "redis://redis:6379/0"},
         "[sever]\nport = 80\n",
         "configuration error: config file: [sever] is not a section (did you mean server?); the sections are"
-        " server, redis, auth, bigquery, cache, follow, log, metrics, dev",
+        " server, redis, auth, bigquery, cache, follow, compression, log, metrics, dev",
         id="unknown-section",
     ),
     pytest.param(

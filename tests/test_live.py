@@ -9,6 +9,7 @@ import pytest
 import redis.exceptions
 
 from gateway.resources import NOTES, REDIS
+from tests.conftest import CODINGS
 from tests.helpers import (
     expected_points,
     follow_and_append,
@@ -20,6 +21,9 @@ from tests.helpers import (
     stream,
 )
 from tests.sse_client import event_reader, next_events
+
+# Every test here runs with the stream sent as it is, gzip and zstd (issue 22).
+pytestmark = CODINGS
 
 JOB = "live-job"
 

@@ -115,9 +115,13 @@ def assert_no_token(text: str, jwt: str) -> None:
         assert secret not in text, f"{secret[:12]}... in nginx's log"
 
 
-async def follow_latencies(session, url: str, query, appended_at: dict[int, float], ready: asyncio.Event, out: list):
-    async with session.get(url, params=query) as response:
+async def follow_latencies(
+    session, url: str, query, appended_at: dict[int, float], ready: asyncio.Event, out: list, coding: str = "identity"
+):
+    async with session.get(url, params=query, headers={"Accept-Encoding": coding}) as response:
         assert response.status == 200
+        # The gateway's coding, passed through (nginx's own gzip is off for the location).
+        assert response.headers.get("Content-Encoding", "identity") == coding
         parser, transcript = SSEParser(), Transcript()
         seen = 1
         async for chunk in response.content.iter_any():
@@ -133,7 +137,9 @@ async def follow_latencies(session, url: str, query, appended_at: dict[int, floa
                     return
 
 
-async def test_events_arrive_unbuffered_through_nginx(site, writer, token):
+@pytest.mark.parametrize("coding", ["identity", "gzip", "zstd"])
+async def test_events_arrive_unbuffered_through_nginx(site, writer, token, coding):
+    """Each live event arrives on its own through nginx, compressed by the gateway (issue 22) or not."""
     base, (a, _), _ = site
     w = writer("nginx-live")
     await seed_job(w, counts={"day": 1})
@@ -145,9 +151,9 @@ async def test_events_arrive_unbuffered_through_nginx(site, writer, token):
     async with aiohttp.ClientSession() as session:
         readers = [
             asyncio.create_task(follow_latencies(session, a.base + stream_path("nginx-live"), query, appended_at,
-                                                 ready[0], direct)),
+                                                 ready[0], direct, coding)),
             asyncio.create_task(follow_latencies(session, base + stream_path("nginx-live"), query, appended_at,
-                                                 ready[1], proxied)),
+                                                 ready[1], proxied, coding)),
         ]  # fmt: skip
         await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 10)
         await asyncio.sleep(0.3)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import CODINGS
 from tests.helpers import expected_points, seed_job, stream
+
+# Every test here runs with the stream sent as it is, gzip and zstd (issue 22).
+pytestmark = CODINGS
 
 JOB = "fWroZTP6KfwS3ZjTEFa3"
 

@@ -290,3 +290,57 @@ test("the console shows an error on the interval it concerns", { skip }, async (
   assert.equal(again.chartPoints, 50);
   await page.close();
 });
+
+// Compressed streams (issue 22). Chromium offers "gzip, deflate, br, zstd" (here, to 127.0.0.1), so
+// every stream of these tests comes zstd-coded; the gzip run's page asks for "gzip, deflate" only.
+for (const coding of ["gzip", "zstd"]) {
+  test(`a ${coding} stream: EventSource and the client's fetch decode it, resume after a cut included`, { skip }, async () => {
+    const job = `coded-${coding}`;
+    await control(`/jobs/${job}?intervals=minute&count=300&status=running&uid=${job}`);
+    const token = await control(`/token?uid=${job}`, "GET");
+    const { page, problems } = await newPage();
+    if (coding === "gzip") await page.setExtraHTTPHeaders({ "Accept-Encoding": "gzip, deflate" });
+    const encodings = [];
+    page.on("response", (response) => {
+      if (response.url().includes("/api/sse/")) encodings.push(response.headers()["content-encoding"] ?? "identity");
+    });
+    await page.goto(`${GATEWAY}/healthz`);
+    const url = `/api/sse/backtest/${job}/data/multi?intervals=minute&chunk_size=100&follow=true&token=${token}`;
+    await page.evaluate(async ({ url, job, token }) => {
+      window.es = { points: 0, opens: 0, done: false, log: [] };
+      const source = new EventSource(url);
+      source.onopen = () => { window.es.opens += 1; window.es.log.push("open"); };
+      source.onerror = () => { window.es.log.push(`error readyState=${source.readyState}`); };
+      source.addEventListener("data_chunk", (e) => { window.es.points += JSON.parse(e.data).data_points.length; });
+      source.addEventListener("all_complete", () => { window.es.done = true; source.close(); });
+      const { openCandleStream } = await import("/static/client/index.js");
+      window.s = openCandleStream({ id: job, intervals: ["minute"], chunkSize: 100, follow: true, getToken: () => token });
+    }, { url, job, token });
+    await page.waitForFunction(() => window.es.points === 300 && window.s.state.intervals.minute.points.length === 300);
+    // One live event at a time, each decoded as it arrives.
+    for (let n = 1; n <= 3; n++) {
+      await control(`/jobs/${job}/append?interval=minute&count=1`);
+      await page.waitForFunction((n) => window.es.points === 300 + n && window.s.state.intervals.minute.points.length === 300 + n, n);
+    }
+    await control("/replica/restart"); // both reconnect with their last event id, to a new compressed stream
+    await control(`/jobs/${job}/append?interval=minute&count=20`);
+    await control(`/jobs/${job}/status?status=completed`);
+    await page.waitForFunction(() => window.es.done, null, { timeout: 30_000 }).catch(async (error) => {
+      throw new Error(`${error}: ${JSON.stringify(await page.evaluate(() => [window.es, window.s.state.status]))}`);
+    });
+    const state = await page.evaluate(async () => {
+      const state = await window.s.done;
+      return { es: window.es.points, client: state.intervals.minute.points.map((p) => p.time), status: state.status };
+    });
+    assert.equal(state.es, 323);
+    assert.ok(await page.evaluate(() => window.es.opens >= 2), "the EventSource reconnected");
+    assert.equal(state.status, "complete");
+    assert.deepEqual(state.client.map(Date.parse), state.client.map((_, i) => START + i * 60_000));
+    assert.equal(state.client.length, 323);
+    assert.ok(encodings.length >= 4, JSON.stringify(encodings)); // two streams, each opened twice
+    assert.deepEqual([...new Set(encodings)], [coding]);
+    // (A page's first load may ask for /favicon.ico: a 404 that is no decoding problem.)
+    assert.deepEqual(problems.filter((problem) => !problem.includes("status of 404")), []);
+    await page.close();
+  });
+}

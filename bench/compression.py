@@ -1,0 +1,348 @@
+"""``make bench BENCH_ARGS="--only compression"``: compressed streams against identity, side by side in one run.
+
+One gateway (``python -m gateway serve``) serves a job of 3 intervals x
+``--points`` random-walk candles (prices move by a few ticks, volumes vary:
+JSON as varied as real candles, unlike the repeating series of the other
+sections), read with ``Accept-Encoding`` identity, zstd and gzip in turn:
+
+- bytes on the wire of the whole stream, per codec (decoded and checked);
+- server CPU per whole stream, per codec (the gateway process's user+system
+  time around each stream; rounds alternate the codecs), median and range;
+- time to the whole chart through a throttled link: a userland TCP proxy of
+  20 Mbit/s from server to client and 20 ms each way (40 ms round trip),
+  from the request to the last event decoded;
+- RSS per idle follow stream, per codec, each on a fresh gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import redis.asyncio as aioredis
+from backports.zstd import ZstdDecompressor
+
+from bench.processes import cpu_seconds, rss_kib, server_process
+from gateway.devtools.dev_auth import DevSigningKey, mint_token
+from gateway.devtools.ports import free_port
+from gateway.devtools.processes import gateway_serve
+from gateway.workers import JobWriter, candle
+
+JOB = "bench-compress-job"
+IDLE_JOB = "bench-compress-idle"
+INTERVALS = ("day", "minute", "3minute")
+CODINGS = ("identity", "zstd", "gzip")
+LINK_BITS_PER_S = 20_000_000
+ONE_WAY_S = 0.020
+
+
+async def seed_random_walk(client: aioredis.Redis, points: int) -> None:
+    """3 intervals x ``points`` random-walk candles (seeded: every run streams the same bytes)."""
+    rng = random.Random(22)
+    writer = JobWriter(client, JOB)
+    await writer.create(
+        user_id="bench", symbol="LTF", exchange="NSE", intervals=INTERVALS, status="completed", current_bar=1
+    )
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    steps = {"day": timedelta(days=1), "minute": timedelta(minutes=1), "3minute": timedelta(minutes=3)}
+    for interval in INTERVALS:
+        price = 1000.0
+        for first in range(0, points, 5000):
+            batch = []
+            for i in range(first, min(first + 5000, points)):
+                open_ = price
+                close = round(open_ + rng.gauss(0, 1.5), 2)
+                high = round(max(open_, close) + abs(rng.gauss(0, 1)), 2)
+                low = round(min(open_, close) - abs(rng.gauss(0, 1)), 2)
+                batch.append(
+                    candle(start + i * steps[interval], round(open_, 2), high, low, close, rng.randint(100, 900_000))
+                )
+                price = close
+            await writer.append(interval, batch)
+    idle = JobWriter(client, IDLE_JOB)
+    await idle.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=["day"], status="running")
+    await idle.append("day", [candle(start, 1.0, 2.0, 0.5, 1.5, 10)])
+
+
+class Decoder:
+    """A client's decoding of one body: gzip, or zstd of one or more frames."""
+
+    def __init__(self, coding: str) -> None:
+        self._coding = coding
+        self._gzip = zlib.decompressobj(31) if coding == "gzip" else None
+        self._zstd = ZstdDecompressor() if coding == "zstd" else None
+
+    def decode(self, data: bytes) -> bytes:
+        if self._gzip is not None:
+            return self._gzip.decompress(data)
+        if self._zstd is None:
+            return data
+        out = b""
+        while data:
+            if self._zstd.eof:
+                self._zstd = ZstdDecompressor()
+            out += self._zstd.decompress(data)
+            data = self._zstd.unused_data if self._zstd.eof else b""
+        return out
+
+
+async def read_coded(session: aiohttp.ClientSession, url: str, coding: str) -> tuple[int, int, float]:
+    """One whole stream in ``coding``: (bytes on the wire, points decoded, seconds to the last event decoded)."""
+    started = time.perf_counter()
+    wire = points = 0
+    decoder, tail = Decoder(coding), b""
+    async with session.get(url, headers={"Accept-Encoding": coding}) as response:
+        assert response.status == 200, f"{url}: {response.status}"
+        assert response.headers.get("Content-Encoding", "identity") == coding, response.headers
+        async for block in response.content.iter_any():
+            wire += len(block)
+            plain = decoder.decode(block)
+            window = tail + plain
+            points += window.count(b'"time"') - tail.count(b'"time"')
+            tail = plain[-16:] if len(plain) >= 16 else (tail + plain)[-16:]
+    return wire, points, time.perf_counter() - started
+
+
+class ThrottledLink:
+    """A TCP proxy: server -> client at ``bits_per_s`` after ``one_way_s``, client -> server after ``one_way_s``.
+
+    The bytes the server sends are queued at the link's rate (a bottleneck
+    with a deep buffer), each read arriving ``one_way_s`` after it left.
+    """
+
+    def __init__(self, upstream_port: int, bits_per_s: float = LINK_BITS_PER_S, one_way_s: float = ONE_WAY_S) -> None:
+        self._upstream_port = upstream_port
+        self._bytes_per_s = bits_per_s / 8
+        self._one_way_s = one_way_s
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ThrottledLink:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _connection(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        up = asyncio.create_task(self._pipe(client_reader, server_writer, rate=None))
+        down = asyncio.create_task(self._pipe(server_reader, client_writer, rate=self._bytes_per_s))
+        await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
+        for task in (up, down):
+            task.cancel()
+        for writer in (client_writer, server_writer):
+            writer.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        link_free_at = 0.0
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    writer.write_eof()
+                    return
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                writer.write(data)
+                await writer.drain()
+
+        delivering = asyncio.create_task(deliver())
+        try:
+            while data := await reader.read(16384):
+                now = loop.time()
+                departs = max(now, link_free_at) + (len(data) / rate if rate else 0.0)
+                link_free_at = departs
+                queue.put_nowait((departs + self._one_way_s, data))
+            queue.put_nowait((link_free_at + self._one_way_s, b""))
+            await delivering
+        finally:
+            delivering.cancel()
+
+
+def _ms(values: Sequence[float]) -> str:
+    return f"{statistics.median(values) * 1000:,.0f} ms ({min(values) * 1000:,.0f}-{max(values) * 1000:,.0f})"
+
+
+async def compression_section(
+    args: argparse.Namespace, work: Path, env: dict[str, str], key: DevSigningKey, client: aioredis.Redis
+) -> list[str]:
+    """The figures of docs/PERFORMANCE.md's "Compressed streams" section."""
+    seeded = time.perf_counter()
+    await seed_random_walk(client, args.points)
+    print(
+        f"compression: seeded 3 x {args.points} random-walk candles in {time.perf_counter() - seeded:.1f} s",
+        file=sys.stderr,
+    )
+    token = mint_token(key, env["GATEWAY_AUTH_FIREBASE_PROJECT_ID"], "bench", lifetime_s=3600)
+    query = f"intervals={','.join(INTERVALS)}&limit=50000&token={token}"
+    port = free_port()
+    lines: list[str] = []
+    async with server_process(
+        gateway_serve(), {**env, "GATEWAY_SERVER_PORT": str(port)}, port, work / "compress.log"
+    ) as gateway:
+        url = f"http://127.0.0.1:{port}/api/sse/backtest/{JOB}/data/multi?{query}"
+        timeout = aiohttp.ClientTimeout(total=None)
+        async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as session:
+            wire: dict[str, int] = {}
+            cpu: dict[str, list[float]] = {coding: [] for coding in CODINGS}
+            for coding in CODINGS:  # warm-up, and the byte counts
+                wire[coding], points, _ = await read_coded(session, url, coding)
+                assert points == 3 * args.points, (coding, points)
+            for _ in range(args.compress_runs):
+                for coding in CODINGS:
+                    before = cpu_seconds(gateway.pid)
+                    await read_coded(session, url, coding)
+                    cpu[coding].append(cpu_seconds(gateway.pid) - before)
+            times: dict[str, list[float]] = {coding: [] for coding in CODINGS}
+            async with ThrottledLink(port) as link:
+                slow_url = url.replace(f":{port}/", f":{link.port}/")
+                for _ in range(args.compress_link_runs):
+                    for coding in CODINGS:
+                        _, points, seconds = await read_coded(session, slow_url, coding)
+                        assert points == 3 * args.points
+                        times[coding].append(seconds)
+    identity_cpu = statistics.median(cpu["identity"])
+    identity_time = statistics.median(times["identity"])
+    lines += [
+        f"compressed streams: 3 x {args.points:,} random-walk candles, chunk_size 500;"
+        f" CPU over {args.compress_runs} rounds, link ({LINK_BITS_PER_S / 1e6:.0f} Mbit/s,"
+        f" {2 * ONE_WAY_S * 1000:.0f} ms"
+        f" round trip) over {args.compress_link_runs} (codecs alternating)",
+        "",
+        "| codec | bytes on the wire | fewer than identity | server CPU per stream (median, range) |"
+        " CPU vs identity | time to the whole chart through the link (median, range) | vs identity |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for coding in CODINGS:
+        lines.append(
+            f"| {coding} | {wire[coding] / 1e6:.2f} MB | {wire['identity'] / wire[coding]:.1f}x |"
+            f" {_ms(cpu[coding])} | {statistics.median(cpu[coding]) / identity_cpu:.2f}x |"
+            f" {_ms(times[coding])} | {statistics.median(times[coding]) / identity_time:.2f}x |"
+        )
+    lines += ["", *live_options()]
+    if args.compress_idle:
+        lines += ["", "| codec | RSS per idle follow stream |", "|---|---|"]
+        for coding in CODINGS:
+            idle_port = free_port()
+            idle_env = {**env, "GATEWAY_SERVER_PORT": str(idle_port)}
+            async with server_process(gateway_serve(), idle_env, idle_port, work / f"idle-{coding}.log") as gateway:
+                per = await idle_followers(idle_port, token, gateway.pid, args.compress_idle, coding)
+            lines.append(f"| {coding} | {per:.1f} KiB ({args.compress_idle:,} followers) |")
+    return lines
+
+
+async def idle_followers(port: int, token: str, pid: int, count: int, coding: str) -> float:
+    """KiB of gateway memory per idle follow stream in ``coding`` (each past its snapshot, in its hub group)."""
+    url = f"http://127.0.0.1:{port}/api/sse/backtest/{IDLE_JOB}/data/multi?intervals=day&follow=true&token={token}"
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        await asyncio.sleep(0.5)
+        before = rss_kib(pid)
+        responses = []
+        for _ in range(count):
+            response = await session.get(url, headers={"Accept-Encoding": coding})
+            assert response.headers.get("Content-Encoding", "identity") == coding
+            await response.content.readuntil(b"event: interval_complete")
+            responses.append(response)
+        await asyncio.sleep(1.0)
+        after = rss_kib(pid)
+        for response in responses:
+            response.close()
+    return (after - before) / count
+
+
+def live_options(followers: int = 2000, events: int = 20) -> list[str]:
+    """Encode once, write many under compression, measured in process: one compressor per follower, or one shared.
+
+    A live event (one candle, ~330 bytes) to ``followers`` followers of one
+    job, each of whose own compressors first took a 500-candle snapshot
+    chunk (its history). Per event: CPU of the coding for all followers and
+    the bytes each receives; per follower: the compressor's memory.
+    """
+    from gateway.compression import Codec, LiveEncoder, encoder_for
+
+    rng = random.Random(7)
+    snapshot = b"event: data_chunk\ndata: {" + b",".join(
+        b'{"time":"2020-01-01T%02d:%02d:00Z","open":%.2f,"high":%.2f,"low":%.2f,"close":%.2f,"volume":%d}'
+        % (i // 60 % 24, i % 60, 1000 + rng.random(), 1001 + rng.random(), 999 + rng.random(), 1000 + rng.random(),
+           rng.randint(100, 900_000))
+        for i in range(500)
+    ) + b"}\n\n"  # fmt: skip
+
+    def live_event(n: int) -> bytes:
+        return (
+            b'id: 3.0.1.%d\nevent: data_chunk\ndata: {"interval":"minute",'
+            b'"data_points":[{"time":"2020-01-02T00:%02d:00Z",'
+            b'"open":%.2f,"high":%.2f,"low":%.2f,"close":%.2f,"volume":%d}],"points_sent":%d,"total_points":%d,'
+            b'"chunk_index":%d,"is_last_chunk":false,"is_partial":true,"current_bar":%d,"job_status":"running"}\n\n'
+            % (n, n % 60, 1000 + rng.random(), 1001 + rng.random(), 999 + rng.random(), 1000 + rng.random(),
+               rng.randint(100, 900_000), 500 + n, 500 + n, 1 + n, n)
+        )  # fmt: skip
+
+    lines = [
+        f"encode once, write many: a one-candle live event ({len(live_event(0))} bytes) to {followers:,} followers"
+        f" of one job, {events} events (in process)",
+        "",
+        "| codec | option | CPU per event for all followers | bytes per follower per event |"
+        " compressor memory per follower |",
+        "|---|---|---|---|---|",
+    ]
+    for codec in (Codec.ZSTD, Codec.GZIP):
+        own = [encoder_for(codec) for _ in range(followers)]
+        rss0 = _rss_kib_self()
+        for encoder in own:
+            assert encoder is not None
+            encoder.encode(snapshot)
+        per_follower_kib = (_rss_kib_self() - rss0) / followers
+        started, size = time.process_time(), 0
+        for n in range(events):
+            frame = live_event(n)
+            for encoder in own:
+                assert encoder is not None
+                size += len(encoder.encode(frame))
+        own_cpu = (time.process_time() - started) / events
+        own_bytes = size / events / followers
+        for encoder in own:
+            assert encoder is not None
+            encoder.hand_over()  # frees each compressor, as boarding a hub group does
+        del own
+        shared = LiveEncoder(codec)
+        riders = [encoder_for(codec) for _ in range(followers)]
+        started, size = time.process_time(), 0
+        for n in range(events):
+            frame = live_event(n)
+            coded = shared.encode(frame)
+            for rider in riders:
+                assert rider is not None
+                rider.took(frame, shared)  # gzip's CRC-32 and length; nothing for zstd
+            size += len(coded)
+        shared_cpu = (time.process_time() - started) / events
+        lines.append(
+            f"| {codec} | a compressor per follower | {own_cpu * 1000:.2f} ms | {own_bytes:.0f} |"
+            f" {per_follower_kib:.0f} KiB (freed when it boards) |"
+        )
+        lines.append(
+            f"| {codec} | one shared per group (chosen) | {shared_cpu * 1000:.2f} ms | {size / events:.0f} | 0 |"
+        )
+    return lines
+
+
+def _rss_kib_self() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
