@@ -80,10 +80,11 @@ async def _redis_context(app: web.Application) -> AsyncIterator[None]:
         settings.server.stream_slot_ttl_s,
         retry_after_seconds(settings.server.retry_ms),
     )
-    app[SLOTS].start()
     app[NOTES] = notes = JobNotes(client, settings.follow.recheck_interval_s, settings.follow.max_reads_in_flight)
     metrics.watch_job_notes(notes)
+    # The start-up check speaks first: it names what it found before any background call can fail.
     await check_at_start_up(client, settings.redis)
+    app[SLOTS].start()
     try:
         yield
     finally:

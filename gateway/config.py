@@ -67,6 +67,9 @@ class ServerSettings(_Section, frozen=True):
     send_timeout_s: PositiveSeconds = 30.0
     max_streams_per_user: NonNegativeInt = 8
     max_streams_per_process: NonNegativeInt = 10_000
+    max_connections: NonNegativeInt = 0
+    header_timeout_s: PositiveSeconds = 10.0
+    keepalive_timeout_s: PositiveSeconds = 15.0
     stream_slot_ttl_s: Annotated[int, Meta(ge=5)] = 60
     shutdown_grace_s: Annotated[float, Meta(ge=0)] = 5.0
     access_log: bool = True

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 
 from gateway import metrics
 from gateway.broadcast import Seat
@@ -172,6 +172,10 @@ async def _respond(
 ) -> web.StreamResponse:
     server = settings.server
     response = CandleEventResponse(ping_interval=server.ping_interval_s, send_timeout=server.send_timeout_s)
+    if request.version < HttpVersion11:
+        # HTTP/1.0 has no chunked framing: the stream's end is the connection's (aiohttp-sse says keep-alive).
+        response.force_close()
+        response.headers[hdrs.CONNECTION] = "close"
     await response.prepare(request)
     if position is None:
         is_partial = snapshot is not None and snapshot.job.state.is_active

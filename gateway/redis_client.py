@@ -24,6 +24,7 @@ or a ``gateway.errors`` exception:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -234,6 +235,7 @@ class _GatedClusterPipeline(ClusterPipeline):
 @metrics.observe_redis
 async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
     """Run one Redis call (or pipeline); redis-py's errors become the gateway's, naming ``what``."""
+    started = time.monotonic()
     try:
         result = await operation()
     except redis.exceptions.MaxConnectionsError as exc:
@@ -241,24 +243,24 @@ async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         if str(exc).startswith("No connection available"):  # BlockingConnectionPool's wait ran out
             raise RedisBusy(f"no Redis connection free while {what}", "busy") from exc
-        raise unreachable(exc, what) from exc
+        raise unreachable(exc, what, started) from exc
     except redis.exceptions.ResponseError as exc:
         raise response_error(exc, what) from exc
     except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-        raise unreachable(exc, what) from exc
+        raise unreachable(exc, what, started) from exc
     except (OSError, EOFError, RuntimeError) as exc:
         # Raised under redis-py and not wrapped by it: a socket error of a
         # connection class we did not choose (rediss://, unix://), or an event
         # loop's own (uvloop's RuntimeError on a transport closed by a reset).
-        raise unreachable(exc, what) from exc
+        raise unreachable(exc, what, started) from exc
     if HEALTH.cause is not None:
         HEALTH.answered()
     return result
 
 
-def unreachable(exc: BaseException, what: str) -> RedisUnreachable:
+def unreachable(exc: BaseException, what: str, started: float | None = None) -> RedisUnreachable:
     """A failure to reach Redis, named by its cause (``redis_health.classify_redis_failure``) and logged on change."""
-    cause, _ = HEALTH.failed(*classify_redis_failure(exc))
+    cause, _ = HEALTH.failed(*classify_redis_failure(exc), started=started)
     return RedisUnreachable(f"Redis {PHRASES[cause]} ({cause.value}) while {what}", cause.value)
 
 

@@ -194,6 +194,7 @@ class RedisHealth:
         self.since = time.monotonic()
         self.address = "Redis"
         self.speaks_tls = False
+        self.answered_at = float("-inf")
 
     def reset(self, settings: RedisSettings) -> None:
         """A new client (a new app): no state yet."""
@@ -202,14 +203,27 @@ class RedisHealth:
         self.since = time.monotonic()
         self.address = f"Redis at {redacted_address(settings.url)}"
         self.speaks_tls = False
+        self.answered_at = float("-inf")
 
-    def failed(self, cause: RedisCause, detail: str, *, when: str = "") -> tuple[RedisCause, str]:
-        """Note a failure (logged if the state changed); returns its cause as this process knows it."""
+    def failed(
+        self, cause: RedisCause, detail: str, *, when: str = "", started: float | None = None
+    ) -> tuple[RedisCause, str]:
+        """Note a failure (logged if the state changed); returns its cause as this process knows it.
+
+        ``started`` is when the failed call began (``time.monotonic()``): a call
+        begun before Redis last answered failed on the outage that answer ended
+        (a background call's connect attempt still in flight), so it does not
+        start a new one.
+        """
         if cause is RedisCause.CONNECTION_LOST and self.speaks_tls:
             # The start-up check found TLS behind a redis:// URL: every closed connection is that.
             cause, detail = RedisCause.TLS_FAILED, SPEAKS_TLS
-        if cause == self.cause:
+        if cause == self.cause or (self.cause is None and started is not None and started < self.answered_at):
             return cause, detail
+        if cause is RedisCause.CONNECTION_LOST and self.cause is not None:
+            # A pooled connection finding out, one by one, that the outage closed it: the
+            # outage's cause is what new connections meet, and it stands.
+            return self.cause, self.detail
         self.cause, self.detail, self.since = cause, detail, time.monotonic()
         log.warning("%s%s: %s (%s: %s): %s", self.address, when, PHRASES[cause], cause.value, detail, ADVICE[cause])
         return cause, detail
@@ -227,6 +241,7 @@ class RedisHealth:
         )
         self.cause = None
         self.detail = ""
+        self.answered_at = time.monotonic()
 
 
 HEALTH = RedisHealth()

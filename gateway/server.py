@@ -35,7 +35,9 @@ from gateway import gc_policy
 from gateway.access_log import RedactingAccessLogger
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.connections import ConnectionGuard, connection_cap
 from gateway.errors import ConfigError
+from gateway.limits import retry_after_seconds
 from gateway.metrics import metrics_app, set_enabled
 from gateway.resources import LIFECYCLE
 from gateway.runner import GatewayRunner
@@ -73,6 +75,8 @@ def runner_options(settings: Settings) -> dict[str, Any]:
         # Streams are drained before the port closes (Lifecycle.drain); what is
         # left then is short requests.
         "shutdown_timeout": settings.server.shutdown_grace_s,
+        # An idle connection between requests (aiohttp's default is an hour); streams are not idle.
+        "keepalive_timeout": settings.server.keepalive_timeout_s,
     }
 
 
@@ -162,9 +166,10 @@ async def _serve(settings: Settings, index: int, workers: int) -> None:
     app = create_app(settings)
     runner = GatewayRunner(app, **runner_options(settings))
     metrics_runner: web.AppRunner | None = None
+    listener: asyncio.Server | None = None
     await runner.setup()
     try:
-        await web.SockSite(runner, public).start()
+        listener = await guarded_listener(runner, public, settings)
         gc_policy.settle_after_startup()
         metrics_text = "off (metrics.port = 0)"
         if private is not None:
@@ -195,10 +200,26 @@ async def _serve(settings: Settings, index: int, workers: int) -> None:
         log.info("%s received: shutting down", received[0] if received else "stop")
         await app[LIFECYCLE].drain(server.shutdown_grace_s)
     finally:
+        if listener is not None:
+            listener.close()  # as aiohttp's site would: no new connection, the open ones shut down below
         await runner.cleanup()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
     log.info("stopped (pid %d)", os.getpid())
+
+
+async def guarded_listener(runner: web.AppRunner, sock: socket.socket, settings: Settings) -> asyncio.Server:
+    """Serve ``runner``'s app on ``sock`` through ``ConnectionGuard`` (gateway/connections.py)."""
+    assert runner.server is not None
+    server = settings.server
+    guard = ConnectionGuard(
+        runner.server,
+        header_timeout_s=server.header_timeout_s,
+        max_connections=connection_cap(server.max_connections),
+        retry_after_s=retry_after_seconds(server.retry_ms),
+    )
+    log.info("at most %d client connections (server.max_connections)", guard.max_connections)
+    return await asyncio.get_running_loop().create_server(guard, sock=sock, backlog=_BACKLOG)
 
 
 def bind(host: str, port: int, *, reuse_port: bool, what: str, setting: str) -> socket.socket:

@@ -282,7 +282,9 @@ class DirectWire:
         self._response = response
         self._transport = transport
         self._writer = writer
-        self._chunked = response.chunked
+        # What the writer frames, not what the response asked for: aiohttp-sse enables
+        # chunked encoding after the headers, and aiohttp chunks only for HTTP/1.1.
+        self._chunked = bool(getattr(writer, "chunked", response.chunked))
 
     def idle(self) -> bool:
         """Whether nothing waits in the socket's buffer (the client read everything sent so far)."""

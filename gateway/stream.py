@@ -15,6 +15,8 @@ from datetime import datetime
 from functools import partial
 from typing import Protocol
 
+import msgspec
+
 from gateway import protocol
 from gateway.errors import DataError, JobFailed, StreamError
 from gateway.params import StreamRequest
@@ -76,6 +78,9 @@ class CandleStream:
         self._readers: dict[int, ChunkReader] = {}
         # Time of the last candle sent per interval: live chunks must come after it.
         self._last_times: dict[int, datetime] = {}
+        # The last stored element sent of each interval, to check the next read's element before it.
+        self._anchors: dict[int, bytes] = {}
+        self._went_back = False  # a completed job said it runs again: reported once, then not adopted
         self._frames: FrameStore | None = None
         # When follow mode last sent a job_status (its clock), for coalescing.
         self.status_sent_at = -math.inf
@@ -167,6 +172,7 @@ class CandleStream:
             self._readers[index] = reader
         try:
             chunk = await reader.next_chunk()
+            self._check_continuity(index, chunk)
         except DataError as exc:
             await self._close_reader(index)
             await self._fail(index, exc)
@@ -208,6 +214,11 @@ class CandleStream:
             await self.fail_live(
                 index, DataError(f"candle {interval.points_sent} of interval '{name}' is not after the one before it")
             )
+            return
+        try:
+            self._check_continuity(index, chunk)
+        except DataError as exc:
+            await self.fail_live(index, exc)
             return
         self._account(index, chunk)
         interval.total_points = interval.points_sent
@@ -256,6 +267,7 @@ class CandleStream:
             and self._identity == other._identity
             and self.position == other.position
             and self._last_times == other._last_times
+            and self._anchors == other._anchors
         )
 
     def fork(self, send: Send, round_over: Callable[[], None]) -> CandleStream:
@@ -283,18 +295,52 @@ class CandleStream:
         copy_position(other.position, self.position)
         self._state = other._state
         self._last_times = dict(other._last_times)
+        self._anchors = dict(other._anchors)
 
     # -- helpers -------------------------------------------------------------
 
     def _account(self, index: int, chunk: Chunk) -> None:
         """Adopt what a chunk says of the job, and count it as sent."""
-        if chunk.state is not None:
+        if chunk.state is not None and not (self._went_back and chunk.state.is_active):
             self.check_state(chunk.state)
         if chunk.last_time is not None:
             self._last_times[index] = chunk.last_time
+        if chunk.last is not None:
+            self._anchors[index] = chunk.last
         interval = self.position.intervals[index]
         interval.points_sent += chunk.count
         interval.chunks_sent += 1
+
+    def _check_continuity(self, index: int, chunk: Chunk) -> None:
+        """``DataError`` if the stored candle before ``chunk`` is not the one this stream sent there.
+
+        Workers never remove or rewrite elements of a running job's list
+        (SPEC 6); one that trims its head and appends, or rewrites the list,
+        would otherwise shift or mix what every reader gets, in silence. One
+        element more per read and one comparison of bytes.
+        """
+        state = chunk.state
+        if state is not None and state.is_active and self._state.status == "completed" and not self._went_back:
+            # A completed job's data is final (SPEC 6); the stream keeps the state it started with.
+            self._went_back = True
+            raise DataError(
+                f"job status went back from completed to {state.status} while this stream read it:"
+                " a completed job must not change (workers broke the contract)"
+            )
+        sent = self._anchors.get(index)
+        if sent is None or chunk.before is None or chunk.before == sent:
+            return
+        name = self._names[index]
+        position = self.position.intervals[index].points_sent
+        was, now = stored_time(sent), stored_time(chunk.before)
+        if was == now:
+            change = f"the candle at {now} was rewritten (same time, other values)"
+        else:
+            change = f"it was the candle at {was}, it is now the one at {now} (the list was trimmed or shifted)"
+        raise DataError(
+            f"interval '{name}' changed under this stream at position {position - 1}: {change};"
+            " workers must only append to a running job's list"
+        )
 
     async def _fail(self, index: int, exc: DataError) -> None:
         """A data_error for one interval: it is done, the stream goes on."""
@@ -384,3 +430,16 @@ async def send_start_error(
         backtest_id=request.id if is_backtest else None,
     )
     await send(protocol.ERROR, protocol.frame(protocol.ERROR, payload, position.encode(), retry_ms))
+
+
+def stored_time(element: bytes) -> str:
+    """The ``time`` a stored candle says it has, for a message (as stored, or ``?``)."""
+    try:
+        time = msgspec.json.decode(element, type=_StoredTime).time
+    except (msgspec.DecodeError, RecursionError):
+        return "?"
+    return time if isinstance(time, str) else "?"
+
+
+class _StoredTime(msgspec.Struct):
+    time: object = None

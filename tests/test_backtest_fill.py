@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from typing import Any
 
@@ -227,6 +228,17 @@ async def test_jobless_answers_cost_one_query_per_interval_too(gateway, bq_proxy
     assert await redis_client.hgetall(keys.backtest_complete_key(backtest_id)) == {b"day": b"30", b"minute": b"2500"}
 
 
+async def test_query_still_running_when_answered_is_waited_for_without_a_second_query(gateway, bq_proxy, bq, token):
+    backtest_id, stored = new_backtest(bq, {"day": 30, "minute": 2500})
+    bq_proxy.still_running = True  # every answer: "job not complete", no rows (a query past its timeoutMs)
+    client = await gateway(bigquery={"page_rows": 1000})
+    transcript = await stream(client, backtest_id, token=token(), intervals="day,minute", limit=50000)
+    assert transcript.names[-1] == "all_complete"
+    for name in ("day", "minute"):
+        assert points_of(transcript, name) == expected_points(stored[name])
+    assert queries(bq_proxy) == {"query:metadata": 1, "query:candles": 2}
+
+
 async def test_dead_fillers_lock_lapses_and_a_reader_takes_over_after_what_it_staged(
     gateway, bq_proxy, bq, token, redis_client
 ):
@@ -360,3 +372,36 @@ async def test_a_job_found_in_the_warehouse_by_its_job_id_is_looked_up_once(gate
         assert transcript.events[0].payload["backtest_id"] == backtest_id
         assert points_of(transcript, "day") == expected_points(stored["day"])
     assert queries(bq_proxy) == {"query:metadata": 1, "query:candles": 1}
+
+
+# -- issue 20, item 11: the lookup budget tells an existing job id from an unknown one no more --
+
+
+async def test_someone_elses_job_costs_a_lookup_like_an_unknown_id(gateway, bq_proxy, token, writer):
+    """Past the per-user budget, an existing job of someone else is 429 as an unknown id is, not job_not_found."""
+    from tests.helpers import seed_job
+
+    client = await gateway(bigquery={"max_lookups_per_user_per_s": 3}, server={"max_streams_per_user": 0})
+    await seed_job(writer("someone-elses-job"), user_id="owner", counts={"day": 3})
+
+    async def probe(job_id: str) -> int:
+        response = await open_stream(client, job_id, token=token("prober"), intervals="day")
+        if response.status == 200:
+            assert (await read_stream(response)).events[0].payload["error"] == "job_not_found"
+        return response.status
+
+    for attempt in range(5):
+        started = time.monotonic()
+        # The budget spent: three unknown job ids, each looked up in the warehouse.
+        spent = [await probe(f"unknown-job-{attempt}-{n}") for n in range(3)]
+        existing = await probe("someone-elses-job")
+        remembered = await probe(f"unknown-job-{attempt}-0")  # its miss is remembered: no lookup, still a cost
+        if time.monotonic() - started < 0.5:  # all within one counting window
+            break
+        await asyncio.sleep(1.1)
+    assert spent == [200, 200, 200]
+    assert existing == 429, "someone else's job answered beyond the budget: it tells existing from unknown"
+    assert remembered == 429
+    # The owner is not charged for their own job.
+    own = await open_stream(client, "someone-elses-job", token=token("owner"), intervals="day")
+    assert own.status == 200

@@ -1,9 +1,16 @@
-"""Headless Chromium against a real gateway: `node --test tests/js/` (driven by playwright-core).
+"""Headless Chromium against a real gateway: the `node --test` files of tests/js/ (driven by playwright-core).
 
-The client over the page's real fetch(), what a bare EventSource does with
-each answer (docs/FRONTEND.md), and the console that `make run` serves:
-live candles, a dropped connection, a token refresh, chart point counts equal
-to what the gateway stored. Screenshots go to artifacts/screenshots/.
+- browser.test.mjs: the client over the page's real fetch(), what a bare
+  EventSource does with each answer (docs/FRONTEND.md), and the console that
+  `make run` serves: live candles, a waiting interval, a dropped connection,
+  a token refresh, every bar in view, chart point counts equal to what the
+  gateway stored, the demo job continued across a restart; the screenshots
+  are checked (DOM state and pixels), not only taken;
+- hook.test.mjs: useCandleStream in a React app (esbuild-bundled from
+  frontend/package-lock.json);
+- cors.test.mjs: pages on other origins, allowed and refused.
+
+Screenshots go to artifacts/screenshots/.
 
 Without Chromium (Debian's `chromium` at /usr/bin/chromium, or CHROMIUM_PATH)
 this test is skipped locally, and fails in CI (env CI set).
@@ -38,7 +45,7 @@ async def test_client_eventsource_and_console_in_headless_chromium(settings, sig
     async with running_harness(settings, signing_key, PROJECT, tmp_path / "valkey") as harness:
         env = _browser_env(harness)
         code, output = await run_node(
-            ["--test", "--test-concurrency=1", "--test-reporter=spec", "tests/js/browser.test.mjs"], env, timeout_s=120
+            ["--test", "--test-concurrency=1", "--test-reporter=spec", "tests/js/browser.test.mjs"], env, timeout_s=300
         )
     assert code == 0, output
 
@@ -48,7 +55,7 @@ async def test_react_hook_in_headless_chromium(settings, signing_key, tmp_path):
     _require_browser()
     async with running_harness(settings, signing_key, PROJECT, tmp_path / "valkey") as harness:
         code, output = await run_node(
-            ["--test", "--test-reporter=spec", "tests/js/hook.test.mjs"], _browser_env(harness), timeout_s=120
+            ["--test", "--test-reporter=spec", "tests/js/hook.test.mjs"], _browser_env(harness), timeout_s=180
         )
     assert code == 0, output
 
@@ -58,7 +65,7 @@ async def test_cross_origin_pages_in_headless_chromium(settings, signing_key, tm
     _require_browser()
     async with running_harness(settings, signing_key, PROJECT, tmp_path / "valkey") as harness:
         code, output = await run_node(
-            ["--test", "--test-reporter=spec", "tests/js/cors.test.mjs"], _browser_env(harness), timeout_s=90
+            ["--test", "--test-reporter=spec", "tests/js/cors.test.mjs"], _browser_env(harness), timeout_s=150
         )
     assert code == 0, output
 

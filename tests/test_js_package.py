@@ -3,7 +3,7 @@
 The tarball is installed without a registry (``npm install --offline``: the
 package has no dependencies; React and its types for the hook's examples come
 from the npm cache that ``make install`` filled from frontend/package-lock.json,
-at the versions that lock file pins). In that project, with the types the
+with the integrity that lock file pins). In that project, with the types the
 tarball ships:
 
 - every JavaScript/TypeScript block of README.md, clients/js/README.md and
@@ -22,6 +22,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,8 @@ TSC = NODE_MODULES / "typescript" / "bin" / "tsc"
 CONSUMER = ROOT / "tests" / "js" / "consumer"
 DOCS = ("README.md", "clients/js/README.md", "docs/FRONTEND.md")
 CODE_BLOCK = re.compile(r"^```(js|javascript|ts|typescript|jsx|tsx)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# React's types need csstype; installed together, nothing is left to resolve from the registry.
+LOCKED_FOR_EXAMPLES = ("react", "@types/react", "csstype")
 COMPILER_OPTIONS = {
     "strict": True,
     "target": "es2022",
@@ -70,17 +73,24 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     tarball = packs / report["filename"]
     project = tmp_path_factory.mktemp("consumer")
     (project / "package.json").write_text(json.dumps({"name": "consumer", "private": True, "type": "module"}))
-    # React for the hook's examples, at the versions frontend/package-lock.json pins (from the npm cache).
-    react = [f"{name}@{_locked_version(name)}" for name in ("react", "@types/react")]
+    # React and its types for the hook's examples, exactly as frontend/package-lock.json pins them, from
+    # the npm cache its `npm ci` filled. By tarball URL: `npm ci` fetched those without the packuments a
+    # name@version would need, so only the URLs are in the cache of a fresh CI machine.
+    registry = _run(["npm", "config", "get", "registry"], project).strip().rstrip("/")
+    react = [_tarball_url(registry, name) for name in LOCKED_FOR_EXAMPLES]
     _run(["npm", "install", "--offline", "--no-audit", "--no-fund", "--loglevel=error", str(tarball), *react], project)
     for name in ("consumer.ts", "doc-globals.d.ts"):
         shutil.copy(CONSUMER / name, project / name)
     return Installed(project, tarball, sorted(entry["path"] for entry in report["files"]))
 
 
-def _locked_version(name: str) -> str:
+def _locked(name: str) -> dict[str, Any]:
     lock = json.loads((ROOT / "frontend" / "package-lock.json").read_text())
-    return str(lock["packages"][f"node_modules/{name}"]["version"])
+    return dict(lock["packages"][f"node_modules/{name}"])
+
+
+def _tarball_url(registry: str, name: str) -> str:
+    return f"{registry}/{name}/-/{name.rsplit('/', 1)[-1]}-{_locked(name)['version']}.tgz"
 
 
 def test_the_tarball_ships_the_client_its_types_and_readme_only(installed: Installed):
@@ -94,6 +104,8 @@ def test_the_tarball_ships_the_client_its_types_and_readme_only(installed: Insta
     assert package["peerDependenciesMeta"]["react"]["optional"] is True, "React only for the /react entry"
     lock = json.loads((installed.project / "package-lock.json").read_text())
     assert lock["packages"]["node_modules/@candle-gateway/client"]["resolved"].startswith("file:")
+    for name in LOCKED_FOR_EXAMPLES:
+        assert lock["packages"][f"node_modules/{name}"]["integrity"] == _locked(name)["integrity"], name
 
 
 def doc_blocks() -> list[tuple[str, str, str]]:

@@ -77,7 +77,8 @@ async def assert_named_everywhere(make_gateway, caplog, cause: str, redis: dict[
     """Start-up warns once naming ``cause``; three /readyz answer 503 naming it, log nothing more, count it."""
     fast = {"retries": 0, "connect_timeout_s": 1.0, "socket_timeout_s": 1.0, "outage_wait_s": 0.2}
     caplog.set_level(logging.INFO, logger=HEALTH_LOGGER)
-    client = await make_gateway(redis={**fast, **redis})
+    # No per-user limit, so no slot heartbeat: its failing beats would add to the exact counts below.
+    client = await make_gateway(redis={**fast, **redis}, server={"max_streams_per_user": 0})
     started = warnings_of(caplog)
     assert len(started) == 1, started
     assert f"({cause}:" in started[0] and "at start-up" in started[0], started[0]
@@ -218,7 +219,10 @@ async def test_an_outage_is_one_warning_when_it_starts_and_one_line_when_it_ends
     make_gateway, caplog, valkey: KillableValkey, token
 ):
     caplog.set_level(logging.INFO, logger=HEALTH_LOGGER)
-    client = await make_gateway(redis={"url": valkey.url, "retries": 0, "outage_wait_s": 0.2})
+    # No per-user limit, so no slot heartbeat: only this test's own calls meet the outage.
+    client = await make_gateway(
+        redis={"url": valkey.url, "retries": 0, "outage_wait_s": 0.2}, server={"max_streams_per_user": 0}
+    )
     assert (await client.get("/readyz")).status == 200
     found = [r.getMessage() for r in caplog.records if r.name == HEALTH_LOGGER]
     assert len(found) == 1 and found[0].startswith(f"Redis at redis://127.0.0.1:{valkey.port}: valkey "), found

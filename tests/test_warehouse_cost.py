@@ -13,7 +13,9 @@ import logging
 from typing import Any
 
 import pytest
+from google.api_core import exceptions as google_exceptions
 from google.cloud import bigquery
+from google.cloud.bigquery.retry import DEFAULT_RETRY
 from prometheus_client import REGISTRY
 
 from gateway.app import create_app
@@ -116,29 +118,35 @@ async def test_bytes_processed_and_billed_are_counted_as_bigquery_reports_them(g
     assert "warehouse_queries" not in line.fields  # type: ignore[attr-defined]
 
 
-async def test_contract_bytes_billed_reads_the_query_answer_kept_by_the_row_iterator(bq_proxy, bq):
-    """google-cloud-bigquery keeps jobs.query's answer as the RowIterator's first page (bigquery_private.py).
+async def test_contract_post_query_answers_as_bigquery_sent_it(bq_proxy, bq):
+    """``Client._call_api`` posts jobs.query and returns its answer (bigquery_private.py); fails loudly on upgrade.
 
-    Fails loudly when an upgrade moves it: for a result in one answer, and for one with more pages.
+    Through the gateway's own client: the first page of the size asked for, the row count, the job, the
+    bytes as BigQuery reported them; and a failed query raises the client's exception.
     """
     backtest_id, _ = new_backtest(bq, {"minute": 30})
     bq_proxy.costs.billed = {"candles": 10_485_760}
     bq_proxy.costs.processed = {"candles": 4_096}
     client = emulator_client(BigQuerySettings(project=PROJECT, dataset=DATASET, api_endpoint=bq_proxy.url))
-    sql = (
-        f"SELECT time, open, high, low, close, volume FROM `{PROJECT}.{DATASET}.candles`"
-        " WHERE backtest_id = @backtest_id ORDER BY time"
-    )
-    config = bigquery.QueryJobConfig(
-        query_parameters=[bigquery.ScalarQueryParameter("backtest_id", "STRING", backtest_id)]
-    )
+    parameters = [bigquery.ScalarQueryParameter("backtest_id", "STRING", backtest_id)]
+    body = bigquery.QueryJobConfig(query_parameters=parameters).to_api_repr()["query"] | {
+        "query": f"SELECT time, open, high, low, close, volume FROM `{PROJECT}.{DATASET}.candles`"
+        " WHERE backtest_id = @backtest_id ORDER BY time",
+        "useLegacySql": False,
+        "maxResults": 10,
+        "formatOptions": {"useInt64Timestamp": True},
+    }
+    retry = DEFAULT_RETRY.with_timeout(5)
     try:
-        for page_size in (100, 10):  # the whole result in the answer; then one with 3 pages
-            # On a thread: the proxy answers on this test's event loop.
-            rows = await asyncio.to_thread(client.query_and_wait, sql, job_config=config, page_size=page_size)
-            assert bigquery_private.bytes_billed(rows) == 10_485_760
-            assert rows.total_bytes_processed == 4_096
-            assert len(await asyncio.to_thread(list, rows)) == 30  # the pages, fetched on a thread too
+        # On a thread: the proxy answers on this test's event loop.
+        answer = await asyncio.to_thread(bigquery_private.post_query, client, body, retry=retry, timeout=5)
+        assert answer["jobComplete"] is True
+        assert (len(answer["rows"]), answer["totalRows"], "pageToken" in answer) == (10, "30", True)
+        assert answer["jobReference"]["jobId"] == bq_proxy.queries("candles")[0].job_id
+        assert (answer["totalBytesProcessed"], answer["totalBytesBilled"]) == ("4096", "10485760")
+        with pytest.raises(google_exceptions.NotFound):
+            missing = body | {"query": f"SELECT 1 FROM `{PROJECT}.{DATASET}.no_such_table`"}
+            await asyncio.to_thread(bigquery_private.post_query, client, missing, retry=retry, timeout=5)
     finally:
         client.close()
 

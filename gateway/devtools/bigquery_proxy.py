@@ -11,8 +11,10 @@ emulator and back, and is counted by what it costs on BigQuery:
 It can also do what the emulator does not: cut page requests for real (the
 answer's headers and half its body go out, then the connection is aborted),
 report bytes processed and billed per query as BigQuery would (the emulator
-reports 0), and answer small results without a job, as BigQuery's
-``JOB_CREATION_OPTIONAL`` does (the emulator always makes one).
+reports 0), answer small results without a job, as BigQuery's
+``JOB_CREATION_OPTIONAL`` does (the emulator always makes one), and answer
+a query as one still running (as BigQuery does past the request's
+``timeoutMs``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class CountingProxy:
         self.jobless = False
         # Candle queries and result pages answer this much later (a slow warehouse).
         self.delay_s = 0.0
+        # Answer queries as BigQuery answers one that outlives its timeoutMs: job still running, no rows.
+        self.still_running = False
         self._purposes: dict[str, str] = {}  # job id -> purpose of its query
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -144,6 +148,12 @@ class CountingProxy:
             if job:
                 self._purposes[job] = seen.purpose
             changed = _apply_costs(document, self.costs, seen.purpose)
+            if self.still_running and job:
+                for name in ("rows", "totalRows", "pageToken", "schema"):
+                    document.pop(name, None)
+                document["jobComplete"] = False
+                seen.job_id = job
+                return json.dumps(document).encode()
             if self.jobless and "pageToken" not in document and document.get("jobComplete"):
                 document.pop("jobReference", None)
                 document["queryId"] = f"jobless-{job}"

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -34,6 +35,7 @@ from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_t
 from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.runner import GatewayRunner
 from gateway.server import install_uvloop, runner_options
+from gateway.sources import keys
 from gateway.sources.candles import Candle
 from gateway.workers import JobWriter, candle
 
@@ -45,8 +47,13 @@ DEMO_BACKTEST = "bt_1737530000.123"
 DEMO_INTERVALS = ("day", "minute", "3minute")
 MINUTES_PER_DAY = 375  # an NSE session, 09:15 to 15:30
 TICK_S = 0.5
+# The demo job's pace: a fast start (20 minutes a tick: 3,600 minute candles, 1,200 3minute and
+# 9 days in the first 90 s), then one minute a tick for as long as `make run` runs (the console asks
+# for the most a stream allows, 50,000 points an interval: some 6 hours at this pace).
+BACKFILL_MINUTES = 3600
 MINUTES_PER_TICK = 20
-TICKS = 180  # 90 seconds: 3,600 minute candles, 1,200 3minute, 10 days
+STEADY_MINUTES_PER_TICK = 1
+DEMO_START = datetime(2025, 4, 1, 9, 15, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parents[2]
 # The console's static files: the JavaScript client as it is published, and
 # the chart library that `make` installs from frontend/package-lock.json.
@@ -84,7 +91,7 @@ async def _main(settings: Settings, state_dir: Path) -> None:
         base_url = await stack.enter_async_context(_gateway(settings, dev_token))
         client = aioredis.Redis.from_url(redis_url)
         stack.push_async_callback(client.aclose)
-        writer = asyncio.create_task(write_demo_job(JobWriter(client, DEMO_JOB)))
+        writer = asyncio.create_task(write_demo_job(client))
         stack.callback(writer.cancel)
         _print_welcome(token, base_url)
         # SIGTERM unwinds the exit stack as Ctrl-C does: the emulator and Valkey stop too.
@@ -96,7 +103,7 @@ async def _main(settings: Settings, state_dir: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def _embedded_redis(state_dir: Path) -> AsyncIterator[str]:
-    server = EmbeddedRedis(state_dir / "valkey")
+    server = EmbeddedRedis(state_dir / "valkey", persist=True)
     loop = asyncio.get_running_loop()
     url = await loop.run_in_executor(None, server.start)
     try:
@@ -218,8 +225,8 @@ def _print_welcome(token: str, base_url: str) -> None:
         f"Candle gateway (development) listening on {base_url}",
         "",
         f"Open {base_url}/ in a browser: the console, candlestick charts of the live demo job (written for"
-        f" the next {TICKS * TICK_S:.0f} s) or of a completed backtest, filled over one SSE stream by the"
-        " JavaScript client (clients/js), which refreshes its token from /dev/token.",
+        " as long as this runs, and continued by the next run) or of a completed backtest, filled over one"
+        " SSE stream by the JavaScript client (clients/js), which refreshes its token from /dev/token.",
         "",
         "The streams themselves (curl -N '<url>'):",
         f"  live job:  {stream.format(DEMO_JOB)}&follow=true",
@@ -234,33 +241,85 @@ def _print_welcome(token: str, base_url: str) -> None:
     print("\n".join(lines), flush=True)
 
 
-async def write_demo_job(writer: JobWriter) -> None:
-    """A worker's life in miniature: queued, running with candles arriving, completed."""
-    await writer.create(user_id=DEMO_USER, symbol="LTF", exchange="NSE", intervals=DEMO_INTERVALS, status="queued")
-    series = _RandomWalk(datetime(2025, 4, 1, 9, 15, tzinfo=UTC))
-    await writer.update(status="running", current_bar=0)
-    for tick in range(TICKS):
-        minutes = [series.next_minute() for _ in range(MINUTES_PER_TICK)]
-        await writer.append("minute", minutes)
+async def write_demo_job(
+    client: aioredis.Redis,
+    *,
+    tick_s: float = TICK_S,
+    backfill_minutes: int = BACKFILL_MINUTES,
+    minutes_per_tick: int = MINUTES_PER_TICK,
+    steady_minutes_per_tick: int = STEADY_MINUTES_PER_TICK,
+) -> None:
+    """A worker that never finishes: the demo job runs, and its candles arrive, until it is cancelled.
+
+    A demo job left by an earlier ``make run`` is continued, not rewritten: the
+    series is a seeded random walk, so replaying the stored count of minutes
+    gives the very candles stored, and the next ones continue them. An open
+    console (or any follow stream) then simply resumes after the restart. A
+    stored series that is not this walk (an older demo) is replaced.
+    """
+    writer = JobWriter(client, DEMO_JOB)
+    series = await _resumed_series(client)
+    if series is None:
+        series = _RandomWalk(DEMO_START)
+        await client.delete(*(keys.candles_key(DEMO_JOB, name) for name in DEMO_INTERVALS))
+        await writer.create(user_id=DEMO_USER, symbol="LTF", exchange="NSE", intervals=DEMO_INTERVALS, status="queued")
+        log.info("demo job '%s' is running", DEMO_JOB)
+    else:
+        log.info("demo job '%s' continues after its %d stored minute candles", DEMO_JOB, series.bars)
+    await writer.update(status="running", current_bar=series.bars)
+    this_task = asyncio.current_task()
+    while True:
+        # redis-py (8.1) can swallow a cancellation that lands inside a transaction; the task still
+        # counts it, so a Ctrl-C (or a test's cancel) stops the demo here instead of never.
+        if this_task is not None and this_task.cancelling():
+            raise asyncio.CancelledError
+        count = minutes_per_tick if series.bars < backfill_minutes else steady_minutes_per_tick
+        await writer.append("minute", [series.next_minute() for _ in range(count)])
         await writer.append("3minute", series.take_completed(3))
         await writer.append("day", series.take_completed(MINUTES_PER_DAY))
+        series.forget_taken()
         await writer.update(current_bar=series.bars)
-        if tick == 0:
-            log.info("demo job '%s' is running", writer.job_id)
-        await asyncio.sleep(TICK_S)
-    await writer.update(status="completed")
-    log.info("demo job '%s' completed with %d minute candles", writer.job_id, series.bars)
+        await asyncio.sleep(tick_s)
+
+
+async def _resumed_series(client: aioredis.Redis) -> _RandomWalk | None:
+    """The demo's walk at the point the stored job reached, or None when there is none to continue."""
+    if not await client.exists(keys.job_key(DEMO_JOB)):
+        return None
+    lengths = [int(await client.llen(keys.candles_key(DEMO_JOB, name))) for name in DEMO_INTERVALS]
+    stored = dict(zip(DEMO_INTERVALS, lengths, strict=True))
+    if not stored["minute"]:
+        return None
+    series = _RandomWalk(DEMO_START)
+    # Aggregates a stop cut short are written with the next tick.
+    series.mark_taken(3, stored["3minute"])
+    series.mark_taken(MINUTES_PER_DAY, stored["day"])
+    for position in range(stored["minute"]):
+        series.next_minute()
+        if position % 10_000 == 0:
+            series.forget_taken()
+    series.forget_taken()
+    last = await client.lindex(keys.candles_key(DEMO_JOB, "minute"), -1)
+    if last is None or msgspec.json.decode(last)["close"] != series.last_close:
+        log.warning("demo job '%s' holds another series than this demo's: writing it afresh", DEMO_JOB)
+        return None
+    return series
 
 
 class _RandomWalk:
-    """Minute candles of a random walk, aggregated into longer intervals as they complete."""
+    """Minute candles of a random walk, aggregated into longer intervals as they complete.
+
+    Seeded: the n-th candle is the same in every run, so a run can continue an earlier one.
+    """
 
     def __init__(self, start: datetime) -> None:
         self._start = start
         self._price = 1234.5
         self._random = random.Random(7)  # noqa: S311 - demo prices, not secrets
         self.bars = 0
+        self.last_close: float | None = None
         self._minutes: list[Candle] = []
+        self._first = 0  # the series position of _minutes[0]: the ones every aggregate took are forgotten
         self._taken: dict[int, int] = {}
 
     def next_minute(self) -> Candle:
@@ -272,6 +331,7 @@ class _RandomWalk:
         low = min(open_, close) - abs(self._random.gauss(0, 0.3))
         self._price = close
         self.bars += 1
+        self.last_close = round(close, 2)
         bar = candle(
             time,
             round(open_, 2),
@@ -283,12 +343,25 @@ class _RandomWalk:
         self._minutes.append(bar)
         return bar
 
+    def mark_taken(self, minutes: int, count: int) -> None:
+        """``count`` aggregates of ``minutes`` were written already (a continued run)."""
+        self._taken[minutes] = count
+
+    def forget_taken(self) -> None:
+        """Drop the minutes every aggregate has taken: a demo that runs for hours holds a day at most."""
+        if len(self._taken) < 2:
+            return
+        keep_from = min(self.bars, *(done * minutes for minutes, done in self._taken.items()))
+        del self._minutes[: keep_from - self._first]
+        self._first = keep_from
+
     def take_completed(self, minutes: int) -> list[Candle]:
         """Aggregates of ``minutes`` minute candles completed since the last call."""
         done = self._taken.get(minutes, 0)
         out = []
-        while (done + 1) * minutes <= len(self._minutes):
-            group = self._minutes[done * minutes : (done + 1) * minutes]
+        while (done + 1) * minutes <= self._first + len(self._minutes):
+            start = done * minutes - self._first
+            group = self._minutes[start : start + minutes]
             day_start = group[0].time.replace(hour=0, minute=0) if minutes == MINUTES_PER_DAY else group[0].time
             out.append(
                 candle(

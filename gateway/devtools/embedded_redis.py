@@ -17,9 +17,13 @@ log = logging.getLogger(__name__)
 class EmbeddedRedis:
     """A Valkey server process on a free loopback port, for this process's lifetime."""
 
-    def __init__(self, data_dir: Path | None = None) -> None:
-        # No persistence: this is scratch space for development and tests.
-        self._server = ValkeyServer(data_dir=data_dir, save="", appendonly="no")
+    def __init__(self, data_dir: Path | None = None, *, persist: bool = False) -> None:
+        # Tests want scratch space. `make run` persists (an append-only file in its state directory), so
+        # that a restarted `make run` finds the demo job where the last one left it.
+        if persist:
+            self._server = ValkeyServer(data_dir=data_dir, persist=True, save="", appendonly="yes")
+        else:
+            self._server = ValkeyServer(data_dir=data_dir, save="", appendonly="no")
 
     def start(self) -> str:
         """Start the server (blocking, well under a second) and return its URL."""

@@ -58,6 +58,11 @@ class Chunk(msgspec.Struct, frozen=True):
     # Times of the first and last candle, to check order where readers meet.
     first_time: datetime | None = None
     last_time: datetime | None = None
+    # The stored element just before the chunk's first point, read in the same
+    # LRANGE (None: not read), and the chunk's own last stored element: a stream
+    # checks that the one before is still the one it sent there (continuity).
+    before: bytes | None = None
+    last: bytes | None = None
 
 
 class TailPlan(msgspec.Struct, frozen=True):

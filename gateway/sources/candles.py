@@ -131,10 +131,11 @@ class CandleValidator:
     def last_time(self) -> datetime | None:
         return self._last_time
 
-    def to_chunk(self, stored: Sequence[bytes], state: JobState | None = None) -> Chunk:
+    def to_chunk(self, stored: Sequence[bytes], state: JobState | None = None, before: bytes | None = None) -> Chunk:
         """``stored`` validated as one ``Chunk`` (with its first and last times); DataError names a bad point."""
         points = self.to_json_array(stored)
-        return Chunk(points, len(stored), state, self.first_time, self._last_time)
+        last = stored[-1] if stored else None
+        return Chunk(points, len(stored), state, self.first_time, self._last_time, before, last)
 
     def to_json_array(self, stored: Sequence[bytes]) -> bytes:
         """Validate ``stored`` (one JSON candle each) and return them as a JSON array."""

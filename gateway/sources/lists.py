@@ -39,7 +39,15 @@ class ListReads:
         self.read_ahead = ReadAheadBudget()
 
     def reader(
-        self, fetch: RangeFetch, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool
+        self,
+        fetch: RangeFetch,
+        interval: str,
+        start: int,
+        stop: int,
+        chunk_size: int,
+        *,
+        prefetch: bool,
+        anchored: bool = False,
     ) -> ListChunkReader:
         """A reader of one interval's stored candles (what ``fetch`` reads) from ``start`` to ``stop``."""
         return ListChunkReader(
@@ -51,11 +59,18 @@ class ListReads:
             prefetch=prefetch,
             memo=self.memo,
             budget=self.read_ahead,
+            anchored=anchored,
         )
 
 
 class ListChunkReader:
-    """Chunks of one list from ``start`` to ``stop``, the next one already in flight if asked."""
+    """Chunks of one list from ``start`` to ``stop``, the next one already in flight if asked.
+
+    ``anchored``: each read past the list's head takes the element before the
+    chunk too (one more element of the same ``LRANGE``), handed on as
+    ``Chunk.before`` for the stream's continuity check (a list that workers
+    trimmed or rewrote under a reader).
+    """
 
     def __init__(
         self,
@@ -68,8 +83,10 @@ class ListChunkReader:
         prefetch: bool,
         memo: ValidatedChunks | None,
         budget: ReadAheadBudget | None = None,
+        anchored: bool = False,
     ) -> None:
         self._fetch = fetch
+        self._anchored = anchored
         self._position = start
         self._stop = stop
         self._chunk_size = chunk_size
@@ -89,12 +106,15 @@ class ListChunkReader:
             self._pending.append(self._start_read())
         stored, state = await self._pending.popleft()
         self._settle_budget()
+        before = None
+        if self._anchored and self._position > 0:
+            before, stored = (stored[0], stored[1:]) if stored else (None, stored)
         self._position += len(stored)
         # Overlap the next round trips with validating and writing this chunk.
         while self._prefetch and self._requested < self._stop and self._may_read_ahead():
             self._pending.append(self._start_read())
             self._settle_budget()
-        return self._validator.to_chunk(stored, state)
+        return self._validator.to_chunk(stored, state, before)
 
     def _may_read_ahead(self) -> bool:
         if not self._pending:
@@ -112,7 +132,10 @@ class ListChunkReader:
 
     def _start_read(self) -> asyncio.Future[tuple[list[bytes], JobState | None]]:
         count = min(self._chunk_size, self._stop - self._requested)
-        read = asyncio.ensure_future(self._fetch(self._requested, count))
+        if self._anchored and self._requested > 0:
+            read = asyncio.ensure_future(self._fetch(self._requested - 1, count + 1))
+        else:
+            read = asyncio.ensure_future(self._fetch(self._requested, count))
         self._requested += count
         return read
 

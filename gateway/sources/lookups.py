@@ -73,6 +73,31 @@ class LookupLimit:
             )
 
 
+class LookupTicket:
+    """One request's share of its user's lookup budget: at most one lookup spent, whichever path asks.
+
+    A lookup the request causes spends it, and so does a ``job_not_found``
+    answer that caused none (someone else's job, an id whose miss is
+    remembered): every request that ends in ``job_not_found`` costs its user
+    one lookup, so the 429 beyond the budget tells an existing id from an
+    unknown one no more than the answer itself does.
+    """
+
+    __slots__ = ("_limit", "_user_id", "spent")
+
+    def __init__(self, limit: LookupLimit, user_id: str) -> None:
+        self._limit = limit
+        self._user_id = user_id
+        self.spent = False
+
+    async def spend(self) -> None:
+        """Spend this request's one lookup (``TooManyLookups`` beyond the budget); later calls cost nothing."""
+        if self.spent:
+            return
+        self.spent = True
+        await self._limit.spend(self._user_id)
+
+
 class BacktestLookups:
     """The metadata of backtests, from the cache or (bounded, misses remembered) the warehouse; one per application."""
 
@@ -82,18 +107,22 @@ class BacktestLookups:
         self._limit = LookupLimit(client, warehouse.settings.max_lookups_per_user_per_s)
         self._in_flight: dict[tuple[str, str], asyncio.Future[BacktestRecord | None]] = {}
 
-    async def backtest(self, backtest_id: str, user_id: str) -> BacktestRecord:
+    def ticket(self, user_id: str) -> LookupTicket:
+        """A request's share of ``user_id``'s lookup budget."""
+        return LookupTicket(self._limit, user_id)
+
+    async def backtest(self, backtest_id: str, ticket: LookupTicket) -> BacktestRecord:
         """The ``backtests`` row of ``backtest_id``; ``JobNotFound`` if there is none."""
         record, missing = await self._cache.record(backtest_id)
         if record is not None:
             return record
         if not missing:
-            record = await self._shared(("backtest", backtest_id), user_id, lambda: self._find(backtest_id))
+            record = await self._shared(("backtest", backtest_id), ticket, lambda: self._find(backtest_id))
         if record is None:
             raise JobNotFound(f"Job '{backtest_id}' not found")
         return record
 
-    async def backtest_of_job(self, job_id: str, user_id: str) -> BacktestRecord | None:
+    async def backtest_of_job(self, job_id: str, ticket: LookupTicket) -> BacktestRecord | None:
         """The newest backtest a job produced, or None."""
         backtest_id, missing = await self._cache.job_backtest(job_id)
         if missing:
@@ -111,7 +140,7 @@ class BacktestLookups:
                 await self._cache.store_job_backtest(job_id, record)
             return record
 
-        return await self._shared(("job", job_id), user_id, find)
+        return await self._shared(("job", job_id), ticket, find)
 
     async def _find(self, backtest_id: str) -> BacktestRecord | None:
         record = await self._warehouse.backtest(backtest_id)
@@ -127,12 +156,12 @@ class BacktestLookups:
             pending.exception()  # retrieved here, in case every caller went away
 
     async def _shared(
-        self, key: tuple[str, str], user_id: str, find: Callable[[], Awaitable[BacktestRecord | None]]
+        self, key: tuple[str, str], ticket: LookupTicket, find: Callable[[], Awaitable[BacktestRecord | None]]
     ) -> BacktestRecord | None:
         """One warehouse query per id at a time in this process; only the user who causes it spends a lookup."""
         pending = self._in_flight.get(key)
         if pending is None:
-            await self._limit.spend(user_id)
+            await ticket.spend()
             pending = self._in_flight.get(key)  # another caller may have started it meanwhile
         if pending is None:
             pending = asyncio.ensure_future(find())

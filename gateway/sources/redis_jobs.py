@@ -81,7 +81,9 @@ class RedisJobSource:
             for interval in tail_keys:
                 assert tails is not None
                 start = tails.starts[interval]
-                pipe.lrange(keys.candles_key(self.job_id, interval), start, start + tails.count - 1)
+                # From the element before: the follower checks it is still the one it sent there.
+                first = max(0, start - 1)
+                pipe.lrange(keys.candles_key(self.job_id, interval), first, start + tails.count - 1)
             return await pipe.execute(raise_on_error=False)
 
         replies = await call_redis(read, "reading the job")
@@ -126,11 +128,16 @@ class RedisJobSource:
         A point appended between the count and the read is left for the next
         look; a bad point is left to the chunk read, which reports it.
         """
+        before = None
+        if start > 0:
+            if not stored:
+                return None
+            before, stored = stored[0], stored[1:]
         stored = stored[: max(0, lengths.get(interval, 0) - start)]
         if not stored:
             return None
         try:
-            return CandleValidator(interval, position=start, memo=self._lists.memo).to_chunk(stored)
+            return CandleValidator(interval, position=start, memo=self._lists.memo).to_chunk(stored, before=before)
         except DataError:
             return None
 
@@ -144,7 +151,7 @@ class RedisJobSource:
 
     def reader(self, interval: str, start: int, stop: int, chunk_size: int, *, prefetch: bool) -> ListChunkReader:
         fetch = partial(self.read_range, interval)
-        return self._lists.reader(fetch, interval, start, stop, chunk_size, prefetch=prefetch)
+        return self._lists.reader(fetch, interval, start, stop, chunk_size, prefetch=prefetch, anchored=True)
 
     async def read_range(self, interval: str, start: int, count: int) -> tuple[list[bytes], JobState | None]:
         """``count`` stored candles from ``start``, and every few chunks the job's state read with them."""

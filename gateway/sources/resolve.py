@@ -40,26 +40,32 @@ class Sources:
 
     async def open_for(self, user: User, request: StreamRequest, plan: ReadPlan) -> tuple[Source, Snapshot]:
         """Describe the id, authorize ``user``, and only then open it (counts, reads, fills)."""
-        source = self._source(request, user)
+        source, backtests = self._source(request, user)
         try:
-            job = await source.describe(request.intervals)
-            if not may_read(user, job):
-                raise job_not_found(request.id)
+            try:
+                job = await source.describe(request.intervals)
+                if not may_read(user, job):
+                    raise job_not_found(request.id)
+            except JobNotFound:
+                # Someone else's id costs a lookup like an unknown one (lookups.LookupTicket).
+                if backtests is not None:
+                    await backtests.ticket.spend()
+                raise
             snapshot = await source.open(request.intervals, plan)
         except BaseException:
             await source.aclose()
             raise
         return source, snapshot
 
-    def _source(self, request: StreamRequest, user: User) -> Source:
+    def _source(self, request: StreamRequest, user: User) -> tuple[Source, UserBacktests | None]:
         if self._warehoused is None or self._lookups is None:
             if request.is_backtest:
-                return WarehouseNotConfigured()
-            return JobSource(RedisJobSource(self._redis, request.id, self._lists, self._fresh), None)
+                return WarehouseNotConfigured(), None
+            return JobSource(RedisJobSource(self._redis, request.id, self._lists, self._fresh), None), None
         backtests = UserBacktests(self._warehoused.cache, self._lookups, self._lists, user)
         if request.is_backtest:
-            return backtests.backtest(request.id)
-        return JobSource(RedisJobSource(self._redis, request.id, self._lists, self._fresh), backtests)
+            return backtests.backtest(request.id), backtests
+        return JobSource(RedisJobSource(self._redis, request.id, self._lists, self._fresh), backtests), backtests
 
 
 class UserBacktests:
@@ -69,7 +75,7 @@ class UserBacktests:
         self._cache = cache
         self._lookups = lookups
         self._lists = lists
-        self._user_id = user.uid
+        self.ticket = lookups.ticket(user.uid)
 
     def backtest(self, backtest_id: str, *, job_id: str | None = None, record: BacktestRecord | None = None) -> Source:
         return BacktestSource(
@@ -78,10 +84,10 @@ class UserBacktests:
 
     async def backtest_of_job(self, job_id: str) -> BacktestRecord | None:
         """The backtest a job produced, found by its job id."""
-        return await self._lookups.backtest_of_job(job_id, self._user_id)
+        return await self._lookups.backtest_of_job(job_id, self.ticket)
 
     async def _find(self, backtest_id: str) -> BacktestRecord:
-        return await self._lookups.backtest(backtest_id, self._user_id)
+        return await self._lookups.backtest(backtest_id, self.ticket)
 
 
 def may_read(user: User, job: JobInfo) -> bool:

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -181,9 +182,8 @@ class Warehouse:
         timeout_s = self._settings.query_timeout_s
 
         def run() -> tuple[list[tuple[Any, ...]], _Cost]:
-            rows = self._run_query(sql, parameters, page_size=None)
-            cost = _cost_of(rows)  # before the rows: iterating drops the answer it is read from
-            return _plain_rows(rows), cost
+            answer = self._run_query(sql, parameters, first_rows=None)
+            return _plain_rows(answer.rows), answer.cost
 
         rows, cost = await self._call(run, _query_ids(parameters), timeout_s)
         _count_query("metadata", cost)
@@ -220,16 +220,14 @@ class Warehouse:
             parameters.append(bigquery.ScalarQueryParameter("after", "TIMESTAMP", after))
 
         def run() -> tuple[CandlePage, int, ResultHandle | None, _Cost]:
-            rows = self._run_query(sql, parameters, page_size=first_rows)
-            cost = _cost_of(rows)  # before the rows: iterating drops the answer it is read from
             # Only the first page, which the query's answer holds: the next ones come
             # through ``resume``, in pages of another size.
-            first = next(iter(rows.pages), None)
-            page = _candle_page(interval, position, first if first is not None else ())
+            answer = self._run_query(sql, parameters, first_rows=first_rows)
+            page = _candle_page(interval, position, answer.rows)
             handle = None
-            if rows.job_id is not None and rows.project is not None:
-                handle = ResultHandle(rows.job_id, rows.project, rows.location, offset=position)
-            return page, int(rows.total_rows or 0), handle, cost
+            if answer.job_id is not None and answer.project is not None:
+                handle = ResultHandle(answer.job_id, answer.project, answer.location, offset=position)
+            return page, answer.total_rows, handle, answer.cost
 
         page, total_rows, handle, cost = await self._call(run, _query_ids(parameters))
         _count_query("candles", cost)
@@ -301,19 +299,66 @@ class Warehouse:
         return {"retry": DEFAULT_RETRY.with_timeout(timeout_s), "timeout": timeout_s}
 
     def _run_query(
-        self, sql: str, parameters: Sequence[bigquery.ScalarQueryParameter], *, page_size: int | None
-    ) -> Any:
-        """``jobs.query`` (on the calling thread, an executor's): the result's first page and its size."""
+        self, sql: str, parameters: Sequence[bigquery.ScalarQueryParameter], *, first_rows: int | None
+    ) -> _Answer:
+        """``jobs.query`` (on the calling thread, an executor's): its first page, row count, job and cost."""
         timeout_s = self._settings.query_timeout_s
-        return self._client.query_and_wait(
-            sql,
-            job_config=bigquery.QueryJobConfig(query_parameters=list(parameters)),
-            location=self._settings.location or None,
-            api_timeout=timeout_s,
-            wait_timeout=timeout_s,
-            retry=DEFAULT_RETRY.with_timeout(timeout_s),
-            job_retry=None,  # type: ignore[arg-type]  # None disables, as documented
-            page_size=page_size,
+        retry = DEFAULT_RETRY.with_timeout(timeout_s)
+        body: dict[str, Any] = bigquery.QueryJobConfig(query_parameters=list(parameters)).to_api_repr()["query"]
+        body |= {
+            "query": sql,
+            "useLegacySql": False,
+            # Timestamps as integer microseconds, as the client asks for them (lossless).
+            "formatOptions": {"useInt64Timestamp": True},
+            # BigQuery answers within this, or says the job is still running.
+            "timeoutMs": max(0, int(timeout_s * 1000) - 250),
+            "jobCreationMode": JobCreationMode.JOB_CREATION_OPTIONAL,
+            # The same request id on a retry: BigQuery runs the query once.
+            "requestId": uuid.uuid4().hex,
+        }
+        if first_rows is not None:
+            body["maxResults"] = first_rows
+        if self._settings.location:
+            body["location"] = self._settings.location
+        answer = bigquery_private.post_query(self._client, body, retry=retry, timeout=timeout_s)
+        reference = answer.get("jobReference") or {}
+        if not answer.get("jobComplete"):
+            return self._wait_for(reference, first_rows)
+        rows = bigquery.table.RowIterator(
+            client=None,
+            api_request=None,
+            path=None,
+            schema=[bigquery.SchemaField.from_api_repr(f) for f in (answer.get("schema") or {}).get("fields", [])],
+            first_page_response=answer,
+            total_rows=int(answer.get("totalRows") or 0),
+        )
+        first = next(iter(rows.pages), None)  # the answer's own rows: no request
+        return _Answer(
+            rows=list(first) if first is not None else [],
+            total_rows=int(answer.get("totalRows") or 0),
+            job_id=reference.get("jobId"),
+            project=reference.get("projectId"),
+            location=reference.get("location") or answer.get("location"),
+            cost=_Cost(_int(answer.get("totalBytesProcessed")), _int(answer.get("totalBytesBilled"))),
+        )
+
+    def _wait_for(self, reference: dict[str, Any], first_rows: int | None) -> _Answer:
+        """A query still running when ``jobs.query`` answered: wait for its job, the client's public way."""
+        options = self._call_options()
+        job = self._client.get_job(
+            reference["jobId"], project=reference.get("projectId"), location=reference.get("location"), **options
+        )
+        assert isinstance(job, bigquery.QueryJob), f"job {reference['jobId']} is not a query"
+        rows = job.result(page_size=first_rows, **options)  # only its first page is read here
+        # The first page with rows: the client may take the (empty) answer of its wait for one.
+        first = next((page for page in rows.pages if page.num_items), None)
+        return _Answer(
+            rows=list(first) if first is not None else [],
+            total_rows=int(rows.total_rows or 0),
+            job_id=job.job_id,
+            project=job.project,
+            location=job.location,
+            cost=_Cost(job.total_bytes_processed, job.total_bytes_billed),
         )
 
     @metrics.observe_warehouse
@@ -363,9 +408,19 @@ class _Cost(NamedTuple):
     billed_bytes: int | None
 
 
-def _cost_of(rows: Any) -> _Cost:
-    """What BigQuery reported for the query behind ``rows``."""
-    return _Cost(rows.total_bytes_processed, bigquery_private.bytes_billed(rows))
+class _Answer(NamedTuple):
+    """A query's answer: its first page of rows, the result's size, its job (None: jobless) and cost."""
+
+    rows: list[Any]
+    total_rows: int
+    job_id: str | None
+    project: str | None
+    location: str | None
+    cost: _Cost
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _count_query(purpose: str, cost: _Cost) -> None:

@@ -5,6 +5,7 @@ import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
+import { CANDLE_COLORS, boxOf, clusters, screenshotPixels } from "./lib.mjs";
 
 const require = createRequire(new URL("../../frontend/package.json", import.meta.url));
 const { chromium } = require("playwright-core");
@@ -115,18 +116,46 @@ test("a bare EventSource: resumes after a network error, stops for good on 401 a
   await page.close();
 });
 
-test("the console: live candles, a dropped connection, a token refresh, charts equal to the store", { skip }, async () => {
+/** What a chart shows, checked in a screenshot: the columns of its pane that hold candles. */
+async function candlesShown(page, png, interval) {
+  const shown = await page.evaluate((name) => window.consoleState.intervals[name], interval);
+  const box = await boxOf(page, `.card[data-interval="${interval}"] .chart`);
+  const rect = { x: box.x, y: box.y, width: shown.paneWidth, height: shown.paneHeight };
+  const columns = await screenshotPixels(page, png, { rect, colors: CANDLE_COLORS });
+  return { columns, first: columns[0] / rect.width, last: columns.at(-1) / rect.width, clusters: clusters(columns) };
+}
+
+/** Every bar the chart holds is in its visible range. */
+function assertAllVisible(shown, name) {
+  assert.ok(shown.visibleFrom < 0.5 && shown.visibleTo > shown.chartPoints - 1.5,
+    `${name}: bars 0..${shown.chartPoints - 1} held, ${shown.visibleFrom}..${shown.visibleTo} shown`);
+}
+
+test("the console: live candles, a waiting interval, a dropped connection, a token refresh, every bar shown", { skip }, async () => {
   mkdirSync(SCREENSHOTS, { recursive: true });
-  await control("/jobs/console-job?intervals=minute,3minute,day&count=0&status=running&uid=demo");
+  // "hour" is configured but gets no candle while the job runs: it waits, and says so.
+  await control("/jobs/console-job?intervals=minute,3minute,day,hour&count=0&status=running&uid=demo");
   await control("/jobs/console-job/append?interval=minute&count=600");
   await control("/jobs/console-job/append?interval=3minute&count=200");
   await control("/jobs/console-job/append?interval=day&count=20");
   await control("/jobs/console-job/run?intervals=minute,3minute,day&per_tick=30,10,1&ticks=28&tick_ms=250");
   const { page, problems } = await newPage();
   const opened = Date.now();
-  await page.goto(`${GATEWAY}/?id=console-job&intervals=minute,3minute,day&follow=true&limit=5000&chunk_size=200&token_lifetime=5`);
+  await page.goto(`${GATEWAY}/?id=console-job&intervals=minute,3minute,day,hour&follow=true&limit=5000&chunk_size=200&token_lifetime=5`);
   await page.waitForFunction(() => window.consoleState?.intervals?.day?.status === "live", null, { timeout: 15_000 });
-  await page.screenshot({ path: path.join(SCREENSHOTS, "console-live.png"), fullPage: true });
+  await page.waitForFunction(() => window.consoleState.intervals.hour?.status === "waiting");
+  await page.waitForTimeout(200); // the frame is drawn
+  const live = await page.screenshot({ path: path.join(SCREENSHOTS, "console-live.png"), fullPage: true });
+  // The waiting interval: its pill says waiting (in the waiting colour, not the green of complete),
+  // its bar is empty, its text says what it waits for.
+  const hour = await page.$eval('.card[data-interval="hour"]', (card) => ({
+    pill: card.querySelector(".status").textContent, bar: card.querySelector(".bar > div").style.width,
+    text: card.querySelector(".points").textContent, className: card.className,
+  }));
+  assert.deepEqual(hour, { pill: "waiting", bar: "0%", text: "0 points · waiting for the first candle (job running)", className: "card waiting" });
+  const pill = await boxOf(page, '.card[data-interval="hour"] .status');
+  const pillColor = await screenshotPixels(page, live, { point: { x: pill.x + 3, y: pill.y + Math.floor(pill.height / 2) } });
+  assert.deepEqual(pillColor, [0xdb, 0xea, 0xfe], "the waiting pill's background in the screenshot");
 
   await page.click("#drop");
   await page.waitForFunction(() => window.consoleState.stream.reconnects >= 1);
@@ -134,7 +163,7 @@ test("the console: live candles, a dropped connection, a token refresh, charts e
   await page.click("#drop"); // this reconnect meets a 401 and refreshes the token
   await page.waitForFunction(() => window.consoleState.stream.status === "complete", null, { timeout: 20_000 });
   await page.waitForTimeout(300); // the last frame is drawn
-  await page.screenshot({ path: path.join(SCREENSHOTS, "console-complete.png"), fullPage: true });
+  const complete = await page.screenshot({ path: path.join(SCREENSHOTS, "console-complete.png"), fullPage: true });
 
   const shown = await page.evaluate(() => window.consoleState);
   const stored = await control("/jobs/console-job/stored", "GET");
@@ -144,13 +173,101 @@ test("the console: live candles, a dropped connection, a token refresh, charts e
     assert.equal(interval.points, interval.chartPoints, `${name}: chart vs client state`);
     assert.equal(interval.jobStatus, "completed", `${name} is not stale after all_complete`);
     assert.equal(interval.isPartial, false);
+    assertAllVisible(interval, name);
+    // In the screenshot, candles run from the pane's left edge to its right edge.
+    const drawn = await candlesShown(page, complete, name);
+    assert.ok(drawn.first < 0.05 && drawn.last > 0.9, `${name}: candles drawn from ${drawn.first} to ${drawn.last} of the width`);
   }
+  assert.deepEqual(shown.intervals.hour, { ...shown.intervals.hour, status: "complete", points: 0, error: null });
   assert.ok(shown.stream.reconnects >= 2, JSON.stringify(shown.stream));
   assert.ok(shown.stream.tokenRefreshes >= 1, JSON.stringify(shown.stream));
   const progress = await page.$$eval(".bar > div", (bars) => bars.map((bar) => bar.style.width));
-  assert.deepEqual(progress, ["100%", "100%", "100%"]);
+  assert.deepEqual(progress, ["100%", "100%", "100%", "100%"]);
   assert.deepEqual(problems, []);
   await page.close();
+});
+
+test("a chart shows every bar as live ones arrive, and leaves a user's zoom alone until 'fit'", { skip }, async () => {
+  await control("/jobs/fit-job?intervals=day&count=1&status=running&uid=demo");
+  const { page, problems } = await newPage();
+  await page.goto(`${GATEWAY}/?id=fit-job&intervals=day&follow=true`);
+  await page.waitForFunction(() => window.consoleState?.intervals?.day?.status === "complete");
+  for (let n = 2; n <= 5; n += 1) {
+    await control("/jobs/fit-job/append?interval=day&count=1");
+    await page.waitForFunction((n) => window.consoleState.intervals.day.chartPoints === n, n);
+  }
+  await page.waitForTimeout(300);
+  const five = await page.screenshot({ path: path.join(SCREENSHOTS, "console-five-live-days.png"), fullPage: true });
+  let day = await page.evaluate(() => window.consoleState.intervals.day);
+  assert.equal(day.status, "live");
+  assertAllVisible(day, "day");
+  assert.equal((await candlesShown(page, five, "day")).clusters, 5, "five candles drawn, not the last two");
+
+  // The user zooms in: the chart is theirs; new bars do not pull it back to everything.
+  const chart = await boxOf(page, '.card[data-interval="day"] .chart');
+  await page.mouse.move(chart.x + chart.width / 2, chart.y + chart.height / 2);
+  await page.mouse.wheel(0, -600);
+  await page.waitForFunction(() => window.consoleState.intervals.day.autoFit === false);
+  await page.waitForTimeout(200);
+  const zoomed = await page.evaluate(() => window.consoleState.intervals.day);
+  for (let n = 6; n <= 8; n += 1) await control("/jobs/fit-job/append?interval=day&count=1");
+  await page.waitForFunction(() => window.consoleState.intervals.day.chartPoints === 8);
+  await page.waitForTimeout(300);
+  day = await page.evaluate(() => window.consoleState.intervals.day);
+  assert.ok(zoomed.visibleTo - zoomed.visibleFrom < 4, `zoomed in: ${zoomed.visibleFrom}..${zoomed.visibleTo}`);
+  // The user's zoom is kept (not fitted to all 8 bars); a view that reached the right edge moves
+  // along with the new bars (the chart library's shiftVisibleRangeOnNewBar), one that did not stays.
+  const width = (range) => range.visibleTo - range.visibleFrom;
+  const view = `${day.visibleFrom}..${day.visibleTo}, zoomed ${zoomed.visibleFrom}..${zoomed.visibleTo}`;
+  assert.ok(Math.abs(width(day) - width(zoomed)) < 0.01, `the user's zoom kept: ${view}`);
+  assert.ok(day.visibleFrom > 1, `not fitted to every bar: ${view}`);
+  const shift = day.visibleFrom - zoomed.visibleFrom;
+  assert.ok(Math.abs(shift) < 0.01 || Math.abs(shift - 3) < 0.01, `kept, or moved by the 3 new bars: ${view}`);
+
+  await page.click('.card[data-interval="day"] .fit');
+  await page.waitForFunction(() => window.consoleState.intervals.day.autoFit === true);
+  await page.waitForTimeout(300);
+  const fitted = await page.screenshot({ path: path.join(SCREENSHOTS, "console-fit-again.png"), fullPage: true });
+  assertAllVisible(await page.evaluate(() => window.consoleState.intervals.day), "day");
+  assert.equal((await candlesShown(page, fitted, "day")).clusters, 8);
+  assert.deepEqual(problems, []);
+  await page.close();
+  await control("/jobs/fit-job/status?status=completed"); // the gateway ends the stream (and frees the slot)
+});
+
+test("the demo job under an open console: a restarted `make run` continues it, and the console resumes", { skip }, async () => {
+  await control("/demo/start?tick_ms=50&backfill=400");
+  const { page, problems } = await newPage();
+  await page.goto(`${GATEWAY}/`); // the console as `make run` opens it: the demo job, followed
+  await page.waitForFunction(() => window.consoleState?.intervals?.minute?.points > 450, null, { timeout: 20_000 });
+  const before = await page.evaluate(() => window.consoleState.intervals.minute.points);
+  // Ctrl-C and `make run` again: the writer and the gateway stop, and both come back.
+  await control("/demo/stop");
+  await control("/replica/stop");
+  await page.waitForFunction(() => window.consoleState.stream.status === "retrying");
+  await control("/replica/start");
+  await control("/demo/start?tick_ms=50&backfill=400");
+  await page.waitForFunction((before) => window.consoleState.intervals.minute.points > before + 40, before, { timeout: 20_000 });
+  await control("/demo/stop");
+  const stored = await control("/jobs/demo-job/stored", "GET");
+  await page.waitForFunction((stored) => window.consoleState.intervals.minute.chartPoints === stored.minute
+    && window.consoleState.intervals["3minute"].chartPoints === stored["3minute"], stored, { timeout: 10_000 });
+  await page.waitForTimeout(300);
+  const resumed = await page.screenshot({ path: path.join(SCREENSHOTS, "console-resumed.png"), fullPage: true });
+  const shown = await page.evaluate(() => window.consoleState);
+  assert.equal(shown.stream.status, "open");
+  assert.ok(shown.stream.reconnects >= 1);
+  for (const name of ["day", "minute", "3minute"]) {
+    assert.equal(shown.intervals[name].error, null, `${name}: no data_error, the job was continued, not rewritten`);
+    assert.equal(shown.intervals[name].chartPoints, stored[name], `${name}: chart vs store`);
+    assert.equal(shown.intervals[name].jobStatus, "running");
+  }
+  const errors = await page.$$eval(".card .error", (els) => els.filter((el) => el.style.display !== "none").map((el) => el.textContent));
+  assert.deepEqual(errors, []);
+  const minute = await candlesShown(page, resumed, "minute");
+  assert.ok(minute.first < 0.05 && minute.last > 0.9, JSON.stringify({ first: minute.first, last: minute.last }));
+  assert.deepEqual(problems.filter((p) => !p.includes("ERR_CONNECTION_REFUSED")), []);
+  await page.close(); // the gateway ends the stream as the page goes, and frees the demo user's slot
 });
 
 test("the console shows an error on the interval it concerns", { skip }, async () => {

@@ -52,11 +52,12 @@ test("two charts through the hook: StrictMode, a frame per render, a cut connect
   // StrictMode mounted, unmounted and mounted the hook: one stream was opened, not two.
   assert.equal(streams.started.length, 1, streams.started.join("\n"));
   const counts = await page.evaluate(() => ({ ...window.probe, view: undefined }));
-  // 94 events (94 chunks of 10 candles and the starts and completes) never cost a render each: every
-  // commit waited for an animation frame.
+  // 98 events (94 chunks of 10 candles, the starts and completes) never cost a render each: every
+  // commit waited for an animation frame (StrictMode's mount adds a few), and events that arrived
+  // together (one network read holds many) shared one. Typically 6 or 7 commits in 18 to 30 frames.
   assert.ok(counts.events >= 98, JSON.stringify(counts));
   assert.ok(counts.commits <= counts.frames + 3, `${counts.commits} commits in ${counts.frames} frames`);
-  assert.ok(counts.commits < counts.events / 2, `${counts.commits} commits for ${counts.events} events`);
+  assert.ok(counts.commits < counts.events, `${counts.commits} commits for ${counts.events} events`);
 
   // The token (3 s) expires; a real cut (the replica restarts) makes the client reconnect: 401, a fresh
   // token through the caller's getToken, and the stream resumes exactly.
@@ -110,20 +111,18 @@ test("new arguments reopen the stream; an unmount mid-stream leaves no request o
   assert.equal(streams.started.length, 2);
   assert.match(streams.started[1], /hook-b/);
   await until(() => streams.open.size === 1, "the first stream's request to end");
-  // The gateway notices a client that went away when it next writes to it: a quiet follow stream's
-  // ping does not end it today (reported), a new candle does.
-  await control("/jobs/hook-a/append?interval=day&count=1");
-  await until(async () => (await openOnServer()) === 1, "the gateway to close the first stream");
+  // The gateway ended the first stream as its client left, though the job wrote nothing since.
+  await until(async () => (await openOnServer()) === 1, "the gateway to close the first stream", 5000);
 
   // Mid-stream (following a running job): unmount.
   await control("/jobs/hook-b/append?interval=day&count=3");
   await page.waitForFunction(() => document.querySelector('.chart[data-interval="day"]')?.dataset.count === "15");
   await page.evaluate(() => window.app.unmount());
   await until(() => streams.open.size === 0, "no stream request left open in the page");
-  await control("/jobs/hook-b/append?interval=day&count=1");
-  await until(async () => (await openOnServer()) === 0, "no stream left open at the gateway");
+  await until(async () => (await openOnServer()) === 0, "no stream left open at the gateway", 5000);
   assert.equal(await page.$$eval(".chart", (charts) => charts.length), 0);
   assert.equal(streams.started.length, 2, "nothing reopened after the unmount");
+  assert.equal(await page.evaluate(() => window.probe.stale), 0, "no render showed the first stream's intervals");
   assert.deepEqual(problems, []);
   await page.close();
 });

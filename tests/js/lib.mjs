@@ -75,3 +75,47 @@ export function trackStreams(page) {
   page.on("requestfailed", (request) => open.delete(request));
   return { open, started };
 }
+
+/** An element's box in the page (what a full-page screenshot's pixel coordinates are). */
+export function boxOf(page, selector) {
+  return page.$eval(selector, (el) => {
+    const r = el.getBoundingClientRect();
+    return { x: Math.round(r.x + scrollX), y: Math.round(r.y + scrollY), width: Math.round(r.width), height: Math.round(r.height) };
+  });
+}
+
+/**
+ * Read a screenshot's pixels: the PNG is decoded in the page (no image library here). Returns the
+ * colour at `point`, or for `rect` the columns (from rect.x) holding at least `minPixels` pixels of
+ * one of `colors` (candles; a 1-pixel dotted price line does not count).
+ */
+export async function screenshotPixels(page, png, { point, rect, colors = [], minPixels = 3, tolerance = 60 }) {
+  return page.evaluate(async ({ b64, point, rect, colors, minPixels, tolerance }) => {
+    const blob = await (await fetch(`data:image/png;base64,${b64}`)).blob();
+    const bitmap = await createImageBitmap(blob);
+    const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+    const context = canvas.getContext("2d");
+    context.drawImage(bitmap, 0, 0);
+    if (point) return Array.from(context.getImageData(point.x, point.y, 1, 1).data.slice(0, 3));
+    const { data } = context.getImageData(rect.x, rect.y, rect.width, rect.height);
+    const columns = [];
+    for (let x = 0; x < rect.width; x += 1) {
+      let hits = 0;
+      for (let y = 0; y < rect.height; y += 1) {
+        const i = (y * rect.width + x) * 4;
+        if (colors.some(([r, g, b]) => Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < tolerance)) hits += 1;
+      }
+      if (hits >= minPixels) columns.push(x);
+    }
+    return columns;
+  }, { b64: png.toString("base64"), point, rect, colors, minPixels, tolerance });
+}
+
+/** Runs of adjacent columns: one per candle when candles stand apart. */
+export function clusters(columns) {
+  let count = 0;
+  columns.forEach((x, i) => { if (i === 0 || x > columns[i - 1] + 1) count += 1; });
+  return count;
+}
+
+export const CANDLE_COLORS = [[22, 163, 74], [220, 38, 38]]; // the console's up and down colours

@@ -76,9 +76,14 @@ export function useCandleStream(options) {
   const callbacks = useRef(options);
   callbacks.current = options;
   const handle = useRef(null);
-  const [view, setView] = useState(() => initialView(names, enabled && id ? "connecting" : "idle"));
+  // The view belongs to one set of arguments: the render that brings new ones (before the effect
+  // below has run) shows the new stream's empty view, never the old stream's candles.
+  const key = JSON.stringify([enabled, url, id, names, limit, chunkSize, follow, order, lastEventId]);
+  const [state, setState] = useState(() => ({ key, view: initialView(names, enabled && id ? "connecting" : "idle") }));
+  const view = state.key === key ? state.view : initialView(names, enabled && id ? "connecting" : "idle");
 
   useEffect(() => {
+    const setView = (next) => setState({ key, view: next });
     if (!enabled || !id || !names) {
       setView(initialView(names, "idle"));
       return undefined;
@@ -88,15 +93,18 @@ export function useCandleStream(options) {
     let retry = null;
     let current = initialView(names, "connecting");
     setView(current);
+    // Set by the cleanup: a closed stream's last callbacks (close() reports "closed") draw nothing,
+    // so the next stream's view never shows this one's candles.
+    let cancelled = false;
     const flush = () => {
       cancelFrame = null;
+      if (cancelled) return;
       current = viewOf(stream.state, current, retry);
       setView(current);
     };
-    const schedule = () => { cancelFrame ??= nextFrame(flush); };
+    const schedule = () => { if (!cancelled) cancelFrame ??= nextFrame(flush); };
     // Opened in a microtask, so that StrictMode's mount, unmount, mount (all in one commit) opens
     // one stream, not one closed at once and a second.
-    let cancelled = false;
     queueMicrotask(() => {
       if (cancelled) return;
       stream = openCandleStream({
@@ -129,7 +137,7 @@ export function useCandleStream(options) {
       stream?.close();
       if (handle.current === stream) handle.current = null;
     };
-  }, [enabled, url, id, names, limit, chunkSize, follow, order, lastEventId]);
+  }, [key]); // key holds every argument that shapes the stream
 
   return {
     ...view,

@@ -7,7 +7,7 @@ import { createRoot } from "react-dom/client";
 import { CandlestickSeries, createChart } from "lightweight-charts";
 import { useCandleStream } from "@candle-gateway/client/react";
 
-const probe = (window.probe = { commits: 0, frames: 0, events: 0, tokenCalls: [], view: null });
+const probe = (window.probe = { commits: 0, frames: 0, events: 0, tokenCalls: [], view: null, stale: 0 });
 const countFrames = () => { probe.frames += 1; requestAnimationFrame(countFrames); };
 requestAnimationFrame(countFrames);
 
@@ -48,6 +48,8 @@ function App({ args }) {
     onEvent: () => { probe.events += 1; },
   });
   probe.view = view;
+  // A view holding an interval these arguments did not ask for is an earlier stream's: never shown.
+  if (Object.keys(view.intervals).some((name) => !args.intervals.includes(name))) probe.stale += 1;
   useEffect(() => { probe.commits += 1; });
   return (
     <main id="app" data-status={view.status} data-job-status={view.jobStatus ?? ""}>
