@@ -29,8 +29,9 @@ COPY --from=requirements /requirements.txt ./
 # The dependencies (and what builds the wheel) first: this layer is reused
 # until install_requires changes, and a change of code only rebuilds the wheel.
 RUN /opt/candle-gateway/bin/pip install --requirement requirements.txt "setuptools>=68" wheel
-COPY setup.cfg pyproject.toml README.md ./
-COPY gateway ./gateway
+# The package's sources: setup.cfg, pyproject.toml, README.md and gateway/, all
+# that .dockerignore lets in, in one layer.
+COPY . ./
 # One wheel, installed without touching the dependencies above; pip,
 # setuptools and wheel then leave the venv, which the final stage copies.
 RUN /opt/candle-gateway/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
@@ -39,11 +40,10 @@ RUN /opt/candle-gateway/bin/pip wheel --no-deps --no-build-isolation --wheel-dir
     && find /opt/candle-gateway -name '__pycache__' -prune -exec rm -rf {} + \
     && /opt/candle-gateway/bin/python -m compileall -q /opt/candle-gateway/lib
 
-# -- the image: the base, the venv and a user; no compiler, no pip, no tests ---
+# -- the image: the base, a user and the venv; no compiler, no pip, no tests ---
 FROM ${BASE}
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin candle-gateway
-COPY --from=build /opt/candle-gateway /opt/candle-gateway
 ENV PATH=/opt/candle-gateway/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -54,3 +54,6 @@ USER 10001:10001
 EXPOSE 8080 9090
 # Exec form: SIGTERM from the runtime reaches the gateway, which drains (docs/OPERATIONS.md, "Shutdown").
 ENTRYPOINT ["candle-gateway", "serve"]
+# Last, so that everything above stays cached when only the code changed. Owned by
+# root and not writable by the user that runs it.
+COPY --from=build /opt/candle-gateway /opt/candle-gateway

@@ -75,7 +75,11 @@ ADVICE = {
     " check the network path (firewall, VPC peering) and the server's load",
     RedisCause.CLUSTER_MISCONFIGURED: "set redis.cluster to match the server"
     " (true for a Redis Cluster, false otherwise)",
-    RedisCause.CONNECTION_LOST: "a restart or a network cut; if it persists and the server requires TLS, use rediss://",
+    RedisCause.CONNECTION_LOST: (
+        "a restart or a network cut; if it persists and the server requires TLS, use rediss://;"
+        " on rediss://, a server that requires client certificates may reset instead of refusing"
+        " (TLS 1.3): check redis.tls_cert_file/tls_key_file"
+    ),
     RedisCause.PROTOCOL_ERROR: "redis.url's port is not a Redis port",
     RedisCause.UNREACHABLE: "see the detail",
 }
