@@ -30,6 +30,12 @@ keeps changes in that task alone:
   stream adopts the position of the last frames written to it, so its
   event ids, ``points_sent``, log line and metrics say exactly what it was
   sent.
+- *Compression* (``compression.py``): a group codes each look's frames once
+  per codec among its members (a shared ``LiveEncoder`` each), and writes
+  identity members the frames as they are. A compressed member hands its
+  own encoder over when it boards, pings through the group while aboard,
+  and takes its encoder back however it leaves (docs/DECISIONS.md,
+  "Compressed streams").
 - The hub's task ends when it has no follower left; the next join starts it again.
 """
 
