@@ -43,6 +43,7 @@ from gateway.server import StartupError, bind, run_worker
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 GRACE_S = 1.0
+WATCHDOG_S = 40.0
 
 
 def _early(signum: int, _: FrameType | None) -> None:
@@ -85,15 +86,30 @@ def serving(monkeypatch, redis_url, tmp_path) -> Iterator[Serving]:
     threshold, callbacks = gc.get_threshold(), list(gc.callbacks)
     for signum in SIGNALS:  # a signal sent too early fails the test instead of ending pytest
         signal.signal(signum, _early)
+    # A serve that does not stop (a regression, or an operator that failed) would outlast
+    # pytest-timeout, whose alarm the running event loop swallows: stop it from outside.
+    done = threading.Event()
+    fired: list[bool] = []
+
+    def watchdog() -> None:
+        if not done.wait(WATCHDOG_S):
+            handler = signal.getsignal(signal.SIGTERM)
+            if callable(handler) and handler is not _early:  # the gateway's, not the default
+                fired.append(True)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watchdog, daemon=True).start()
     try:
         yield ports
     finally:
+        done.set()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
         asyncio.set_event_loop_policy(policy)
         gc.unfreeze()
         gc.set_threshold(*threshold)
         gc.callbacks[:] = callbacks
+    assert not fired, f"serve was still running after {WATCHDOG_S} s: stopped by the watchdog"
 
 
 class Operator(threading.Thread):
