@@ -29,6 +29,7 @@ from gateway.devtools.ports import free_port
 from gateway.limits import retry_after_seconds
 from gateway.runner import GatewayRunner
 from gateway.server import bind, guarded_listener, runner_options
+from tests.helpers import seed_job, stream_path
 
 HEADER_TIMEOUT_S = 0.6
 CAP = 3
@@ -54,6 +55,9 @@ async def guarded(settings: Settings) -> AsyncIterator[Guarded]:
     await runner.setup()
     port = free_port()
     sock = bind("127.0.0.1", port, reuse_port=False, what="port", setting="SERVER_PORT")
+    # A small send buffer, inherited by every accepted connection: a client that does not read
+    # fills it and the transport's buffer within a few hundred kilobytes (the kernel would autotune it to megabytes).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     listener = await guarded_listener(runner, sock, configured)
     try:
         yield Guarded(port)
@@ -224,6 +228,27 @@ async def test_a_client_that_half_closes_is_closed_and_counted_out(guarded):
             received += chunk
     assert received == b""  # closed at the end of file, not at the header deadline's 408
     await wait_for(lambda: open_now() == 0)
+
+
+async def test_a_client_that_stops_reading_pauses_the_stream_and_resumes_it(guarded, writer, token):
+    """aiohttp's flow control (pause_writing, resume_writing) passes through the guard: nothing stalls or is lost."""
+    stored = await seed_job(writer("paused-job"), counts={"minute": 6000}, status="completed")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", guarded.port))
+    reader, writer_ = await asyncio.open_connection(sock=sock, limit=1 << 22)
+    try:
+        path = stream_path("paused-job") + f"?intervals=minute&chunk_size=500&limit=50000&token={token()}"
+        writer_.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await asyncio.sleep(1.0)  # not reading: the server's buffers fill, aiohttp is told to pause
+        body = await asyncio.wait_for(reader.readuntil(b"event: all_complete"), 30)
+    finally:
+        writer_.close()
+    assert body.startswith(b"HTTP/1.1 200"), body[:200]
+    assert len(body) > 300_000  # more than the buffers between the handler and this client hold
+    assert body.count(b"event: data_chunk") == len(stored["minute"]) // 500
 
 
 def test_the_cap_is_the_setting_or_sized_from_the_open_file_limit():
