@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.errors import DataError
 from gateway.position import Phase
+from gateway.redis_client import raise_if_cancelling
 from gateway.sources.base import Chunk, Snapshot, Source, TailPlan
 from gateway.stream import CandleStream, StreamOver
 
@@ -55,11 +56,8 @@ async def follow_live(
     stream.mark_status_sent_with_snapshot()
     response.bound_send_buffer()  # a follower lives long: its kernel buffer stays small
     while True:
-        # Python 3.11's asyncio.wait_for, around redis-py's socket writes during the
-        # snapshot, can swallow a cancellation that lands as a write completes
-        # (bpo-42130): a client that went away then must not park here.
-        if (task := asyncio.current_task()) is not None and task.cancelling():
-            raise asyncio.CancelledError
+        # A client that went away during the snapshot must not park here (raise_if_cancelling).
+        raise_if_cancelling()
         left = await hub.follow(stream, source, response, watch, heard_at)
         heard_at = None
         if left is Leave.GONE:

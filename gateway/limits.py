@@ -31,7 +31,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from gateway.errors import GatewayError, TooManyStreams, Unavailable
-from gateway.redis_client import call_redis
+from gateway.redis_client import call_redis, raise_if_cancelling
 from gateway.sources import keys
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ class StreamSlots:
                 if not failing:  # once per failing spell; its slots may be taken as dead meanwhile
                     log.warning("stream slot heartbeat failed: %s", exc.message)
                 failing = True
+            raise_if_cancelling()
             await asyncio.sleep(LIVENESS_BEAT_S)
 
     @property
@@ -303,6 +304,7 @@ class StreamSlots:
                 await call_redis(self._refresh_all, "refreshing stream slots")
             except GatewayError as exc:  # keep streaming; the next refresh may succeed
                 log.warning("could not refresh stream slots: %s", exc.message)
+            raise_if_cancelling()
 
     async def _refresh_all(self) -> None:
         expires_at = time.time() + self._ttl_s

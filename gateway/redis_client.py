@@ -194,6 +194,19 @@ class _GatedClusterPipeline(ClusterPipeline):
         return await client.gate.run(lambda: parent(raise_on_error, allow_redirections))
 
 
+def raise_if_cancelling() -> None:
+    """Re-raise a cancellation that a Redis call swallowed, so that a loop calling Redis ends.
+
+    Python 3.11's ``asyncio.wait_for``, around redis-py's socket writes, can
+    swallow a cancellation that lands as the write completes (bpo-42130): the
+    task's ``cancelling()`` stays set but nothing is raised, and a background
+    loop that goes on (the slot heartbeat) would never end, so neither would
+    the shutdown that awaits it.
+    """
+    if (task := asyncio.current_task()) is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 @metrics.observe_redis
 async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
     """Run one Redis call (or pipeline); redis-py's errors become the gateway's, naming ``what``."""

@@ -158,11 +158,15 @@ async def _serve(settings: Settings, index: int, workers: int) -> None:
     public = bind(server.host, server.port, reuse_port=workers > 1, what="port", setting="SERVER_PORT")
     metrics_port = settings.metrics.port + index if settings.metrics.port else 0
     set_enabled(bool(metrics_port))
-    private = (
-        bind(server.host, metrics_port, reuse_port=False, what="metrics port", setting="METRICS_PORT")
-        if metrics_port
-        else None
-    )
+    try:
+        private = (
+            bind(server.host, metrics_port, reuse_port=False, what="metrics port", setting="METRICS_PORT")
+            if metrics_port
+            else None
+        )
+    except StartupError:
+        public.close()  # not held until the process exits: a caller that runs on (tests, a supervisor) may retry
+        raise
     app = create_app(settings)
     runner = GatewayRunner(app, **runner_options(settings))
     metrics_runner: web.AppRunner | None = None
