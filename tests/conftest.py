@@ -23,7 +23,7 @@ from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.runner import GatewayRunner
 from gateway.server import runner_options
 from gateway.workers import JobWriter
-from tests.faults import KillableValkey
+from tests.faults import FaultProxy, KillableValkey
 
 PROJECT = "test-candles"
 DATASET = "backtests"
@@ -53,6 +53,22 @@ async def valkey(tmp_path: Path) -> AsyncIterator[KillableValkey]:
     await server.start()
     yield server
     server.close()
+
+
+@pytest.fixture
+async def proxy(valkey: KillableValkey) -> AsyncIterator[FaultProxy]:
+    """A TCP proxy before the test's Valkey that can reset or black-hole every connection (tests/faults.py)."""
+    running = await FaultProxy(valkey.port).start()
+    yield running
+    await running.close()
+
+
+@pytest.fixture
+async def direct(valkey: KillableValkey) -> AsyncIterator[aioredis.Redis]:
+    """A client straight to the test's Valkey, past any proxy."""
+    client = aioredis.Redis.from_url(valkey.url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

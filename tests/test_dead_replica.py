@@ -29,7 +29,6 @@ import redis.exceptions
 from gateway.devtools.ports import free_port
 from gateway.workers import JobWriter
 from tests.conftest import PROJECT
-from tests.faults import KillableValkey
 from tests.helpers import make_candles, seed_job, stream_path
 from tests.replicas import Replica, replica_env, wait_for_port
 from tests.sse_client import SSEParser, Transcript
@@ -111,13 +110,6 @@ class Reconnecting:
 
     def refusals_429(self) -> int:
         return sum(1 for _, status in self.answers if status == 429)
-
-
-@pytest.fixture
-async def direct(valkey: KillableValkey) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(valkey.url)
-    yield client
-    await client.aclose()
 
 
 def _job(index: int) -> str:

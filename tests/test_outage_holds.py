@@ -12,33 +12,16 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
 from gateway.resources import SLOTS
 from gateway.sources import keys
 from gateway.workers import JobWriter
-from tests.faults import FaultProxy, KillableValkey
 from tests.helpers import open_stream, seed_job
 
 JOB = "hold-job"
 WAIT_S = 3.0
-
-
-@pytest.fixture
-async def proxy(valkey: KillableValkey) -> AsyncIterator[FaultProxy]:
-    running = await FaultProxy(valkey.port).start()
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def direct(valkey: KillableValkey) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(valkey.url)
-    yield client
-    await client.aclose()
 
 
 async def _timed(request) -> tuple[float, int, dict]:

@@ -17,15 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
 from gateway.workers import JobWriter
 from tests.conftest import PROJECT
-from tests.faults import FaultProxy, KillableValkey
 from tests.helpers import seed_job, stream_path
 from tests.replicas import Replica, replica_env
 from tests.sse_client import SSEParser, Transcript
@@ -33,20 +30,6 @@ from tests.sse_client import SSEParser, Transcript
 JOB = "reset-job"
 FOLLOWERS = 50
 NEW_STREAMS = 20
-
-
-@pytest.fixture
-async def proxy(valkey: KillableValkey) -> AsyncIterator[FaultProxy]:
-    running = await FaultProxy(valkey.port).start()
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def direct(valkey: KillableValkey) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(valkey.url)
-    yield client
-    await client.aclose()
 
 
 class Follower:

@@ -13,7 +13,6 @@ gateway's read of a given chunk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
@@ -22,26 +21,12 @@ import redis.asyncio as aioredis
 from gateway.sources import keys
 from gateway.sources.candles import encode_candle
 from gateway.workers import JobWriter, candle
-from tests.faults import FaultProxy, KillableValkey
+from tests.faults import FaultProxy
 from tests.helpers import START, expected_points, make_candles, open_stream, seed_job
 from tests.sse_client import SSEParser, Transcript, read_stream
 
 JOB = "faulty-worker-job"
 KEY = keys.candles_key(JOB, "minute")
-
-
-@pytest.fixture
-async def proxy(valkey: KillableValkey) -> AsyncIterator[FaultProxy]:
-    running = await FaultProxy(valkey.port).start()
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def direct(valkey: KillableValkey) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(valkey.url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
