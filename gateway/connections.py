@@ -9,7 +9,8 @@ wraps the protocol factory that ``loop.create_server`` is handed (aiohttp's
 
 - a header-read deadline (``server.header_timeout_s``): a connection whose
   request headers are not complete that long after it opened, or after the
-  first byte of its next request, is answered 408 and closed. A total
+  first byte of its next request, is answered 408 and closed (after up to
+  ``LINGER_S`` of reading and dropping what it still sends). A total
   deadline, not an idle one: a client trickling a byte a second is cut too.
   One sweep per process every ``SWEEP_EVERY_S`` finds the overdue ones, not a
   timer per connection (1.3 us per connection for the whole guard, against
@@ -51,6 +52,11 @@ LOG_EVERY_S: Final = 10.0
 # How often overdue header deadlines are looked for: one sweep per process, not
 # a timer per connection (the deadline is kept to within this).
 SWEEP_EVERY_S: Final = 0.5
+# After a 408 the gateway sends its FIN and drops what the client still sends
+# for this long before it closes (nginx's lingering close): closing with the
+# client's bytes arriving is a reset, and a reset can reach the client before
+# the 408 it was sent and discard it.
+LINGER_S: Final = 2.0
 _HEADERS_END: Final = b"\r\n\r\n"
 _REQUEST_LINE_MAX: Final = 8192
 
@@ -201,7 +207,7 @@ class GuardedProtocol(asyncio.Protocol):
             self._start_inner()
 
     def data_received(self, data: bytes) -> None:
-        if self._transport is None or self._transport.is_closing():
+        if self._transport is None or self._transport.is_closing() or self._mode == "linger":
             return
         if not self._waiting:  # the first bytes of the next request on this connection
             self._tail = b""
@@ -219,6 +225,8 @@ class GuardedProtocol(asyncio.Protocol):
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
+        if self._mode == "linger":
+            return None  # the client is done too: the transport closes
         if self._inner is not None:
             return self._inner.eof_received()
         return None
@@ -262,7 +270,12 @@ class GuardedProtocol(asyncio.Protocol):
             return
         self._guard._timeouts.cut("header_timeout")
         transport.write(_TIMEOUT_ANSWER)
-        transport.close()
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self._mode = "linger"
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
     def _route_headroom(self) -> None:
         """A connection past the cap: served if its request line names a health check, else refused."""
