@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
 import shutil
 import zlib
 
@@ -123,6 +124,20 @@ def test_zstd_frames_declare_a_window_within_rfc_9659s_8_mb():
     exponent, mantissa = coded[5] >> 3, coded[5] & 7
     window = (1 << (10 + exponent)) + ((1 << (10 + exponent)) // 8) * mantissa
     assert window == 1 << ZSTD_WINDOW_LOG <= 8 * 1024 * 1024
+
+
+def test_gzip_codes_empty_writes_and_writes_larger_than_any_buffer_of_its_deflate():
+    """ISA-L's output grows past its buffer for incompressible and long writes; an empty write still flushes."""
+    encoder = encoder_for(Codec.GZIP)
+    assert encoder is not None
+    decode = _decoder(Codec.GZIP)
+    writes = [b"", b": ping\n\n", os.urandom(1_500_000), b"x" * 3_000_000, b"", FRAMES[0]]
+    body = b""
+    for write in writes:
+        coded = encoder.encode(write)
+        assert decode(coded) == write
+        body += coded
+    assert gzip.decompress(body + encoder.finish()) == b"".join(writes)
 
 
 def test_after_a_shared_gzip_restart_the_deflate_refers_to_nothing_before_it():
