@@ -74,10 +74,10 @@ ZSTD_WINDOW_LOG: Final = 17  # 128 KiB; RFC 9659: at most 8 MB (window_log 23)
 # 5.3x, in 29 ms of CPU instead of 38 ms, and about 30 KiB less per compressor.
 ZSTD_HASH_LOG: Final = 8
 # ISA-L level 1 (of 0-3), measured on 16 MB of random-walk candles with a sync flush
-# per event: 5.1x in 30 ms of CPU, where zlib's level 1 (8 KiB window) took 115 ms
-# for 4.2x and zlib-ng's level 2 84 ms for 4.5x. A smaller window codes smaller:
+# per event: 5.1x in 27 ms of CPU, where zlib's level 1 (8 KiB window) took 103 ms
+# for 4.2x and zlib-ng's level 2 77 ms for 4.5x. A smaller window codes smaller:
 # candles refer back to the last few, and near distances take fewer bits
-# (8 KiB: 4.6x; 1 KiB: 5.1x; 512 B: 5.3x, kept a step away from the floor).
+# (8 KiB: 4.5x; 1 KiB: 5.1x; 512 B: 5.3x, kept a step away from the floor).
 GZIP_LEVEL: Final = 1
 GZIP_WINDOW_BITS: Final = 10  # 1 KiB
 # ISA-L's level buffer (1: min, 2-3: small, 4-6: medium, 7-8: large, 9: extra large):
