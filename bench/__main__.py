@@ -790,6 +790,12 @@ def main() -> None:
     parser.add_argument("--compress-link-runs", type=int, default=3, help="compression: throttled-link rounds")
     parser.add_argument("--compress-idle", type=int, default=1000, help="compression: idle followers per codec")
     parser.add_argument(
+        "--gzip-variants",
+        default="zlib:1:13:5,zlib-ng:2:13:5",
+        help="compression: gzip by other deflates alongside the gateway's, LIBRARY:LEVEL:WBITS:MEMLEVEL,... "
+        "(zlib or zlib-ng; '' for none)",
+    )
+    parser.add_argument(
         "--fanout-codings",
         default="identity",
         help="fan-out: Accept-Encoding of the followers, each a run of every size, e.g. identity,zstd,gzip",

@@ -11,19 +11,24 @@ sections), read with ``Accept-Encoding`` identity, zstd and gzip in turn:
 - time to the whole chart through a throttled link: a userland TCP proxy of
   20 Mbit/s from server to client and 20 ms each way (40 ms round trip),
   from the request to the last event decoded;
-- RSS per idle follow stream, per codec, each on a fresh gateway.
+- RSS per idle follow stream, per codec, each on a fresh gateway;
+- gzip by other deflates (``--gzip-variants``, ``bench/gzip_variant.py``):
+  each from a gateway of its own, its bytes and CPU in the same rounds, and
+  in process, the deflate and CRC-32 alone on the stream's own events.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import statistics
 import sys
 import time
+import tracemalloc
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +36,10 @@ import aiohttp
 import redis.asyncio as aioredis
 from backports.zstd import ZstdDecompressor
 
+from bench.gzip_variant import GzipVariant, swapped_in
+from bench.gzip_variant import command as variant_command
 from bench.processes import cpu_seconds, rss_kib, server_process
+from gateway.compression import Codec
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
 from gateway.devtools.ports import free_port
 from gateway.devtools.processes import gateway_serve
@@ -112,6 +120,13 @@ async def read_coded(session: aiohttp.ClientSession, url: str, coding: str) -> t
     return wire, points, time.perf_counter() - started
 
 
+async def read_plain(session: aiohttp.ClientSession, url: str) -> bytes:
+    """One whole stream's body as sent uncoded."""
+    async with session.get(url, headers={"Accept-Encoding": "identity"}) as response:
+        assert response.status == 200, f"{url}: {response.status}"
+        return await response.read()
+
+
 class ThrottledLink:
     """A TCP proxy: server -> client at ``bits_per_s`` after ``one_way_s``, client -> server after ``one_way_s``.
 
@@ -173,6 +188,11 @@ class ThrottledLink:
             delivering.cancel()
 
 
+def _shown(label: str) -> str:
+    """A row's name: the gateway's gzip says which deflate it is, as the variants' rows do."""
+    return f"gzip, {GzipVariant.gateways().label} (the gateway's)" if label == "gzip" else label
+
+
 def _ms(values: Sequence[float]) -> str:
     return f"{statistics.median(values) * 1000:,.0f} ms ({min(values) * 1000:,.0f}-{max(values) * 1000:,.0f})"
 
@@ -190,23 +210,45 @@ async def compression_section(
     token = mint_token(key, env["GATEWAY_AUTH_FIREBASE_PROJECT_ID"], "bench", lifetime_s=3600)
     query = f"intervals={','.join(INTERVALS)}&limit=50000&token={token}"
     port = free_port()
+    variants = [GzipVariant.parse(spec) for spec in args.gzip_variants.split(",") if spec]
     lines: list[str] = []
-    async with server_process(
-        gateway_serve(), {**env, "GATEWAY_SERVER_PORT": str(port)}, port, work / "compress.log"
-    ) as gateway:
-        url = f"http://127.0.0.1:{port}/api/sse/backtest/{JOB}/data/multi?{query}"
+    async with contextlib.AsyncExitStack() as stack:
+        gateway = await stack.enter_async_context(
+            server_process(gateway_serve(), {**env, "GATEWAY_SERVER_PORT": str(port)}, port, work / "compress.log")
+        )
+        # Each gzip variant from a gateway of its own, read in the same rounds as the gateway's codecs.
+        variant_gateways: dict[GzipVariant, tuple[int, int]] = {}
+        for n, variant in enumerate(variants):
+            variant_port = free_port()
+            process = await stack.enter_async_context(
+                server_process(
+                    variant_command(variant, "serve"),
+                    {**env, "GATEWAY_SERVER_PORT": str(variant_port), "GATEWAY_METRICS_PORT": str(free_port())},
+                    variant_port,
+                    work / f"compress-variant-{n}.log",
+                )
+            )
+            variant_gateways[variant] = (variant_port, process.pid)
+        path = f"/api/sse/backtest/{JOB}/data/multi?{query}"
+        url = f"http://127.0.0.1:{port}{path}"
+        # (label, url, coding, pid): the gateway's own codecs, then the variants' gzip.
+        readers = [(coding, url, coding, gateway.pid) for coding in CODINGS] + [
+            (f"gzip, {variant.label}", f"http://127.0.0.1:{variant_port}{path}", "gzip", pid)
+            for variant, (variant_port, pid) in variant_gateways.items()
+        ]
         timeout = aiohttp.ClientTimeout(total=None)
         async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as session:
             wire: dict[str, int] = {}
-            cpu: dict[str, list[float]] = {coding: [] for coding in CODINGS}
-            for coding in CODINGS:  # warm-up, and the byte counts
-                wire[coding], points, _ = await read_coded(session, url, coding)
-                assert points == 3 * args.points, (coding, points)
+            cpu: dict[str, list[float]] = {label: [] for label, *_ in readers}
+            for label, reader_url, coding, _ in readers:  # warm-up, and the byte counts
+                wire[label], points, _ = await read_coded(session, reader_url, coding)
+                assert points == 3 * args.points, (label, points)
             for _ in range(args.compress_runs):
-                for coding in CODINGS:
-                    before = cpu_seconds(gateway.pid)
-                    await read_coded(session, url, coding)
-                    cpu[coding].append(cpu_seconds(gateway.pid) - before)
+                for label, reader_url, coding, pid in readers:
+                    before = cpu_seconds(pid)
+                    await read_coded(session, reader_url, coding)
+                    cpu[label].append(cpu_seconds(pid) - before)
+            plain = await read_plain(session, url)
             times: dict[str, list[float]] = {coding: [] for coding in CODINGS}
             async with ThrottledLink(port) as link:
                 slow_url = url.replace(f":{port}/", f":{link.port}/")
@@ -227,13 +269,19 @@ async def compression_section(
         " CPU vs identity | time to the whole chart through the link (median, range) | vs identity |",
         "|---|---|---|---|---|---|---|",
     ]
-    for coding in CODINGS:
-        lines.append(
-            f"| {coding} | {wire[coding] / 1e6:.2f} MB | {wire['identity'] / wire[coding]:.1f}x |"
-            f" {_ms(cpu[coding])} | {statistics.median(cpu[coding]) / identity_cpu:.2f}x |"
-            f" {_ms(times[coding])} | {statistics.median(times[coding]) / identity_time:.2f}x |"
+    for label, *_ in readers:
+        through_link = (
+            f" {_ms(times[label])} | {statistics.median(times[label]) / identity_time:.2f}x |"
+            if label in times
+            else " - | - |"
         )
-    lines += ["", *live_options()]
+        lines.append(
+            f"| {_shown(label)} | {wire[label] / 1e6:.2f} MB | {wire['identity'] / wire[label]:.1f}x |"
+            f" {_ms(cpu[label])} | {statistics.median(cpu[label]) / identity_cpu:.2f}x |{through_link}"
+        )
+    if variants:
+        lines += ["", *deflate_alone(plain, variants, args.compress_runs)]
+    lines += ["", *live_options(variants=variants)]
     if args.compress_idle:
         lines += ["", "| codec | RSS per idle follow stream |", "|---|---|"]
         for coding in CODINGS:
@@ -265,7 +313,55 @@ async def idle_followers(port: int, token: str, pid: int, count: int, coding: st
     return (after - before) / count
 
 
-def live_options(followers: int = 2000, events: int = 20) -> list[str]:
+def deflate_alone(plain: bytes, variants: Sequence[GzipVariant], rounds: int) -> list[str]:
+    """The gzip coding alone, in process: the stream's own events coded one write each, and their CRC-32.
+
+    The gateway's gzip and each variant on the same events, in alternating
+    rounds (median and range of CPU time); the bytes are checked to decode.
+    """
+    from gateway import compression
+
+    events = [event + b"\n\n" for event in plain.split(b"\n\n") if event]
+    assert b"".join(events) == plain
+    own = f"{GzipVariant.gateways().label} (the gateway's)"
+    options: list[tuple[str, GzipVariant | None]] = [(own, None), *((variant.label, variant) for variant in variants)]
+    cpu: dict[str, list[float]] = {label: [] for label, _ in options}
+    crc: dict[str, list[float]] = {label: [] for label, _ in options}
+    size: dict[str, int] = {}
+    for _ in range(max(rounds, 1)):
+        for label, variant in options:
+            with swapped_in(variant) if variant else contextlib.nullcontext():
+                encoder = compression.encoder_for(compression.Codec.GZIP)
+                assert encoder is not None
+                started = time.process_time()
+                coded = [encoder.encode(event) for event in events]
+                coded.append(encoder.finish())
+                cpu[label].append(time.process_time() - started)
+                crc32 = compression._crc32  # the module's own, as its encoders call it
+                started, value = time.process_time(), 0
+                for event in events:
+                    value = crc32(event, value)
+                crc[label].append(time.process_time() - started)
+            body = b"".join(coded)
+            assert zlib.decompress(body, 31) == plain, label
+            size[label] = len(body)
+    lines = [
+        f"gzip alone, in process: the stream's {len(plain) / 1e6:.2f} MB as {len(events):,} events,"
+        f" each coded and sync-flushed as one write ({max(rounds, 1)} rounds, alternating)",
+        "",
+        "| gzip | bytes | fewer than identity | CPU (median, range) | vs the gateway's | CRC-32 alone (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, _ in options:
+        lines.append(
+            f"| {label} | {size[label] / 1e6:.2f} MB | {len(plain) / size[label]:.1f}x | {_ms(cpu[label])} |"
+            f" {statistics.median(cpu[label]) / statistics.median(cpu[own]):.2f}x |"
+            f" {statistics.median(crc[label]) * 1000:.1f} ms |"
+        )
+    return lines
+
+
+def live_options(followers: int = 2000, events: int = 20, variants: Sequence[GzipVariant] = ()) -> list[str]:
     """Encode once, write many under compression, measured in process: one compressor per follower, or one shared.
 
     A live event (one candle, ~330 bytes) to ``followers`` followers of one
@@ -273,8 +369,6 @@ def live_options(followers: int = 2000, events: int = 20) -> list[str]:
     chunk (its history). Per event: CPU of the coding for all followers and
     the bytes each receives; per follower: the compressor's memory.
     """
-    from gateway.compression import Codec, LiveEncoder, encoder_for
-
     rng = random.Random(7)
     snapshot = b"event: data_chunk\ndata: {" + b",".join(
         b'{"time":"2020-01-01T%02d:%02d:00Z","open":%.2f,"high":%.2f,"low":%.2f,"close":%.2f,"volume":%d}'
@@ -301,44 +395,61 @@ def live_options(followers: int = 2000, events: int = 20) -> list[str]:
         " compressor memory per follower |",
         "|---|---|---|---|---|",
     ]
-    for codec in (Codec.ZSTD, Codec.GZIP):
-        own = [encoder_for(codec) for _ in range(followers)]
-        rss0 = _rss_kib_self()
-        for encoder in own:
-            assert encoder is not None
-            encoder.encode(snapshot)
-        per_follower_kib = (_rss_kib_self() - rss0) / followers
-        started, size = time.process_time(), 0
-        for n in range(events):
-            frame = live_event(n)
-            for encoder in own:
-                assert encoder is not None
-                size += len(encoder.encode(frame))
-        own_cpu = (time.process_time() - started) / events
-        own_bytes = size / events / followers
-        for encoder in own:
-            assert encoder is not None
-            encoder.hand_over()  # frees each compressor, as boarding a hub group does
-        del own
-        shared = LiveEncoder(codec)
-        riders = [encoder_for(codec) for _ in range(followers)]
-        started, size = time.process_time(), 0
-        for n in range(events):
-            frame = live_event(n)
-            coded = shared.encode(frame)
-            for rider in riders:
-                assert rider is not None
-                rider.took(frame, shared)  # gzip's CRC-32 and length; nothing for zstd
-            size += len(coded)
-        shared_cpu = (time.process_time() - started) / events
-        lines.append(
-            f"| {codec} | a compressor per follower | {own_cpu * 1000:.2f} ms | {own_bytes:.0f} |"
-            f" {per_follower_kib:.0f} KiB (freed when it boards) |"
-        )
-        lines.append(
-            f"| {codec} | one shared per group (chosen) | {shared_cpu * 1000:.2f} ms | {size / events:.0f} | 0 |"
-        )
+    rows: list[tuple[Codec, str, GzipVariant | None]] = [
+        (Codec.ZSTD, "zstd", None),
+        (Codec.GZIP, _shown("gzip"), None),
+        *((Codec.GZIP, f"gzip, {variant.label}", variant) for variant in variants),
+    ]
+    for codec, label, variant in rows:
+        with swapped_in(variant) if variant else contextlib.nullcontext():
+            lines += _live_rows(codec, label, followers, events, snapshot, live_event)
     return lines
+
+
+def _live_rows(
+    codec: Codec, label: str, followers: int, events: int, snapshot: bytes, live_event: Callable[[int], bytes]
+) -> list[str]:
+    from gateway.compression import LiveEncoder, encoder_for
+
+    own = [encoder_for(codec) for _ in range(followers)]
+    rss0 = _rss_kib_self()
+    # zlib's and zlib-ng's allocations are traced (zstd's are not): an earlier row's freed
+    # memory taken again shows no RSS growth, so the larger of the two counts.
+    tracemalloc.start()
+    for encoder in own:
+        assert encoder is not None
+        encoder.encode(snapshot)
+    traced, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    per_follower_kib = max(_rss_kib_self() - rss0, traced / 1024) / followers
+    started, size = time.process_time(), 0
+    for n in range(events):
+        frame = live_event(n)
+        for encoder in own:
+            assert encoder is not None
+            size += len(encoder.encode(frame))
+    own_cpu = (time.process_time() - started) / events
+    own_bytes = size / events / followers
+    for encoder in own:
+        assert encoder is not None
+        encoder.hand_over()  # frees each compressor, as boarding a hub group does
+    del own
+    shared = LiveEncoder(codec)
+    riders = [encoder_for(codec) for _ in range(followers)]
+    started, size = time.process_time(), 0
+    for n in range(events):
+        frame = live_event(n)
+        coded = shared.encode(frame)
+        for rider in riders:
+            assert rider is not None
+            rider.took(frame, shared)  # gzip's CRC-32 and length; nothing for zstd
+        size += len(coded)
+    shared_cpu = (time.process_time() - started) / events
+    return [
+        f"| {label} | a compressor per follower | {own_cpu * 1000:.2f} ms | {own_bytes:.0f} |"
+        f" {per_follower_kib:.0f} KiB (freed when it boards) |",
+        f"| {label} | one shared per group (chosen) | {shared_cpu * 1000:.2f} ms | {size / events:.0f} | 0 |",
+    ]
 
 
 def _rss_kib_self() -> int:
