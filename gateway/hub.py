@@ -53,7 +53,7 @@ from gateway.compression import Codec, LiveEncoder
 from gateway.errors import StreamError
 from gateway.follow import Reads, look
 from gateway.observe import StreamWatch
-from gateway.redis_client import RedisBusy
+from gateway.redis_client import RedisBusy, raise_if_cancelling
 from gateway.sources.base import Source
 from gateway.sse import CandleEventResponse, Delivery
 from gateway.stream import CandleStream
@@ -277,8 +277,17 @@ class _Group:
 class Hub:
     """The followers of one job in this process, and the one task that feeds them."""
 
-    def __init__(self, gate: asyncio.Semaphore, *, recheck_interval_s: float, status_min_interval_s: float) -> None:
+    def __init__(
+        self,
+        gate: asyncio.Semaphore,
+        *,
+        recheck_interval_s: float,
+        status_min_interval_s: float,
+        running: set[asyncio.Task[None]] | None = None,
+    ) -> None:
         self._gate = gate
+        # The process's running hub tasks (``JobNotes``), which a shutdown stops.
+        self._running = set() if running is None else running
         self._recheck_interval_s = recheck_interval_s
         self._status_min_interval_s = status_min_interval_s
         self.notes_heard = 0  # notes of the job heard so far (a registration's mark)
@@ -317,6 +326,8 @@ class Hub:
         self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="follow-hub")
+            self._running.add(self._task)
+            self._task.add_done_callback(self._running.discard)
         try:
             return await member.left
         finally:
@@ -327,6 +338,9 @@ class Hub:
         recheck_at = loop.time() + self._recheck_interval_s
         try:
             while self._joins or self.groups:
+                # Cancelled (a shutdown): end, even if a Redis call swallowed it (bpo-42130;
+                # call_redis raises those of its calls, this covers any other).
+                raise_if_cancelling()
                 deadline = min([recheck_at, *(group.due for group in self.groups)])
                 if not self._wake.is_set():
                     try:

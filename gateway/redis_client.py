@@ -24,8 +24,9 @@ or a ``gateway.errors`` exception:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -201,15 +202,59 @@ def raise_if_cancelling() -> None:
     swallow a cancellation that lands as the write completes (bpo-42130): the
     task's ``cancelling()`` stays set but nothing is raised, and a background
     loop that goes on (the slot heartbeat) would never end, so neither would
-    the shutdown that awaits it.
+    the shutdown that awaits it. For loops of their own task that are never
+    meant to outlive a cancellation (``call_redis`` checks each call itself).
     """
     if (task := asyncio.current_task()) is not None and task.cancelling():
         raise asyncio.CancelledError
 
 
+def _cancels_requested() -> int:
+    task = asyncio.current_task()
+    return 0 if task is None else task.cancelling()
+
+
+def _raise_if_cancelled_since(before: int) -> None:
+    """A cancellation requested while a call ran, which the call did not raise: raise it now (bpo-42130).
+
+    Only one requested during the call counts: a task that already caught its
+    cancellation and cleans up (more calls in its ``finally``) is left alone.
+    """
+    if _cancels_requested() > before:
+        raise asyncio.CancelledError
+
+
+@contextlib.contextmanager
+def cancellation_kept() -> Iterator[None]:
+    """Around a Redis call not made through ``call_redis`` (pub/sub, a script whose errors are the caller's).
+
+    A cancellation that redis-py swallowed during the body is raised at its
+    end, as ``call_redis`` does for its calls.
+    """
+    before = _cancels_requested()
+    yield
+    _raise_if_cancelled_since(before)
+
+
 @metrics.observe_redis
 async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
-    """Run one Redis call (or pipeline); redis-py's errors become the gateway's, naming ``what``."""
+    """Run one Redis call (or pipeline); redis-py's errors become the gateway's, naming ``what``.
+
+    A cancellation requested during the call is raised, even when redis-py
+    swallowed it (``_raise_if_cancelled_since``): a loop of calls, or a stream
+    reading chunk after chunk, ends when its task is cancelled.
+    """
+    cancels = _cancels_requested()
+    try:
+        result = await _mapped(operation, what)
+    except Exception:
+        _raise_if_cancelled_since(cancels)  # cancelled, then failed: the cancellation is what the caller must see
+        raise
+    _raise_if_cancelled_since(cancels)
+    return result
+
+
+async def _mapped(operation: Callable[[], Awaitable[T]], what: str) -> T:
     started = time.monotonic()
     try:
         result = await operation()
