@@ -20,7 +20,7 @@ from gateway.errors import DataError, JobFailed, StreamError
 from gateway.params import StreamRequest
 from gateway.payloads import Payloads
 from gateway.policy import Complete, SendChunk, Start, next_action
-from gateway.position import Phase, StreamPosition, clone_position, copy_position
+from gateway.position import Phase, StreamPosition, clone_position, copy_position, element_digest
 from gateway.protocol import (
     DataChunk,
     ErrorEvent,
@@ -326,9 +326,10 @@ class CandleStream:
             self.check_state(chunk.state)
         if chunk.last_time is not None:
             self._last_times[index] = chunk.last_time
+        interval = self.position.intervals[index]
         if chunk.last is not None:
             self._anchors[index] = chunk.last
-        interval = self.position.intervals[index]
+            interval.sent_digest = element_digest(chunk.last)
         interval.points_sent += chunk.count
         interval.chunks_sent += 1
 
@@ -349,10 +350,20 @@ class CandleStream:
                 " a completed job must not change (workers broke the contract)"
             )
         sent = self._anchors.get(index)
-        if sent is None or chunk.before is None or chunk.before == sent:
+        if chunk.before is None or chunk.before == sent:
             return
         name = self._names[index]
-        position = self.position.intervals[index].points_sent
+        interval = self.position.intervals[index]
+        position = interval.points_sent
+        if sent is None:
+            # Resumed: the element is not in memory, its digest came with the event id.
+            if interval.sent_digest is None or element_digest(chunk.before) == interval.sent_digest:
+                return
+            raise DataError(
+                f"interval '{name}' changed before this stream's resume position: the candle at position"
+                f" {position - 1} (now the one at {stored_time(chunk.before)}) is not the one this stream sent"
+                " there (the list was trimmed, shifted or rewritten); workers must only append to a running job's list"
+            )
         was, now = stored_time(sent), stored_time(chunk.before)
         if was == now:
             change = f"the candle at {now} was rewritten (same time, other values)"
