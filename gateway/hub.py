@@ -140,6 +140,10 @@ class _Group:
         self.events = self.bytes = 0  # what the model sent so far
         self.last_event = b""
         self.error_frames: list[bytes] = []
+        # Members whose stream has not had a data_chunk yet (a follower of empty lists), and
+        # whether the look holds one: its flush times their first (gateway_first_data_chunk_seconds).
+        self.before_first_chunk: list[_Member] = []
+        self.chunk_pending = False
         self.mark = self.model.mark()  # where the last written frame left the model
         self.needs_look = True
         self.due = math.inf  # when a held-back job_status (or a busy read) wants a look
@@ -157,6 +161,8 @@ class _Group:
         self.last_event = event
         if event == protocol.ERROR:
             self.error_frames.append(frame)
+        elif event == protocol.DATA_CHUNK:
+            self.chunk_pending = True
         if metrics.SWITCH.on:
             metrics.event_counter(event).inc(len(self.members))
             metrics.BYTES_SENT.inc(len(frame) * len(self.members))
@@ -167,6 +173,8 @@ class _Group:
             self._board_coded(member, member.codec)
         member.board(self)
         self.members[member] = None
+        if not member.watch.saw_data_chunk:
+            self.before_first_chunk.append(member)
 
     def flush(self) -> None:
         """Write the look's frames to every member in one pass, without waiting; let go those that cannot take more."""
@@ -176,6 +184,8 @@ class _Group:
         if frames:
             data = frames[0] if len(frames) == 1 else b"".join(frames)  # joined once, not once per member
             dropped: list[tuple[_Member, Delivery]] = []
+            first_chunk = self._first_chunk_for() if self.chunk_pending else []
+            self.chunk_pending = False
             if self.coded:
                 self._write_coded(data, dropped)
             else:
@@ -191,10 +201,18 @@ class _Group:
                 del self.members[member]
                 if delivery is not Delivery.SENT:
                     member.settle(Leave.GONE if delivery is Delivery.GONE else behind)
+            for member in first_chunk:
+                if not (member.left.done() and member.left.result() is Leave.GONE):  # written to it
+                    member.watch.first_chunk_written()
         if self.over:
             for member in self.members:
                 member.settle(Leave.ENDED)
             self.members.clear()
+
+    def _first_chunk_for(self) -> list[_Member]:
+        """The members this flush writes their first data_chunk to (those already gone excepted)."""
+        waiting, self.before_first_chunk = self.before_first_chunk, []
+        return [member for member in waiting if not member.settled]
 
     def take(self, other: _Group) -> None:
         """Members of ``other``, at this group's spot, ride this one from now on."""
