@@ -229,10 +229,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def test_make_run_stops_everything_it_started_on_sigterm(tmp_path):
+async def test_make_run_guards_its_port_and_stops_everything_it_started_on_sigterm(tmp_path):
     port = free_port()
     env = {**CLEAN_ENV, "GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": str(free_port()),
-           "GATEWAY_DEV_STATE_DIR": str(tmp_path / "dev")}  # fmt: skip
+           "GATEWAY_DEV_STATE_DIR": str(tmp_path / "dev"), "GATEWAY_SERVER_HEADER_TIMEOUT_S": "1"}  # fmt: skip
     log = tmp_path / "dev.log"
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
@@ -240,6 +240,13 @@ async def test_make_run_stops_everything_it_started_on_sigterm(tmp_path):
         )
     try:
         await wait_for_port(port, process, timeout_s=90)
+        # Its port is guarded as `serve`'s is (gateway/connections.py): headers that never end get 408.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), (answer, log.read_text())
         started = descendants(process.pid)
         assert started, "the emulator and Valkey run as child processes"
         process.send_signal(signal.SIGTERM)
