@@ -34,8 +34,10 @@ from gateway.limits import StreamSlots
 from gateway.live import JobNotes
 from gateway.redis_client import build_redis_client, call_redis
 from gateway.resources import NOTES
+from tests.conftest import DATASET, PROJECT
 from tests.faults import eventually
-from tests.helpers import make_candles, open_followers, seed_job
+from tests.helpers import make_candles, open_followers, open_stream, seed_job
+from tests.test_backtests import new_backtest
 
 SWALLOWS = sys.version_info < (3, 12)  # bpo-42130: asyncio.wait_for of 3.11 and before
 ENDS_WITHIN_S = 5.0  # generous: the machine is shared and loaded
@@ -232,3 +234,54 @@ async def _append_until_cancelled(w: Any) -> None:
 
 async def _holds(value: bool) -> bool:
     return value
+
+
+# -- cache fills (gateway/sources/cache.py): the fill and its lock keeper ------------------
+
+
+async def _cold_fill(make_gateway, bq_proxy, bq, token) -> tuple[Any, asyncio.Task[Any]]:
+    """A cold backtest interval being read from a slow warehouse (a page a second); the stream reading it."""
+    backtest_id, _ = new_backtest(bq, {"minute": 5000})
+    bigquery = {
+        "project": PROJECT,
+        "dataset": DATASET,
+        "api_endpoint": bq_proxy.url,
+        "page_rows": 1000,
+        "fill_lock_ttl_s": 0.5,  # the keeper refreshes every 1/6 s
+    }
+    client = await make_gateway(bigquery=bigquery, server={"max_streams_per_user": 0})
+    bq_proxy.delay_s = 1.0
+    reading = asyncio.create_task(
+        open_stream(client, backtest_id, token=token(), intervals="minute", limit=50000, chunk_size=500)
+    )
+    return client, reading
+
+
+async def test_a_cache_fills_lock_keeper_ends_though_redis_py_swallowed_its_cancellation(
+    make_gateway, bq_proxy, bq, token
+):
+    """A keeper left running would keep the lock of a read nobody makes: no other stream could take it over."""
+    _, reading = await _cold_fill(make_gateway, bq_proxy, bq, token)
+    try:
+        assert await eventually(lambda: _holds(_task_named("cache-fill-lock ") is not None), 20.0)
+        keeper = _task_named("cache-fill-lock ")
+        assert keeper is not None
+        assert await cancel_where_swallowed(keeper) or not SWALLOWS
+        assert await ends_within(keeper)
+    finally:
+        bq_proxy.delay_s = 0.0
+        reading.cancel()
+
+
+async def test_a_cache_fill_ends_though_redis_py_swallowed_its_cancellation(make_gateway, bq_proxy, bq, token):
+    """Cancelled (a shutdown) while it stages a page: it ends there, not after reading the whole interval."""
+    _, reading = await _cold_fill(make_gateway, bq_proxy, bq, token)
+    try:
+        assert await eventually(lambda: _holds(_task_named("cache-fill ") is not None), 20.0)
+        fill = _task_named("cache-fill ")
+        assert fill is not None
+        assert await cancel_where_swallowed(fill) or not SWALLOWS
+        assert await ends_within(fill, 3.0)  # under the four pages (a second each) still to read
+    finally:
+        bq_proxy.delay_s = 0.0
+        reading.cancel()
