@@ -24,9 +24,8 @@ or a ``gateway.errors`` exception:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -38,7 +37,7 @@ from redis.backoff import ExponentialBackoff
 
 from gateway import metrics
 from gateway.config import RedisSettings
-from gateway.errors import RedisUnreachable, StoredValueMalformed
+from gateway.errors import GatewayError, RedisUnreachable, StoredValueMalformed
 from gateway.redis_health import HEALTH, PHRASES, RedisCause, classify_redis_failure
 
 T = TypeVar("T")
@@ -209,73 +208,54 @@ def raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-def _cancels_requested() -> int:
-    task = asyncio.current_task()
-    return 0 if task is None else task.cancelling()
-
-
-def _raise_if_cancelled_since(before: int) -> None:
-    """A cancellation requested while a call ran, which the call did not raise: raise it now (bpo-42130).
-
-    Only one requested during the call counts: a task that already caught its
-    cancellation and cleans up (more calls in its ``finally``) is left alone.
-    """
-    if _cancels_requested() > before:
-        raise asyncio.CancelledError
-
-
-@contextlib.contextmanager
-def cancellation_kept() -> Iterator[None]:
-    """Around a Redis call not made through ``call_redis`` (pub/sub, a script whose errors are the caller's).
-
-    A cancellation that redis-py swallowed during the body is raised at its
-    end, as ``call_redis`` does for its calls.
-    """
-    before = _cancels_requested()
-    yield
-    _raise_if_cancelled_since(before)
-
-
 @metrics.observe_redis
 async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
     """Run one Redis call (or pipeline); redis-py's errors become the gateway's, naming ``what``.
 
-    A cancellation requested during the call is raised, even when redis-py
-    swallowed it (``_raise_if_cancelled_since``): a loop of calls, or a stream
-    reading chunk after chunk, ends when its task is cancelled.
+    A cancellation requested during the call (the task's ``cancelling()``
+    count rose) is raised, even when redis-py swallowed it (bpo-42130): a loop
+    of calls, or a stream reading chunk after chunk, ends when its task is
+    cancelled. Only one requested during the call: a task that caught its
+    cancellation and cleans up (more calls in its ``finally``) is left alone.
+    Cancelled, then failed: the cancellation is what the caller sees.
     """
-    cancels = _cancels_requested()
-    try:
-        result = await _mapped(operation, what)
-    except Exception:
-        _raise_if_cancelled_since(cancels)  # cancelled, then failed: the cancellation is what the caller must see
-        raise
-    _raise_if_cancelled_since(cancels)
-    return result
-
-
-async def _mapped(operation: Callable[[], Awaitable[T]], what: str) -> T:
+    task = asyncio.current_task()
+    cancels = 0 if task is None else task.cancelling()
     started = time.monotonic()
     try:
         result = await operation()
-    except redis.exceptions.MaxConnectionsError as exc:
-        raise RedisBusy(f"no Redis connection free while {what}", "busy") from exc
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        if str(exc).startswith("No connection available"):  # BlockingConnectionPool's wait ran out
-            raise RedisBusy(f"no Redis connection free while {what}", "busy") from exc
-        raise unreachable(exc, what, started) from exc
-    except redis.exceptions.ResponseError as exc:
-        raise response_error(exc, what) from exc
-    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-        raise unreachable(exc, what, started) from exc
-    except (OSError, EOFError, RuntimeError) as exc:
-        # Raised under redis-py and not wrapped by it: a socket error of a
-        # connection class we did not choose (rediss://, unix://), or an event
-        # loop's own (uvloop's RuntimeError on a transport closed by a reset).
-        raise unreachable(exc, what, started) from exc
+    except Exception as exc:
+        if task is not None and task.cancelling() > cancels:
+            raise asyncio.CancelledError from exc
+        ours = _gateway_error(exc, what, started)
+        if ours is None:
+            raise
+        raise ours from exc
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError
     if HEALTH.cause is not None:
         HEALTH.answered()
     return result
+
+
+def _gateway_error(exc: Exception, what: str, started: float) -> GatewayError | None:
+    """The gateway's error for what a Redis call raised (None: not Redis's, raised as it is)."""
+    if isinstance(exc, redis.exceptions.MaxConnectionsError):
+        return RedisBusy(f"no Redis connection free while {what}", "busy")
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        if str(exc).startswith("No connection available"):  # BlockingConnectionPool's wait ran out
+            return RedisBusy(f"no Redis connection free while {what}", "busy")
+        return unreachable(exc, what, started)
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return response_error(exc, what)
+    if isinstance(exc, redis.exceptions.RedisError | redis.exceptions.RedisClusterException):
+        return unreachable(exc, what, started)
+    if isinstance(exc, OSError | EOFError | RuntimeError):
+        # Raised under redis-py and not wrapped by it: a socket error of a
+        # connection class we did not choose (rediss://, unix://), or an event
+        # loop's own (uvloop's RuntimeError on a transport closed by a reset).
+        return unreachable(exc, what, started)
+    return None
 
 
 def unreachable(exc: BaseException, what: str, started: float | None = None) -> RedisUnreachable:
