@@ -9,6 +9,8 @@ import pytest
 import redis.exceptions
 
 from gateway.resources import NOTES, REDIS
+from gateway.sources import keys
+from gateway.workers import JobWriter
 from tests.conftest import CODINGS
 from tests.helpers import (
     expected_points,
@@ -205,6 +207,32 @@ async def test_a_job_completing_into_a_backtest_names_it_in_all_complete(client,
     assert final.event == "all_complete"
     assert (final.payload["job_status"], final.payload["backtest_id"]) == ("completed", "bt_1737530999.8")
     response.close()
+
+
+async def test_a_backtest_id_given_during_a_snapshot_is_named_from_the_next_state_read(
+    make_gateway, proxy, direct, token
+):
+    """Not following: the job's state (backtest id included) rides with every 8th chunk read."""
+    client = await make_gateway(redis={"url": proxy.url}, server={"max_streams_per_user": 0})
+    w = JobWriter(direct, JOB)
+    await seed_job(w, counts={"minute": 40})
+    key = keys.candles_key(JOB, "minute").encode()
+    given = False
+
+    async def give_the_backtest_id(args: list[bytes]) -> None:  # just before the gateway reads chunk 3
+        nonlocal given
+        if not given and args[:2] == [b"LRANGE", key] and int(args[2]) >= 10:
+            given = True
+            await direct.hset(keys.job_key(JOB), "backtest_id", "bt_1737530999.9")
+
+    proxy.on_command = give_the_backtest_id
+    transcript = await stream(client, JOB, token=token(), intervals="minute", chunk_size=5)
+    assert given
+    start, complete, final = (
+        transcript.named(name)[0] for name in ("interval_start", "interval_complete", "all_complete")
+    )
+    assert start.payload["backtest_id"] is None
+    assert complete.payload["backtest_id"] == final.payload["backtest_id"] == "bt_1737530999.9"
 
 
 async def test_follow_without_any_note_still_delivers_within_the_recheck_interval(
