@@ -81,6 +81,21 @@ def test_busy_port_is_one_line_naming_the_setting(redis_url):
     assert f"port {port} is in use" in lines[0] and "GATEWAY_SERVER_PORT" in lines[0] and "server.port" in lines[0]
 
 
+def test_busy_port_of_the_dev_server_is_one_line_too(tmp_path):
+    """`make run` binds as `serve` does: a taken port is the same one line (and what it started is stopped)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {"GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": str(free_port()),
+               "GATEWAY_DEV_STATE_DIR": str(tmp_path / "dev")}  # fmt: skip
+        busy = run_cli("dev", env=env, timeout=120)
+    assert busy.returncode == 2, busy.stderr
+    errors = [line for line in busy.stderr.splitlines() if " ERROR " in line or "Traceback" in line]
+    assert len(errors) == 1, busy.stderr
+    assert f"port {port} is in use" in errors[0] and "GATEWAY_SERVER_PORT" in errors[0]
+
+
 def test_auto_workers_follow_affinity_and_the_cgroup_quota(tmp_path):
     assert worker_count(3) == 3
     assert worker_count("auto") == usable_cpus() <= len(os.sched_getaffinity(0))
