@@ -22,6 +22,8 @@ endpoint.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
@@ -285,3 +287,29 @@ async def test_a_cache_fill_ends_though_redis_py_swallowed_its_cancellation(make
     finally:
         bq_proxy.delay_s = 0.0
         reading.cancel()
+
+
+async def test_the_background_tasks_stop_promptly_while_redis_hangs(valkey, direct):
+    """A hung Redis (SIGSTOP): the heartbeat, refresher and notes listener blocked in calls stop at once on close."""
+    client = build_redis_client(RedisSettings(url=valkey.url, socket_timeout_s=5.0, retries=2))
+    slots = StreamSlots(client, max_per_user=4, ttl_s=1, retry_after_s=1)
+    notes = JobNotes(client, recheck_interval_s=30.0)
+    pid = int((await direct.info("server"))["process_id"])
+    try:
+        slots.start()
+        slot = await slots.acquire("hung-user")
+        async with notes.follow("hung-job"):
+            assert await eventually(lambda: _holds(notes.hears("hung-job")), ENDS_WITHIN_S)
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(1.5)  # the heartbeat and the refresher are now waiting for answers
+            started = asyncio.get_running_loop().time()
+            await notes.aclose()
+            slots.release(slot)
+            await slots.aclose()  # gives releases 1 s, then cancels them
+            took = asyncio.get_running_loop().time() - started
+        # redis-py alone would wait out its socket timeout (5 s) per attempt.
+        assert took < 4.0, took  # the releases are given 1 s before they are cancelled
+        assert _task_named("stream-slot-") is None and _task_named("job-notes-") is None
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await client.aclose()
