@@ -339,6 +339,10 @@ class CandleStream:
         if chunk.last is not None:
             self._anchors[index] = chunk.last
             interval.sent_digest = element_digest(chunk.last)
+        elif chunk.count:
+            # Data that never changes (the warehouse's, for a job whose lists expired
+            # since the stream began): the digest of a list read before would be stale.
+            interval.sent_digest = None
         interval.points_sent += chunk.count
         interval.chunks_sent += 1
 
