@@ -125,8 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             return serve(settings)
         if args.command == "dev":
             from gateway.devtools.devserver import run_dev
+            from gateway.server import StartupError
 
-            run_dev(settings)
+            try:
+                run_dev(settings)
+            except StartupError as exc:  # the port is taken, say: one line, as `serve` says it
+                logging.getLogger("gateway.devtools.devserver").error("%s", exc)
+                return 2
             return 0
     except ConfigError as exc:
         # A setting that only start-up can refuse: the same one line, not a traceback.

@@ -53,7 +53,7 @@ from gateway.compression import Codec, LiveEncoder
 from gateway.errors import StreamError
 from gateway.follow import Reads, look
 from gateway.observe import StreamWatch
-from gateway.redis_client import RedisBusy
+from gateway.redis_client import RedisBusy, raise_if_cancelling
 from gateway.sources.base import Source
 from gateway.sse import CandleEventResponse, Delivery
 from gateway.stream import CandleStream
@@ -140,6 +140,10 @@ class _Group:
         self.events = self.bytes = 0  # what the model sent so far
         self.last_event = b""
         self.error_frames: list[bytes] = []
+        # Members whose stream has not had a data_chunk yet (a follower of empty lists), and
+        # whether the look holds one: its flush times their first (gateway_first_data_chunk_seconds).
+        self.before_first_chunk: list[_Member] = []
+        self.chunk_pending = False
         self.mark = self.model.mark()  # where the last written frame left the model
         self.needs_look = True
         self.due = math.inf  # when a held-back job_status (or a busy read) wants a look
@@ -157,6 +161,8 @@ class _Group:
         self.last_event = event
         if event == protocol.ERROR:
             self.error_frames.append(frame)
+        elif event == protocol.DATA_CHUNK:
+            self.chunk_pending = True
         if metrics.SWITCH.on:
             metrics.event_counter(event).inc(len(self.members))
             metrics.BYTES_SENT.inc(len(frame) * len(self.members))
@@ -167,6 +173,8 @@ class _Group:
             self._board_coded(member, member.codec)
         member.board(self)
         self.members[member] = None
+        if not member.watch.saw_data_chunk:
+            self.before_first_chunk.append(member)
 
     def flush(self) -> None:
         """Write the look's frames to every member in one pass, without waiting; let go those that cannot take more."""
@@ -176,6 +184,8 @@ class _Group:
         if frames:
             data = frames[0] if len(frames) == 1 else b"".join(frames)  # joined once, not once per member
             dropped: list[tuple[_Member, Delivery]] = []
+            first_chunk = self._first_chunk_for() if self.chunk_pending else []
+            self.chunk_pending = False
             if self.coded:
                 self._write_coded(data, dropped)
             else:
@@ -191,10 +201,18 @@ class _Group:
                 del self.members[member]
                 if delivery is not Delivery.SENT:
                     member.settle(Leave.GONE if delivery is Delivery.GONE else behind)
+            for member in first_chunk:
+                if not (member.left.done() and member.left.result() is Leave.GONE):  # written to it
+                    member.watch.first_chunk_written()
         if self.over:
             for member in self.members:
                 member.settle(Leave.ENDED)
             self.members.clear()
+
+    def _first_chunk_for(self) -> list[_Member]:
+        """The members this flush writes their first data_chunk to (those already gone excepted)."""
+        waiting, self.before_first_chunk = self.before_first_chunk, []
+        return [member for member in waiting if not member.settled]
 
     def take(self, other: _Group) -> None:
         """Members of ``other``, at this group's spot, ride this one from now on."""
@@ -277,8 +295,17 @@ class _Group:
 class Hub:
     """The followers of one job in this process, and the one task that feeds them."""
 
-    def __init__(self, gate: asyncio.Semaphore, *, recheck_interval_s: float, status_min_interval_s: float) -> None:
+    def __init__(
+        self,
+        gate: asyncio.Semaphore,
+        *,
+        recheck_interval_s: float,
+        status_min_interval_s: float,
+        running: set[asyncio.Task[None]] | None = None,
+    ) -> None:
         self._gate = gate
+        # The process's running hub tasks (``JobNotes``), which a shutdown stops.
+        self._running = set() if running is None else running
         self._recheck_interval_s = recheck_interval_s
         self._status_min_interval_s = status_min_interval_s
         self.notes_heard = 0  # notes of the job heard so far (a registration's mark)
@@ -317,6 +344,8 @@ class Hub:
         self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="follow-hub")
+            self._running.add(self._task)
+            self._task.add_done_callback(self._running.discard)
         try:
             return await member.left
         finally:
@@ -327,6 +356,9 @@ class Hub:
         recheck_at = loop.time() + self._recheck_interval_s
         try:
             while self._joins or self.groups:
+                # Cancelled (a shutdown): end, even if a Redis call swallowed it (bpo-42130;
+                # call_redis raises those of its calls, this covers any other).
+                raise_if_cancelling()
                 deadline = min([recheck_at, *(group.due for group in self.groups)])
                 if not self._wake.is_set():
                     try:

@@ -324,8 +324,11 @@ class StreamSlots:
                     await task
         if self._releases:
             await asyncio.wait(self._releases, timeout=1.0)
-            for task in self._releases:
+            left = list(self._releases)
+            for task in left:
                 task.cancel()
+            if left:  # ended, not left pending for the loop's close to find
+                await asyncio.wait(left, timeout=1.0)
 
 
 def _log_failure(task: asyncio.Task[None], what: str) -> None:

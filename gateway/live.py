@@ -36,7 +36,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 
 from gateway.hub import Hub
-from gateway.redis_client import is_cluster
+from gateway.redis_client import is_cluster, raise_if_cancelling
 from gateway.sources import keys
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class JobNotes:
         if is_cluster(client):
             self._listeners.append(_Listener(self, sharded=True))
         self._readers: list[asyncio.Task[None]] = []
+        self._hub_tasks: set[asyncio.Task[None]] = set()  # running hubs (a hub outlives its job's last stream briefly)
         self.closed = False
 
     @property
@@ -109,6 +110,7 @@ class JobNotes:
                 self._gate,
                 recheck_interval_s=self._recheck_interval_s,
                 status_min_interval_s=self._status_min_interval_s,
+                running=self._hub_tasks,
             )
             job = self._jobs[channel] = _Job(hub)
         job.streams += 1
@@ -157,8 +159,12 @@ class JobNotes:
         self.closed = True
         for reader in self._readers:
             reader.cancel()
-        if self._readers:
-            await asyncio.wait(self._readers, timeout=2.0)
+        # Hubs too: their followers are gone by now (drained), but a hub notices that only at its next pass.
+        hubs = list(self._hub_tasks)
+        for hub in hubs:
+            hub.cancel()
+        if waited := [*self._readers, *hubs]:
+            await asyncio.wait(waited, timeout=2.0)
         for listener in self._listeners:
             await listener.aclose()
 
@@ -183,6 +189,8 @@ class _Listener:
 
     async def run(self) -> None:
         while not self._notes.closed:
+            # A cancellation redis-py swallowed (a subscribe's write, bpo-42130) ends the reader all the same.
+            raise_if_cancelling()
             try:
                 if self._pubsub is None:
                     self._pubsub = self._connect()

@@ -92,8 +92,7 @@ class StreamWatch:
             metrics.event_counter(event).inc()
             self._bytes_counter.inc(len(frame))
         if self._first_chunk and event == protocol.DATA_CHUNK:
-            self._first_chunk = False
-            metrics.FIRST_CHUNK_SECONDS.observe(time.perf_counter() - self._started)
+            self.first_chunk_written()
         elif event == protocol.ERROR:
             self._report_error(frame)
         entry.check()
@@ -102,6 +101,12 @@ class StreamWatch:
     def saw_data_chunk(self) -> bool:
         """Whether a data_chunk went out (and the time to the first one was measured)."""
         return not self._first_chunk
+
+    def first_chunk_written(self) -> None:
+        """The stream's first data_chunk was written (by ``send``, or by its job's follow hub): time it, once."""
+        if self._first_chunk:
+            self._first_chunk = False
+            metrics.FIRST_CHUNK_SECONDS.observe(time.perf_counter() - self._started)
 
     def sent_elsewhere(self, events: int, sent_bytes: int, last_event: bytes, error_frames: list[bytes]) -> None:
         """Count what its job's follow hub (hub.py) wrote to this stream; the hub counted the events' metrics."""

@@ -50,7 +50,7 @@ class Payloads:
             total_points=total,
             total_chunks=math.ceil(total / self._chunk_size),
             chunk_size=self._chunk_size,
-            backtest_id=job.backtest_id,
+            backtest_id=self.backtest_id(state),
             job_id=job.job_id,
             symbol=job.symbol,
             exchange=job.exchange,
@@ -90,7 +90,7 @@ class Payloads:
             interval=self._names[index],
             total_points=interval.total_points,
             points_sent=interval.points_sent,
-            backtest_id=self._job.backtest_id,
+            backtest_id=self.backtest_id(state),
             job_id=self._job.job_id,
             is_partial=position.is_partial,
             job_status=state.status,
@@ -105,7 +105,7 @@ class Payloads:
                 for name, interval, exists in zip(self._names, position.intervals, self.exists, strict=True)
                 if exists
             },
-            backtest_id=self._job.backtest_id,
+            backtest_id=self.backtest_id(state),
             job_id=self._job.job_id,
             job_status=state.status,
         )
@@ -113,23 +113,33 @@ class Payloads:
     def job_status(self, state: JobState) -> JobStatusEvent:
         return JobStatusEvent(
             job_id=self._job.job_id,
-            backtest_id=self._job.backtest_id,
+            backtest_id=self.backtest_id(state),
             job_status=state.status,
             current_bar=state.current_bar,
             is_partial=state.is_active,
         )
 
     def error(
-        self, exc: StreamError, *, interval: str | None, code: str | None = None, points_sent: int | None = None
+        self,
+        exc: StreamError,
+        state: JobState,
+        *,
+        interval: str | None,
+        code: str | None = None,
+        points_sent: int | None = None,
     ) -> ErrorEvent:
         return ErrorEvent(
             error=code or exc.code,
             message=exc.message,
             interval=interval,
             job_id=self._job.job_id,
-            backtest_id=self._job.backtest_id,
+            backtest_id=self.backtest_id(state),
             points_sent=points_sent,
         )
+
+    def backtest_id(self, state: JobState) -> str | None:
+        """The backtest the job became, as last read (a worker may set it while the job runs or completes)."""
+        return state.backtest_id or self._job.backtest_id
 
     def _progress(self, position: StreamPosition, current: str, lengths: Mapping[str, int]) -> Progress:
         overall: dict[str, IntervalProgress] = {}

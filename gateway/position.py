@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import zlib
 from enum import IntEnum
 from typing import Final
 
@@ -37,6 +38,12 @@ class IntervalPosition(msgspec.Struct, array_like=True):
     total_points: int = 0
     points_sent: int = 0
     chunks_sent: int = 0
+    # CRC-32 of the last stored element sent (lists a worker appends to; None for
+    # others, and in ids older than it): a resumed stream's first read checks the
+    # element before its position against it (``stream._check_continuity``).
+    # Last, and optional, so ids without it still decode, and replicas without it
+    # still decode ids with it (msgspec drops trailing elements it does not know).
+    sent_digest: int | None = None
 
 
 class StreamPosition(msgspec.Struct, array_like=True):
@@ -62,6 +69,11 @@ class StreamPosition(msgspec.Struct, array_like=True):
 
     def encode(self) -> bytes:
         return base64.urlsafe_b64encode(_encode(self)).rstrip(b"=")
+
+
+def element_digest(element: bytes) -> int:
+    """What an id keeps of a stored element: its CRC-32 (a worker's rewrite or shift changes it)."""
+    return zlib.crc32(element)
 
 
 def copy_position(source: StreamPosition, target: StreamPosition) -> None:

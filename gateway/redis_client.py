@@ -37,7 +37,7 @@ from redis.backoff import ExponentialBackoff
 
 from gateway import metrics
 from gateway.config import RedisSettings
-from gateway.errors import RedisUnreachable, StoredValueMalformed
+from gateway.errors import GatewayError, RedisUnreachable, StoredValueMalformed
 from gateway.redis_health import HEALTH, PHRASES, RedisCause, classify_redis_failure
 
 T = TypeVar("T")
@@ -201,7 +201,8 @@ def raise_if_cancelling() -> None:
     swallow a cancellation that lands as the write completes (bpo-42130): the
     task's ``cancelling()`` stays set but nothing is raised, and a background
     loop that goes on (the slot heartbeat) would never end, so neither would
-    the shutdown that awaits it.
+    the shutdown that awaits it. For loops of their own task that are never
+    meant to outlive a cancellation (``call_redis`` checks each call itself).
     """
     if (task := asyncio.current_task()) is not None and task.cancelling():
         raise asyncio.CancelledError
@@ -209,28 +210,52 @@ def raise_if_cancelling() -> None:
 
 @metrics.observe_redis
 async def call_redis(operation: Callable[[], Awaitable[T]], what: str) -> T:
-    """Run one Redis call (or pipeline); redis-py's errors become the gateway's, naming ``what``."""
+    """Run one Redis call (or pipeline); redis-py's errors become the gateway's, naming ``what``.
+
+    A cancellation requested during the call (the task's ``cancelling()``
+    count rose) is raised, even when redis-py swallowed it (bpo-42130): a loop
+    of calls, or a stream reading chunk after chunk, ends when its task is
+    cancelled. Only one requested during the call: a task that caught its
+    cancellation and cleans up (more calls in its ``finally``) is left alone.
+    Cancelled, then failed: the cancellation is what the caller sees.
+    """
+    task = asyncio.current_task()
+    cancels = 0 if task is None else task.cancelling()
     started = time.monotonic()
     try:
         result = await operation()
-    except redis.exceptions.MaxConnectionsError as exc:
-        raise RedisBusy(f"no Redis connection free while {what}", "busy") from exc
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        if str(exc).startswith("No connection available"):  # BlockingConnectionPool's wait ran out
-            raise RedisBusy(f"no Redis connection free while {what}", "busy") from exc
-        raise unreachable(exc, what, started) from exc
-    except redis.exceptions.ResponseError as exc:
-        raise response_error(exc, what) from exc
-    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-        raise unreachable(exc, what, started) from exc
-    except (OSError, EOFError, RuntimeError) as exc:
-        # Raised under redis-py and not wrapped by it: a socket error of a
-        # connection class we did not choose (rediss://, unix://), or an event
-        # loop's own (uvloop's RuntimeError on a transport closed by a reset).
-        raise unreachable(exc, what, started) from exc
+    except Exception as exc:
+        if task is not None and task.cancelling() > cancels:
+            raise asyncio.CancelledError from exc
+        ours = _gateway_error(exc, what, started)
+        if ours is None:
+            raise
+        raise ours from exc
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError
     if HEALTH.cause is not None:
         HEALTH.answered()
     return result
+
+
+def _gateway_error(exc: Exception, what: str, started: float) -> GatewayError | None:
+    """The gateway's error for what a Redis call raised (None: not Redis's, raised as it is)."""
+    if isinstance(exc, redis.exceptions.MaxConnectionsError):
+        return RedisBusy(f"no Redis connection free while {what}", "busy")
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        if str(exc).startswith("No connection available"):  # BlockingConnectionPool's wait ran out
+            return RedisBusy(f"no Redis connection free while {what}", "busy")
+        return unreachable(exc, what, started)
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return response_error(exc, what)
+    if isinstance(exc, redis.exceptions.RedisError | redis.exceptions.RedisClusterException):
+        return unreachable(exc, what, started)
+    if isinstance(exc, OSError | EOFError | RuntimeError):
+        # Raised under redis-py and not wrapped by it: a socket error of a
+        # connection class we did not choose (rediss://, unix://), or an event
+        # loop's own (uvloop's RuntimeError on a transport closed by a reset).
+        return unreachable(exc, what, started)
+    return None
 
 
 def unreachable(exc: BaseException, what: str, started: float | None = None) -> RedisUnreachable:

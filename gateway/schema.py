@@ -57,7 +57,7 @@ _EVENT_DESCRIPTIONS: Final = {
     "IntervalComplete": "Closes an interval's snapshot (live points may follow in follow mode).",
     "AllComplete": "The last event of a stream not ended by a fatal error; the server closes the stream after it.",
     "ErrorEvent": "A problem with the job (fatal: job_not_found, job_error, connection_error) or with one interval.",
-    "JobStatusEvent": "Follow mode: the job's status or current bar changed.",
+    "JobStatusEvent": "Follow mode: the job's status, current bar or backtest id changed.",
     "Progress": "Where the stream stands, counting the chunk that carries it.",
     "IntervalProgress": "One interval's counts in progress.overall_progress.",
     "Candle": "One OHLCV point.",

@@ -20,7 +20,7 @@ from gateway.errors import DataError, JobFailed, StreamError
 from gateway.params import StreamRequest
 from gateway.payloads import Payloads
 from gateway.policy import Complete, SendChunk, Start, next_action
-from gateway.position import Phase, StreamPosition, clone_position, copy_position
+from gateway.position import Phase, StreamPosition, clone_position, copy_position, element_digest
 from gateway.protocol import (
     DataChunk,
     ErrorEvent,
@@ -39,7 +39,7 @@ class StreamOver(Exception):
 class Mark:
     """Where a stream stood after some events: what a follower adopts when it leaves its job's hub."""
 
-    __slots__ = ("anchors", "last_times", "position", "state", "went_back")
+    __slots__ = ("anchors", "last_times", "position", "state", "told_backtest_id", "went_back")
 
     def __init__(
         self,
@@ -49,6 +49,7 @@ class Mark:
         anchors: dict[int, bytes],
         *,
         went_back: bool,
+        told_backtest_id: str | None,
     ) -> None:
         self.position = position
         self.state = state
@@ -56,6 +57,8 @@ class Mark:
         # The last stored element sent per interval (the continuity check's anchor, ``_check_continuity``).
         self.anchors = anchors
         self.went_back = went_back
+        # The backtest id the stream's last event that carries one said.
+        self.told_backtest_id = told_backtest_id
 
 
 class CandleStream:
@@ -93,6 +96,9 @@ class CandleStream:
         # The last stored element sent of each interval, to check the next read's element before it.
         self._anchors: dict[int, bytes] = {}
         self._went_back = False  # a completed job said it runs again: reported once, then not adopted
+        # The backtest id its events said so far (the job's as described): a follower
+        # whose job is given one later gets a job_status saying so (``status_changed``).
+        self._told_backtest_id = job.backtest_id
         # When follow mode last sent a job_status (its clock), for coalescing.
         self.status_sent_at = -math.inf
         # Set just before the stream's last event (all_complete or a fatal error) is handed to send.
@@ -248,11 +254,11 @@ class CandleStream:
             self.position.current_bar = self._state.current_bar
 
     def status_changed(self) -> bool:
-        """Whether the job's status or bar differ from what the client was last told."""
+        """Whether the job's status, bar or backtest id differ from what the client was last told."""
         return (self.position.job_status, self.position.current_bar) != (
             self._state.status,
             self._state.current_bar,
-        )
+        ) or self._payloads.backtest_id(self._state) != self._told_backtest_id
 
     async def send_job_status(self) -> None:
         self.position.job_status = self._state.status
@@ -275,6 +281,7 @@ class CandleStream:
             and self._last_times == other._last_times
             and self._anchors == other._anchors
             and self._went_back == other._went_back
+            and self._told_backtest_id == other._told_backtest_id
         )
 
     def fork(self, send: Send) -> CandleStream:
@@ -303,6 +310,7 @@ class CandleStream:
             dict(self._last_times),
             dict(self._anchors),
             went_back=self._went_back,
+            told_backtest_id=self._told_backtest_id,
         )
 
     def adopt(self, mark: Mark) -> None:
@@ -317,6 +325,7 @@ class CandleStream:
         self._last_times = dict(mark.last_times)
         self._anchors = dict(mark.anchors)
         self._went_back = mark.went_back
+        self._told_backtest_id = mark.told_backtest_id
 
     # -- helpers -------------------------------------------------------------
 
@@ -326,9 +335,14 @@ class CandleStream:
             self.check_state(chunk.state)
         if chunk.last_time is not None:
             self._last_times[index] = chunk.last_time
+        interval = self.position.intervals[index]
         if chunk.last is not None:
             self._anchors[index] = chunk.last
-        interval = self.position.intervals[index]
+            interval.sent_digest = element_digest(chunk.last)
+        elif chunk.count:
+            # Data that never changes (the warehouse's, for a job whose lists expired
+            # since the stream began): the digest of a list read before would be stale.
+            interval.sent_digest = None
         interval.points_sent += chunk.count
         interval.chunks_sent += 1
 
@@ -349,10 +363,20 @@ class CandleStream:
                 " a completed job must not change (workers broke the contract)"
             )
         sent = self._anchors.get(index)
-        if sent is None or chunk.before is None or chunk.before == sent:
+        if chunk.before is None or chunk.before == sent:
             return
         name = self._names[index]
-        position = self.position.intervals[index].points_sent
+        interval = self.position.intervals[index]
+        position = interval.points_sent
+        if sent is None:
+            # Resumed: the element is not in memory, its digest came with the event id.
+            if interval.sent_digest is None or element_digest(chunk.before) == interval.sent_digest:
+                return
+            raise DataError(
+                f"interval '{name}' changed before this stream's resume position: the candle at position"
+                f" {position - 1} (now the one at {stored_time(chunk.before)}) is not the one this stream sent"
+                " there (the list was trimmed, shifted or rewritten); workers must only append to a running job's list"
+            )
         was, now = stored_time(sent), stored_time(chunk.before)
         if was == now:
             change = f"the candle at {now} was rewritten (same time, other values)"
@@ -389,10 +413,12 @@ class CandleStream:
         code: str | None = None,
         points_sent: int | None = None,
     ) -> None:
-        payload = self._payloads.error(exc, interval=interval, code=code, points_sent=points_sent)
+        payload = self._payloads.error(exc, self._state, interval=interval, code=code, points_sent=points_sent)
         await self._emit(protocol.ERROR, payload)
 
     async def _emit(self, event: bytes, payload: Payload) -> None:
+        if event != protocol.DATA_CHUNK:  # every other event names the backtest (as last read)
+            self._told_backtest_id = self._payloads.backtest_id(self._state)
         frame = protocol.frame(event, payload, self.position.encode(), self._retry_ms)
         self._retry_ms = None  # only the first event of a connection carries retry
         await self._send(event, frame)

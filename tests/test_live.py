@@ -9,6 +9,8 @@ import pytest
 import redis.exceptions
 
 from gateway.resources import NOTES, REDIS
+from gateway.sources import keys
+from gateway.workers import JobWriter
 from tests.conftest import CODINGS
 from tests.helpers import (
     expected_points,
@@ -166,6 +168,71 @@ async def test_follow_sends_appended_points_status_changes_and_completes(make_ga
     assert final["job_status"] == "completed"
     assert final["total_points"] == {"minute": 9, "day": 1}
     assert stored  # the snapshot points were checked by the sequential tests
+
+
+async def test_a_backtest_id_given_while_following_reaches_the_followers(make_gateway, writer, token):
+    """Issue 24: a job given its backtest id mid-stream says so in a job_status, and in all_complete."""
+    client = await make_gateway(follow={"recheck_interval_s": 30.0, "status_min_interval_s": 0.01})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 2}, current_bar=2)
+    # Read to each snapshot's interval_complete; the two ride one hub group.
+    followers = await open_followers(client, JOB, token, 2, intervals="minute", follow="true")
+    await w.update(backtest_id="bt_1737530999.7")  # status and bar unchanged: only the id is news
+    for _, next_event in followers:
+        (status,) = await next_events(next_event, 1)
+        assert status.event == "job_status"
+        assert status.payload == {
+            "job_id": JOB,
+            "backtest_id": "bt_1737530999.7",
+            "job_status": "running",
+            "current_bar": 2,
+            "is_partial": True,
+        }
+    await w.append("minute", make_candles(1, first=2))
+    await w.update(status="completed")
+    for response, next_event in followers:
+        events = await next_events(next_event, 2)
+        assert [e.event for e in events] == ["data_chunk", "all_complete"]
+        assert events[-1].payload["backtest_id"] == "bt_1737530999.7"
+        response.close()
+
+
+async def test_a_job_completing_into_a_backtest_names_it_in_all_complete(client, writer, token):
+    """The usual worker: the backtest id written with the final status."""
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 2})
+    ((response, next_event),) = await open_followers(client, JOB, token, 1, intervals="minute", follow="true")
+    await w.update(status="completed", backtest_id="bt_1737530999.8")
+    (final,) = await next_events(next_event, 1)
+    assert final.event == "all_complete"
+    assert (final.payload["job_status"], final.payload["backtest_id"]) == ("completed", "bt_1737530999.8")
+    response.close()
+
+
+async def test_a_backtest_id_given_during_a_snapshot_is_named_from_the_next_state_read(
+    make_gateway, proxy, direct, token
+):
+    """Not following: the job's state (backtest id included) rides with every 8th chunk read."""
+    client = await make_gateway(redis={"url": proxy.url}, server={"max_streams_per_user": 0})
+    w = JobWriter(direct, JOB)
+    await seed_job(w, counts={"minute": 40})
+    key = keys.candles_key(JOB, "minute").encode()
+    given = False
+
+    async def give_the_backtest_id(args: list[bytes]) -> None:  # just before the gateway reads chunk 3
+        nonlocal given
+        if not given and args[:2] == [b"LRANGE", key] and int(args[2]) >= 10:
+            given = True
+            await direct.hset(keys.job_key(JOB), "backtest_id", "bt_1737530999.9")
+
+    proxy.on_command = give_the_backtest_id
+    transcript = await stream(client, JOB, token=token(), intervals="minute", chunk_size=5)
+    assert given
+    start, complete, final = (
+        transcript.named(name)[0] for name in ("interval_start", "interval_complete", "all_complete")
+    )
+    assert start.payload["backtest_id"] is None
+    assert complete.payload["backtest_id"] == final.payload["backtest_id"] == "bt_1737530999.9"
 
 
 async def test_follow_without_any_note_still_delivers_within_the_recheck_interval(

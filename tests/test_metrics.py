@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import metrics_app
 from tests.conftest import PROJECT
-from tests.helpers import follow_and_append, open_stream, seed_job, stream
+from tests.faults import eventually
+from tests.helpers import follow_and_append, group_sizes, make_candles, open_stream, seed_job, stream
 from tests.replicas import Replica, replica_env
 from tests.sse_client import SSEParser, Transcript
 
@@ -114,6 +115,41 @@ async def test_metrics_count_what_clients_received(make_gateway, aiohttp_client,
     assert delta("gateway_requests_refused_total", status="401", reason="signature") == 1
     assert delta("gateway_redis_call_duration_seconds_count") > 0
     assert value(after, "gateway_certificate_refreshes_total", outcome="ok") >= 1
+
+
+async def test_a_followers_first_data_chunk_written_by_its_hub_is_timed(make_gateway, aiohttp_client, writer, token):
+    """A follower whose snapshot had no candle gets its first data_chunk from its job's hub: timed once, then."""
+    gateway = await make_gateway(follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0})
+    metrics = await aiohttp_client(metrics_app())
+    name = "gateway_first_data_chunk_seconds_count"
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 0})
+    before = await scrape(metrics)
+    opened_at = asyncio.get_running_loop().time()
+    response = await open_stream(gateway, JOB, token=token(), intervals="minute", follow="true")
+    assert response.status == 200
+    parser, transcript = SSEParser(), Transcript()
+    while "interval_complete" not in transcript.names:
+        parser.feed(await asyncio.wait_for(response.content.readany(), 10), transcript)
+    assert not transcript.named("data_chunk")
+
+    async def in_hub() -> bool:
+        return group_sizes(gateway, JOB) == [1]
+
+    assert await eventually(in_hub, 10.0)
+    assert value(await scrape(metrics), name) == value(before, name)  # no data_chunk yet
+    await asyncio.sleep(0.2)  # the histogram's sum must show the wait for the first candle
+    for first in (0, 1):  # the second is not a first
+        await w.append("minute", make_candles(1, first=first))
+        while len(transcript.named("data_chunk")) <= first:
+            parser.feed(await asyncio.wait_for(response.content.readany(), 10), transcript)
+    after = await scrape(metrics)
+    response.close()
+    assert value(after, name) == value(before, name) + 1
+    waited = value(after, "gateway_first_data_chunk_seconds_sum") - value(
+        before, "gateway_first_data_chunk_seconds_sum"
+    )
+    assert 0.2 <= waited <= asyncio.get_running_loop().time() - opened_at  # from the request's arrival
 
 
 async def test_metrics_port_of_a_real_process_and_zero_disables_it(redis_url, cert_endpoint, tmp_path):

@@ -81,6 +81,21 @@ def test_busy_port_is_one_line_naming_the_setting(redis_url):
     assert f"port {port} is in use" in lines[0] and "GATEWAY_SERVER_PORT" in lines[0] and "server.port" in lines[0]
 
 
+def test_busy_port_of_the_dev_server_is_one_line_too(tmp_path):
+    """`make run` binds as `serve` does: a taken port is the same one line (and what it started is stopped)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {"GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": str(free_port()),
+               "GATEWAY_DEV_STATE_DIR": str(tmp_path / "dev")}  # fmt: skip
+        busy = run_cli("dev", env=env, timeout=120)
+    assert busy.returncode == 2, busy.stderr
+    errors = [line for line in busy.stderr.splitlines() if " ERROR " in line or "Traceback" in line]
+    assert len(errors) == 1, busy.stderr
+    assert f"port {port} is in use" in errors[0] and "GATEWAY_SERVER_PORT" in errors[0]
+
+
 def test_auto_workers_follow_affinity_and_the_cgroup_quota(tmp_path):
     assert worker_count(3) == 3
     assert worker_count("auto") == usable_cpus() <= len(os.sched_getaffinity(0))
@@ -229,10 +244,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def test_make_run_stops_everything_it_started_on_sigterm(tmp_path):
+async def test_make_run_guards_its_port_and_stops_everything_it_started_on_sigterm(tmp_path):
     port = free_port()
     env = {**CLEAN_ENV, "GATEWAY_SERVER_PORT": str(port), "GATEWAY_METRICS_PORT": str(free_port()),
-           "GATEWAY_DEV_STATE_DIR": str(tmp_path / "dev")}  # fmt: skip
+           "GATEWAY_DEV_STATE_DIR": str(tmp_path / "dev"), "GATEWAY_SERVER_HEADER_TIMEOUT_S": "1"}  # fmt: skip
     log = tmp_path / "dev.log"
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
@@ -240,6 +255,13 @@ async def test_make_run_stops_everything_it_started_on_sigterm(tmp_path):
         )
     try:
         await wait_for_port(port, process, timeout_s=90)
+        # Its port is guarded as `serve`'s is (gateway/connections.py): headers that never end get 408.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), (answer, log.read_text())
         started = descendants(process.pid)
         assert started, "the emulator and Valkey run as child processes"
         process.send_signal(signal.SIGTERM)

@@ -165,9 +165,11 @@ async def test_real_events_carry_exactly_the_documented_fields(make_gateway, bt_
     await collect(client, without_job, intervals="day")
     await collect(unconfigured, without_job, intervals="day")
     followed = await _follow_a_running_job(client, writer, alice, "claims-follow", backtest_id=None)
-    # As section 3 says: the ids are the job's when the stream started; a backtest id given later
-    # (here with the second job_status) does not reach this stream's events.
-    assert followed[-1].payload["backtest_id"] is None
+    # As section 3 says: a backtest id given while the stream follows (here with the second
+    # job_status) is in that job_status and every later event that names one.
+    statuses = [event for event in followed if event.event == "job_status"]
+    assert [event.payload["backtest_id"] for event in statuses] == [None, "bt_1737530999.1"]
+    assert followed[-1].event == "all_complete" and followed[-1].payload["backtest_id"] == "bt_1737530999.1"
     events += followed
     events += await _follow_a_running_job(client, writer, alice, "claims-follow-bt", backtest_id="bt_1737530997.1")
 

@@ -13,8 +13,10 @@ gateway's read of a given chunk.
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import timedelta
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -129,3 +131,103 @@ async def test_a_status_going_back_from_completed_is_a_data_error(gateway, direc
     assert len(errors) == 1, transcript.names
     assert "went back from completed to running" in errors[0]["message"]
     assert all(e.payload.get("is_partial") is False for e in transcript.named("data_chunk"))
+
+
+# -- the first read of a resumed stream (its id carries a digest of the last candle sent) --
+
+
+async def _events_until(response, transcript: Transcript, parser: SSEParser, done) -> None:
+    while not done(transcript):
+        chunk = await asyncio.wait_for(response.content.readany(), 10)
+        assert chunk, transcript.names
+        parser.feed(chunk, transcript)
+
+
+async def _cut_after_chunks(gateway, token, chunks: int, **params) -> str:
+    """A stream read until ``chunks`` data_chunks arrived, then closed: the id to resume from."""
+    response = await open_stream(gateway, JOB, token=token(), **params)
+    assert response.status == 200
+    parser, transcript = SSEParser(), Transcript()
+    await _events_until(response, transcript, parser, lambda t: len(t.named("data_chunk")) >= chunks)
+    response.close()
+    last = transcript.named("data_chunk")[chunks - 1]
+    assert last.id is not None
+    return last.id
+
+
+SNAPSHOT = {"intervals": "minute", "chunk_size": 500, "limit": 50000}
+
+
+async def test_a_list_trimmed_before_a_resume_position_is_a_data_error_on_the_first_read(gateway, direct, token):
+    await seed_job(JobWriter(direct, JOB), counts={"minute": 3000}, status="completed")
+    last_id = await _cut_after_chunks(gateway, token, 2, **SNAPSHOT)
+    await trim_head_and_append(direct, 1000, 3000)  # same length, every position shifted by 1,000
+    response = await open_stream(gateway, JOB, token=token(), headers={"Last-Event-ID": last_id}, **SNAPSHOT)
+    transcript = await read_stream(response)
+    errors = data_errors(transcript)
+    assert len(errors) == 1, transcript.names
+    assert errors[0]["points_sent"] == 1000
+    assert "changed before this stream's resume position" in errors[0]["message"]
+    assert "position 999" in errors[0]["message"]
+    assert not transcript.named("data_chunk")  # no shifted point went out as the next ones
+    assert transcript.names[-1] == "all_complete"
+
+
+async def test_a_list_rewritten_before_a_resume_position_is_a_data_error_on_the_first_read(gateway, direct, token):
+    await seed_job(JobWriter(direct, JOB), counts={"minute": 3000}, status="completed")
+    last_id = await _cut_after_chunks(gateway, token, 2, **SNAPSHOT)
+    await rewrite_prices(direct, 3000)
+    response = await open_stream(gateway, JOB, token=token(), headers={"Last-Event-ID": last_id}, **SNAPSHOT)
+    transcript = await read_stream(response)
+    errors = data_errors(transcript)
+    assert len(errors) == 1, transcript.names
+    assert "rewritten" in errors[0]["message"]
+    assert not transcript.named("data_chunk")
+
+
+async def test_a_resume_of_an_intact_list_goes_on_as_before(gateway, direct, token):
+    stored = await seed_job(JobWriter(direct, JOB), counts={"minute": 3000}, status="completed")
+    last_id = await _cut_after_chunks(gateway, token, 2, **SNAPSHOT)
+    response = await open_stream(gateway, JOB, token=token(), headers={"Last-Event-ID": last_id}, **SNAPSHOT)
+    transcript = await read_stream(response)
+    assert not data_errors(transcript), transcript.names
+    points = [p for e in transcript.named("data_chunk") for p in e.payload["data_points"]]
+    assert points == expected_points(stored["minute"][1000:])
+
+
+async def test_an_id_from_before_the_digest_still_resumes(gateway, direct, token):
+    """Ids of clients connected before the digest (four fields per interval) resume as they did, unchecked."""
+    await seed_job(JobWriter(direct, JOB), counts={"minute": 3000}, status="completed")
+    last_id = await _cut_after_chunks(gateway, token, 2, **SNAPSHOT)
+    record = msgspec.msgpack.decode(base64.urlsafe_b64decode(last_id + "=" * (-len(last_id) % 4)))
+    intervals = record[4]  # version, fingerprint, is_partial, finished, intervals, ...
+    assert all(len(interval) == 5 and interval[4] is not None for interval in intervals)
+    record[4] = [interval[:4] for interval in intervals]
+    legacy_id = base64.urlsafe_b64encode(msgspec.msgpack.encode(record)).rstrip(b"=").decode()
+    await trim_head_and_append(direct, 1000, 3000)  # not seen: the old id has nothing to check it by
+    response = await open_stream(gateway, JOB, token=token(), headers={"Last-Event-ID": legacy_id}, **SNAPSHOT)
+    transcript = await read_stream(response)
+    assert response.status == 200
+    assert not data_errors(transcript), transcript.names
+    assert len([p for e in transcript.named("data_chunk") for p in e.payload["data_points"]]) == 2000
+
+
+async def test_a_follower_resuming_after_its_list_was_trimmed_gets_a_data_error(gateway, direct, token):
+    writer = JobWriter(direct, JOB)
+    await seed_job(writer, counts={"minute": 300})
+    follow = {"intervals": "minute", "chunk_size": 100, "follow": "true"}
+    response = await open_stream(gateway, JOB, token=token(), **follow)
+    assert response.status == 200
+    parser, transcript = SSEParser(), Transcript()
+    await _events_until(response, transcript, parser, lambda t: "interval_complete" in t.names)
+    last_id = transcript.events[-1].id
+    response.close()
+    await trim_head_and_append(direct, 100, 300)
+    await writer.append("minute", make_candles(10, first=400))
+    await writer.update(status="completed")
+    resumed = await open_stream(gateway, JOB, token=token(), headers={"Last-Event-ID": last_id}, **follow)
+    transcript = await read_stream(resumed)
+    errors = data_errors(transcript)
+    assert len(errors) == 1, transcript.names
+    assert "changed before this stream's resume position" in errors[0]["message"]
+    assert not transcript.named("data_chunk")

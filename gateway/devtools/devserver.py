@@ -34,7 +34,7 @@ from gateway.devtools.bigquery_emulator import (
 from gateway.devtools.dev_auth import CertificateEndpoint, DevSigningKey, mint_token
 from gateway.devtools.embedded_redis import EmbeddedRedis
 from gateway.runner import GatewayRunner
-from gateway.server import install_uvloop, runner_options
+from gateway.server import bind, guarded_listener, install_uvloop, runner_options
 from gateway.sources import keys
 from gateway.sources.candles import Candle
 from gateway.workers import JobWriter, candle
@@ -173,12 +173,16 @@ async def _gateway(settings: Settings, dev_token: Callable[[int | None], str]) -
     add_console_routes(app, dev_token)  # development only: the production app has no pages
     runner = GatewayRunner(app, **runner_options(settings))
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    listener: asyncio.Server | None = None
     try:
+        # Guarded as `serve` is (header deadline, connection cap: gateway/connections.py).
+        sock = bind(settings.server.host, settings.server.port, reuse_port=False, what="port", setting="SERVER_PORT")
+        listener = await guarded_listener(runner, sock, settings)
+        host, port = sock.getsockname()[:2]
         yield f"http://{host}:{port}"
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
 
 

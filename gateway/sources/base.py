@@ -19,11 +19,14 @@ JOB_STATUSES: Final = ACTIVE_STATUSES | FAILED_STATUSES | {COMPLETED}
 
 
 class JobState(msgspec.Struct, frozen=True):
-    """What changes while a job runs: its status, current bar and error text."""
+    """What changes while a job runs: its status, current bar, error text and the backtest it became."""
 
     status: str
     current_bar: int | None = None
     error: str | None = None
+    # A worker may give a running or completing job its backtest id: read with the
+    # state, so a stream's events name it from then on (None: none, or a source without).
+    backtest_id: str | None = None
 
     @property
     def is_active(self) -> bool:

@@ -46,7 +46,7 @@ import redis.exceptions
 
 from gateway import metrics
 from gateway.errors import DataError, GatewayError
-from gateway.redis_client import call_redis
+from gateway.redis_client import call_redis, raise_if_cancelling
 from gateway.sources import keys
 from gateway.sources.candles import Candle
 from gateway.sources.warehouse import (
@@ -444,7 +444,7 @@ class BacktestCache:
         k = _FillKeys.of(backtest_id, interval)
         fill = asyncio.current_task()
         assert fill is not None
-        keeper = asyncio.create_task(self._keep_lock(k, writer, fill))
+        keeper = asyncio.create_task(self._keep_lock(k, writer, fill), name=f"cache-fill-lock {backtest_id} {interval}")
         try:
             written = await self._copy(backtest_id, interval, k, writer)
             log.info("cached %d candles of %s %s", written, backtest_id, interval)
@@ -569,7 +569,11 @@ class BacktestCache:
                 held = await self._refresh(keys=[k.lock, k.staging, k.fill], args=[writer, self._lock_ttl_ms,
                                                                                    _STAGING_TTL_S])  # fmt: skip
             except redis.exceptions.RedisError:
+                raise_if_cancelling()
                 continue  # the next refresh may get through before the lock lapses
+            # Stopped with its read, even if the refresh's write swallowed the cancellation (bpo-42130):
+            # a keeper left running would hold the lock of a read nobody makes.
+            raise_if_cancelling()
             if not held:
                 fill.cancel()
                 return

@@ -131,10 +131,21 @@ class CandleValidator:
     def last_time(self) -> datetime | None:
         return self._last_time
 
-    def to_chunk(self, stored: Sequence[bytes], state: JobState | None = None, before: bytes | None = None) -> Chunk:
-        """``stored`` validated as one ``Chunk`` (with its first and last times); DataError names a bad point."""
+    def to_chunk(
+        self,
+        stored: Sequence[bytes],
+        state: JobState | None = None,
+        before: bytes | None = None,
+        *,
+        anchored: bool = True,
+    ) -> Chunk:
+        """``stored`` validated as one ``Chunk`` (with its first and last times); DataError names a bad point.
+
+        ``anchored``: the list may change under its readers (a running job's),
+        so the chunk keeps its last stored element for the next read's check.
+        """
         points = self.to_json_array(stored)
-        last = stored[-1] if stored else None
+        last = stored[-1] if stored and anchored else None
         return Chunk(points, len(stored), state, self.first_time, self._last_time, before, last)
 
     def to_json_array(self, stored: Sequence[bytes]) -> bytes:

@@ -113,7 +113,7 @@ class ListChunkReader:
         while self._prefetch and self._requested < self._stop and self._may_read_ahead():
             self._pending.append(self._start_read())
             self._settle_budget()
-        return self._validator.to_chunk(stored, state, before)
+        return self._validator.to_chunk(stored, state, before, anchored=self._anchored)
 
     def _may_read_ahead(self) -> bool:
         if not self._pending:

@@ -28,7 +28,7 @@ from gateway.sources.candles import CandleValidator
 from gateway.sources.fresh import FreshReads
 from gateway.sources.lists import ListChunkReader, ListReads
 
-_STATE_FIELDS: Final = ("status", "current_bar", "error")
+_STATE_FIELDS: Final = ("status", "current_bar", "error", "backtest_id")
 # The job's state rides along with every this-many chunk reads, from the
 # this-many-th on (the stream's describe read it just before the first): fresh
 # to within a few milliseconds of streaming, for a fraction of a pipeline's
@@ -228,8 +228,8 @@ def parse_job_hash(job_id: str, fields: Mapping[bytes, bytes]) -> JobInfo:
 
 
 def parse_job_state(fields: Mapping[str, str | bytes | None]) -> JobState:
-    """Status, current bar and error text from the job hash (bytes or str values)."""
-    status, current_bar, error = (_text(fields.get(name)) for name in _STATE_FIELDS)
+    """Status, current bar, error text and backtest id from the job hash (bytes or str values)."""
+    status, current_bar, error, backtest_id = (_text(fields.get(name)) for name in _STATE_FIELDS)
     if status not in JOB_STATUSES:
         return JobState(status="failed", error=f"job record has an unknown status {status!r}")
     bar: int | None = None
@@ -238,7 +238,10 @@ def parse_job_state(fields: Mapping[str, str | bytes | None]) -> JobState:
             bar = int(current_bar)
         except ValueError:
             return JobState(status="failed", error=f"job record has a non-integer current_bar {current_bar!r}")
-    return JobState(status=status, current_bar=bar, error=error or None)
+    if backtest_id and not ID_PATTERN.fullmatch(backtest_id):
+        # It would become a cache key and a query parameter: refuse it here.
+        return JobState(status="failed", error="job record has an invalid backtest_id")
+    return JobState(status=status, current_bar=bar, error=error or None, backtest_id=backtest_id or None)
 
 
 def _text(value: str | bytes | None) -> str | None:
