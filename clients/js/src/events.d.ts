@@ -83,7 +83,7 @@ export interface IntervalStart {
   job_status: JobStatus;
 }
 
-/** Follow mode: the job's status or current bar changed. */
+/** Follow mode: the job's status, current bar or backtest id changed. */
 export interface JobStatusEvent {
   job_id: string | null;
   backtest_id: string | null;
