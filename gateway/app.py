@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from google.cloud import bigquery
 
-from gateway import auth, handlers, metrics
+from gateway import auth, connections, handlers, metrics
 from gateway.config import BigQuerySettings, Settings
 from gateway.cors import CorsPolicy
 from gateway.errors import RequestError, Unauthenticated
@@ -49,7 +49,7 @@ def create_app(settings: Settings, *, bigquery_client: BigQueryClientFactory = m
     """
     install_redaction()  # aiohttp's parser errors quote raw requests: no token may reach a log
     cors = CorsPolicy(settings.server.cors_origins)
-    app = web.Application(middlewares=[cors.middleware, error_middleware])
+    app = web.Application(middlewares=[connections.responded_middleware, cors.middleware, error_middleware])
     if cors.origins:
         app.on_response_prepare.append(cors.on_response_prepare)
     app[SETTINGS] = settings

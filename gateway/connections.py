@@ -25,7 +25,10 @@ wraps the protocol factory that ``loop.create_server`` is handed (aiohttp's
   ``gateway_connections_open``.
 
 The short keep-alive timeout for idle connections between requests is
-aiohttp's own ``keepalive_timeout`` (``server.keepalive_timeout_s``).
+aiohttp's own ``keepalive_timeout`` (``server.keepalive_timeout_s``); the
+guard counts and logs the connections it closes (``keepalive_timeout``): a
+connection the server closed, idle that long since its last answer
+(``responded_middleware`` marks the end of each answer).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
+from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import Counter, Gauge
 
 from gateway.metrics import NAMESPACE
@@ -63,7 +68,8 @@ _REQUEST_LINE_MAX: Final = 8192
 CONNECTIONS_OPEN = Gauge("connections_open", "Client connections open now", namespace=NAMESPACE)
 CONNECTIONS_REFUSED = Counter(
     "connections_refused",
-    "Client connections cut before a request: header_timeout (408), at_capacity (503)",
+    "Client connections cut before a request: header_timeout (408), at_capacity (503),"
+    " keepalive_timeout (idle after an answer)",
     ["reason"],
     namespace=NAMESPACE,
 )
@@ -97,8 +103,9 @@ def connection_cap(configured: int) -> int:
 class _CutLog:
     """One line per reason and ``LOG_EVERY_S``: a flood of cut connections is a few log lines, not one each."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, level: int = logging.WARNING) -> None:
         self._message = message
+        self._level = level
         self._count = 0
         self._next_at = 0.0
 
@@ -107,7 +114,7 @@ class _CutLog:
         self._count += 1
         now = time.monotonic()
         if now >= self._next_at:
-            log.warning(self._message, self._count, LOG_EVERY_S)
+            log.log(self._level, self._message, self._count, LOG_EVERY_S)
             self._count = 0
             self._next_at = now + LOG_EVERY_S
 
@@ -122,9 +129,13 @@ class ConnectionGuard:
         header_timeout_s: float,
         max_connections: int,
         retry_after_s: int = 1,
+        keepalive_timeout_s: float | None = None,
     ) -> None:
         self._factory = factory
         self.header_timeout_s = header_timeout_s
+        # A server-side close this long after the last answer is aiohttp's keep-alive
+        # timeout (less a margin: the answer's end is marked as the handler returns).
+        self._keepalive_close_after_s = None if keepalive_timeout_s is None else keepalive_timeout_s * 0.9
         self.max_connections = max_connections
         self._capacity_answer = _capacity_answer(retry_after_s)
         self.open = 0
@@ -136,6 +147,10 @@ class ConnectionGuard:
         CONNECTIONS_OPEN.set_function(lambda: self.open)
         self._timeouts = _CutLog("closed %d connection(s) whose request headers took too long (per %.0f s)")
         self._refusals = _CutLog("refused %d connection(s): at server.max_connections (per %.0f s)")
+        # Routine (a browser keeps idle connections): INFO, not a warning.
+        self._keepalive_closes = _CutLog(
+            "closed %d idle keep-alive connection(s) at server.keepalive_timeout_s (per %.0f s)", logging.INFO
+        )
 
     def __call__(self) -> asyncio.Protocol:
         return GuardedProtocol(self)
@@ -180,7 +195,17 @@ class ConnectionGuard:
 class GuardedProtocol(asyncio.Protocol):
     """One connection: aiohttp's protocol inside, the header deadline and the cap around it."""
 
-    __slots__ = ("_guard", "_held", "_inner", "_mode", "_tail", "_transport", "_waiting")
+    __slots__ = (
+        "_client_eof",
+        "_guard",
+        "_held",
+        "_idle_since",
+        "_inner",
+        "_mode",
+        "_tail",
+        "_transport",
+        "_waiting",
+    )
 
     def __init__(self, guard: ConnectionGuard) -> None:
         self._guard = guard
@@ -190,6 +215,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._tail = b""  # the last bytes seen while waiting for the end of the headers
         self._held = b""  # a headroom connection's bytes, until its request line says where it goes
         self._mode = "serve"
+        self._idle_since: float | None = None  # when the last answer ended (None: none, or one is under way)
+        self._client_eof = False
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -215,6 +242,7 @@ class GuardedProtocol(asyncio.Protocol):
         seen = self._tail + data
         if _HEADERS_END in seen:
             self._disarm()
+            self._idle_since = None
         else:
             self._tail = seen[-3:]
         if self._mode == "health_only":
@@ -225,6 +253,7 @@ class GuardedProtocol(asyncio.Protocol):
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
+        self._client_eof = True
         if self._mode == "linger":
             return None  # the client is done too: the transport closes
         if self._inner is not None:
@@ -233,6 +262,10 @@ class GuardedProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if exc is None and not self._client_eof and self._idle_since is not None and not self._waiting:
+            after_s = self._guard._keepalive_close_after_s
+            if after_s is not None and time.monotonic() - self._idle_since >= after_s:
+                self._guard._keepalive_closes.cut("keepalive_timeout")
         if self._transport is not None:
             self._guard._closed()
             self._transport = None
@@ -246,6 +279,10 @@ class GuardedProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._inner is not None:
             self._inner.resume_writing()
+
+    def responded(self) -> None:
+        """An answer ended: the connection is idle until the next request's first byte."""
+        self._idle_since = time.monotonic()
 
     # -- the guard -------------------------------------------------------------
 
@@ -296,3 +333,19 @@ class GuardedProtocol(asyncio.Protocol):
         self._start_inner()
         assert self._inner is not None
         self._inner.data_received(held)
+
+
+@web.middleware
+async def responded_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Marks the end of each answer on its connection, for the keep-alive close count.
+
+    The outermost middleware: a stream's answer ends as its handler returns; a
+    plain answer is written just after, which the count's margin covers.
+    """
+    try:
+        return await handler(request)
+    finally:
+        transport = request.transport
+        protocol = None if transport is None else transport.get_protocol()
+        if isinstance(protocol, GuardedProtocol):
+            protocol.responded()

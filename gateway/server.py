@@ -221,6 +221,7 @@ async def guarded_listener(runner: web.AppRunner, sock: socket.socket, settings:
         header_timeout_s=server.header_timeout_s,
         max_connections=connection_cap(server.max_connections),
         retry_after_s=retry_after_seconds(server.retry_ms),
+        keepalive_timeout_s=server.keepalive_timeout_s,
     )
     log.info("at most %d client connections (server.max_connections)", guard.max_connections)
     return await asyncio.get_running_loop().create_server(guard, sock=sock, backlog=_BACKLOG)

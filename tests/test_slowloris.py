@@ -104,6 +104,25 @@ async def test_an_idle_keep_alive_connection_is_closed(replica):
         writer.close()
     assert rest == b""
     assert 2.0 < waited < 5.0, waited  # keepalive_timeout_s = 3 (aiohttp's default was an hour)
+    assert await _metric(replica, "gateway_connections_refused_total", reason="keepalive_timeout") == 1
+    await asyncio.sleep(0.2)
+    assert "idle keep-alive connection(s) at server.keepalive_timeout_s" in replica.log()
+
+
+async def test_closes_that_are_not_the_keep_alive_timeout_are_not_counted_as_one(replica):
+    # The client closes its own idle connection.
+    reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"}"), 5)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    # HTTP/1.0: the server closes as the answer ends.
+    reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+    writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
+    _, answer = await _closed_after(reader, 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.0 200"), answer
+    await asyncio.sleep(0.5)
+    assert await _metric(replica, "gateway_connections_refused_total", reason="keepalive_timeout") == 0
 
 
 async def test_past_the_connection_cap_the_answer_is_503_and_health_checks_still_answer(
