@@ -52,6 +52,7 @@ from gateway import compression, metrics, protocol
 from gateway.compression import Codec, LiveEncoder
 from gateway.errors import StreamError
 from gateway.follow import Reads, look
+from gateway.internals.aiohttp import SharedBody
 from gateway.observe import StreamWatch
 from gateway.redis_client import RedisBusy
 from gateway.sources.base import Source
@@ -179,12 +180,12 @@ class _Group:
             if self.coded:
                 self._write_coded(data, dropped)
             else:
-                batch, size = (data,), len(data)
+                body = SharedBody(data)  # its chunk framed once for all of them
                 for member in self.members:
                     if member.settled:
                         dropped.append((member, Delivery.SENT))
                         continue
-                    delivery = member.response.write_frames(batch, size)
+                    delivery = member.response.write_shared(body)
                     if delivery is not Delivery.SENT:
                         dropped.append((member, delivery))
             for member, delivery in dropped:
@@ -219,14 +220,14 @@ class _Group:
     def _write_coded(self, data: bytes, dropped: list[tuple[_Member, Delivery]]) -> None:
         coded: dict[Codec, bytes] = {}
         sent: dict[Codec, int] = {}
-        batch, size = (data,), len(data)
+        body = SharedBody(data)
         for member in self.members:
             if member.settled:
                 dropped.append((member, Delivery.SENT))
                 continue
             codec = member.codec
             if codec is None:
-                delivery = member.response.write_frames(batch, size)
+                delivery = member.response.write_shared(body)
             else:
                 out = coded.get(codec)
                 if out is None:
