@@ -65,6 +65,16 @@ log = logging.getLogger(__name__)
 _BUSY_PAUSE_S: Final = (0.05, 1.0)
 
 
+def _next_tick(after: float, interval: float) -> float:
+    """The first multiple of ``interval`` on the loop's clock past ``after``.
+
+    Every hub of the process re-checks on the same ticks, so the idle
+    re-checks of many jobs wake in one loop turn and go to Redis as one
+    pipeline (``sources/batch.py``), not one each at scattered moments.
+    """
+    return (math.floor(after / interval) + 1) * interval
+
+
 class Leave(enum.Enum):
     """Why a follower left its hub."""
 
@@ -325,7 +335,7 @@ class Hub:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        recheck_at = loop.time() + self._recheck_interval_s
+        recheck_at = _next_tick(loop.time(), self._recheck_interval_s)
         try:
             while self._joins or self.groups:
                 deadline = min([recheck_at, *(group.due for group in self.groups)])
@@ -342,7 +352,7 @@ class Hub:
                     # Notes cover the interval, or else the re-check looks (a lost note is found late, never lost).
                     look_all = look_all or self._quiet_interval
                     self._quiet_interval = True
-                    recheck_at = now + self._recheck_interval_s
+                    recheck_at = _next_tick(now, self._recheck_interval_s)
                 await self._pass(look_all, now)
         except Exception:
             log.exception("follow hub stopped; its followers' streams end")
