@@ -77,12 +77,15 @@ class Reads:
         self._gate = gate
         self._done: dict[Hashable, Any] = {}
 
-    async def read(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+    async def read(self, key: Hashable, read: Callable[[], Awaitable[T]], *, gated: bool = True) -> T:
         if key in self._done:
             result: T = self._done[key]
             return result
-        async with self._gate:  # waiting here holds no Redis connection
+        if not gated:  # it bounds its own round trips (a job's look: sources/batch.py)
             result = await read()
+        else:
+            async with self._gate:  # waiting here holds no Redis connection
+                result = await read()
         self._done[key] = result
         return result
 
@@ -102,7 +105,12 @@ async def look(stream: CandleStream, source: Source, reads: Reads, status_min_in
         if interval.phase is Phase.COMPLETE
     }
     plan = TailPlan(starts=starts, count=stream.request.chunk_size)
-    snapshot = await reads.read(("snapshot", names, tuple(starts.items())), partial(source.snapshot, names, plan))
+    # Not through the gate: the looks of every job woken in one loop turn go to Redis as one
+    # pipeline, a few of them in flight at most (sources/batch.py), so a burst of notes costs
+    # a round trip, not one per job queued sixteen at a time.
+    snapshot = await reads.read(
+        ("snapshot", names, tuple(starts.items())), partial(source.snapshot, names, plan), gated=False
+    )
     stream.check_state(snapshot.job.state)
     for index in range(len(names)):
         await _catch_up(stream, source, reads, index, snapshot)

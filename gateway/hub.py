@@ -52,6 +52,7 @@ from gateway import compression, metrics, protocol
 from gateway.compression import Codec, LiveEncoder
 from gateway.errors import StreamError
 from gateway.follow import Reads, look
+from gateway.internals.aiohttp import SharedBody
 from gateway.observe import StreamWatch
 from gateway.redis_client import RedisBusy, raise_if_cancelling
 from gateway.sources.base import Source
@@ -62,6 +63,16 @@ log = logging.getLogger(__name__)
 
 # Pauses of a group whose read found the pool busy: first, and longest.
 _BUSY_PAUSE_S: Final = (0.05, 1.0)
+
+
+def _next_tick(after: float, interval: float) -> float:
+    """The first multiple of ``interval`` on the loop's clock past ``after``.
+
+    Every hub of the process re-checks on the same ticks, so the idle
+    re-checks of many jobs wake in one loop turn and go to Redis as one
+    pipeline (``sources/batch.py``), not one each at scattered moments.
+    """
+    return (math.floor(after / interval) + 1) * interval
 
 
 class Leave(enum.Enum):
@@ -189,12 +200,12 @@ class _Group:
             if self.coded:
                 self._write_coded(data, dropped)
             else:
-                batch, size = (data,), len(data)
+                body = SharedBody(data)  # its chunk framed once for all of them
                 for member in self.members:
                     if member.settled:
                         dropped.append((member, Delivery.SENT))
                         continue
-                    delivery = member.response.write_frames(batch, size)
+                    delivery = member.response.write_shared(body)
                     if delivery is not Delivery.SENT:
                         dropped.append((member, delivery))
             for member, delivery in dropped:
@@ -237,14 +248,14 @@ class _Group:
     def _write_coded(self, data: bytes, dropped: list[tuple[_Member, Delivery]]) -> None:
         coded: dict[Codec, bytes] = {}
         sent: dict[Codec, int] = {}
-        batch, size = (data,), len(data)
+        body = SharedBody(data)
         for member in self.members:
             if member.settled:
                 dropped.append((member, Delivery.SENT))
                 continue
             codec = member.codec
             if codec is None:
-                delivery = member.response.write_frames(batch, size)
+                delivery = member.response.write_shared(body)
             else:
                 out = coded.get(codec)
                 if out is None:
@@ -353,7 +364,7 @@ class Hub:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        recheck_at = loop.time() + self._recheck_interval_s
+        recheck_at = _next_tick(loop.time(), self._recheck_interval_s)
         try:
             while self._joins or self.groups:
                 # Cancelled (a shutdown): end, even if a Redis call swallowed it (bpo-42130;
@@ -373,7 +384,7 @@ class Hub:
                     # Notes cover the interval, or else the re-check looks (a lost note is found late, never lost).
                     look_all = look_all or self._quiet_interval
                     self._quiet_interval = True
-                    recheck_at = now + self._recheck_interval_s
+                    recheck_at = _next_tick(now, self._recheck_interval_s)
                 await self._pass(look_all, now)
         except Exception:
             log.exception("follow hub stopped; its followers' streams end")

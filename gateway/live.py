@@ -10,8 +10,11 @@ thousand idle followers cost what one does:
 - a note wakes the job's hub (``hub.py``), which reads once and writes to
   every follower; the hub's own timer (``follow.recheck_interval_s``)
   covers lost notes;
-- the hubs' reads go through one gate of ``follow.max_reads_in_flight``,
-  so followers never take the whole pool from new streams, and a read that
+- the hubs' looks at their jobs go to Redis as one pipeline per loop turn
+  for every job woken in it, a few pipelines in flight at most
+  (``sources/batch.py``); their other reads (a chunk when more than one
+  was appended) go through one gate of ``follow.max_reads_in_flight``, so
+  followers never take the whole pool from new streams, and a read that
   waits for the gate holds no connection.
 
 On a Redis Cluster (``redis.cluster = true``) notes may come by classic

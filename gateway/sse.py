@@ -55,7 +55,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from gateway.compression import Encoder, LiveEncoder
-from gateway.internals.aiohttp import HeadersWithFirstWrite, write_at_once, write_body
+from gateway.internals.aiohttp import HeadersWithFirstWrite, SharedBody, write_at_once, write_body, write_shared
 from gateway.protocol import PING
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,23 @@ class CandleEventResponse(HeadersWithFirstWrite, EventSourceResponse):
                 write_body(self._writer, transport, data)
             else:
                 write_at_once(self._writer, data)  # the first one: aiohttp sends the headers with it
+        except ConnectionResetError:
+            return Delivery.GONE
+        self._writes += 1
+        return Delivery.BEHIND if transport.get_write_buffer_size() > BUFFER_BOUND else Delivery.SENT
+
+    def write_shared(self, body: SharedBody) -> Delivery:
+        """``write_frames([body.plain], ...)``, its chunk framed once for many followers (the hub's flush)."""
+        transport = self._transport
+        if self._over or self._writer is None or transport is None or transport.is_closing():
+            return Delivery.GONE
+        if self.encoder is not None:
+            return self.write_coded(self.encoder.encode(body.plain))
+        try:
+            if self._writes:
+                write_shared(self._writer, transport, body)
+            else:
+                write_at_once(self._writer, body.plain)  # the first one: aiohttp sends the headers with it
         except ConnectionResetError:
             return Delivery.GONE
         self._writes += 1

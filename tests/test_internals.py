@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.internals.aiohttp import write_at_once
+from gateway.internals.aiohttp import SharedBody, write_at_once
 from gateway.sse import CandleEventResponse, Delivery
 
 FIRST = b"id: 1\nevent: a\ndata: {}\nretry: 3000\n\n"
@@ -179,3 +179,47 @@ async def test_write_at_once_runs_aiohttps_write_to_completion_and_refuses_other
         assert "StreamWriter" in str(exc)
     else:
         raise AssertionError("a writer other than aiohttp's was accepted")
+
+
+async def test_a_shared_body_goes_out_as_write_body_would_send_it_on_http_1_1_and_1_0(aiohttp_server):
+    # The hub frames a look's chunk once for every follower (SharedBody): the bytes on each
+    # wire and aiohttp's output_size must be exactly what write_frames gives one of them.
+    async def handler(request, response, seen):
+        await response.send_frame(FIRST)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        writer = request.writer
+        before = writer.output_size
+        assert response.write_shared(SharedBody(SECOND)) is Delivery.SENT
+        seen["counted"] = writer.output_size - before
+        await response.write_eof()
+
+    for version, expected in (
+        (b"1.1", b"%x\r\n%b\r\n" % (len(SECOND), SECOND)),
+        (b"1.0", SECOND),
+    ):
+        seen: dict[str, Any] = {}
+        server = await _serve(aiohttp_server, handler, seen)
+        sock = await _request(server, b"GET / HTTP/%b\r\nHost: t\r\n\r\n" % version)
+        data = await _read_until(sock, b"0\r\n\r\n" if version == b"1.1" else b"\x00never")
+        body = data.partition(b"\r\n\r\n")[2]
+        first = b"%x\r\n%b\r\n" % (len(FIRST), FIRST) if version == b"1.1" else FIRST
+        end = b"0\r\n\r\n" if version == b"1.1" else b""
+        assert body == first + expected + end
+        assert seen["counted"] == len(expected)
+        sock.close()
+
+
+async def test_a_shared_body_to_a_closed_response_is_not_written(aiohttp_server):
+    async def handler(request, response, seen):
+        await response.send_frame(FIRST)
+        await response.write_eof()
+        seen["delivery"] = response.write_shared(SharedBody(SECOND))
+
+    seen: dict[str, Any] = {}
+    server = await _serve(aiohttp_server, handler, seen)
+    sock = await _request(server, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    data = await _read_until(sock, b"0\r\n\r\n")
+    assert data.partition(b"\r\n\r\n")[2] == b"%x\r\n%b\r\n0\r\n\r\n" % (len(FIRST), FIRST)
+    assert seen["delivery"] is Delivery.GONE
+    sock.close()

@@ -31,7 +31,11 @@
   hook and the ``_loop`` and ``_kwargs`` that ``Server.__call__`` passes on.
   Not for speed (it has none): for the SPEC's JSON on every error.
 
-``tests/test_internals.py`` pins the first three; ``tests/test_errors.py`` the last.
+- ``write_shared``: ``write_body`` with the framing done once for many
+  writers (``SharedBody``): the follow hub's one look, written to every
+  follower at its spot.
+
+``tests/test_internals.py`` pins all but the last; ``tests/test_errors.py`` the last.
 """
 
 from __future__ import annotations
@@ -75,6 +79,31 @@ def write_body(writer: AbstractStreamWriter, transport: asyncio.Transport, data:
         raise ConnectionResetError("Cannot write to closing transport")
     if writer.chunked:
         data = b"%x\r\n%b\r\n" % (len(data), data)
+    writer.output_size += len(data)
+    writer.buffer_size += len(data)
+    transport.write(data)
+
+
+class SharedBody:
+    """One body write meant for many responses, framed once as aiohttp would frame it for each kind of body."""
+
+    __slots__ = ("chunked", "plain")
+
+    def __init__(self, data: bytes) -> None:
+        self.plain = data  # an HTTP/1.0 body (and what a first write, or an odd writer, is given)
+        self.chunked = b"%x\r\n%b\r\n" % (len(data), data)  # an HTTP/1.1 chunk
+
+
+def write_shared(writer: AbstractStreamWriter, transport: asyncio.Transport, body: SharedBody) -> None:
+    """``write_body(writer, transport, body.plain)``, for a caller that just found ``transport`` open.
+
+    The follow hub writes one look's frames to every follower at its spot:
+    the chunk is framed once for all of them, not once per follower.
+    """
+    if not isinstance(writer, StreamWriter) or writer.length is not None:
+        write_at_once(writer, body.plain)
+        return
+    data = body.chunked if writer.chunked else body.plain
     writer.output_size += len(data)
     writer.buffer_size += len(data)
     transport.write(data)

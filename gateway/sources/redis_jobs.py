@@ -18,12 +18,14 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.client import Pipeline
 
 from gateway.errors import DataError, JobNotFound, RedisUnreachable, StoredValueMalformed
 from gateway.params import ID_PATTERN
 from gateway.redis_client import call_redis, response_error
 from gateway.sources import keys
 from gateway.sources.base import JOB_STATUSES, Chunk, JobInfo, JobState, ReadPlan, Snapshot, TailPlan
+from gateway.sources.batch import PipelineBatch
 from gateway.sources.candles import CandleValidator
 from gateway.sources.fresh import FreshReads
 from gateway.sources.lists import ListChunkReader, ListReads
@@ -34,6 +36,8 @@ _STATE_FIELDS: Final = ("status", "current_bar", "error", "backtest_id")
 # to within a few milliseconds of streaming, for a fraction of a pipeline's
 # cost per chunk. A new follow stream's one chunk is then a plain LRANGE.
 _STATE_EVERY: Final = 8
+# What a snapshot's failure says it was doing ("Redis unreachable while reading the job").
+SNAPSHOT_READ: Final = "reading the job"
 
 
 def job_not_found(job_id: str) -> JobNotFound:
@@ -44,8 +48,17 @@ def job_not_found(job_id: str) -> JobNotFound:
 class RedisJobSource:
     """A job that workers are writing (or have written) to Redis."""
 
-    def __init__(self, client: aioredis.Redis, job_id: str, lists: ListReads, fresh: FreshReads) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        job_id: str,
+        lists: ListReads,
+        fresh: FreshReads,
+        batch: PipelineBatch | None = None,
+    ) -> None:
         self._redis = client
+        # The process's one: the looks of many jobs in one loop turn share a round trip (batch.py).
+        self._batch = PipelineBatch(client, SNAPSHOT_READ) if batch is None else batch
         self._lists = lists
         self._fresh = fresh
         self.job_id = job_id
@@ -73,8 +86,7 @@ class RedisJobSource:
         """
         tail_keys = [] if tails is None else [interval for interval in intervals if interval in tails.starts]
 
-        async def read() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=False)
+        def commands(pipe: Pipeline) -> None:
             pipe.hgetall(self._job_key)
             for interval in intervals:
                 pipe.llen(keys.candles_key(self.job_id, interval))
@@ -84,9 +96,8 @@ class RedisJobSource:
                 # From the element before: the follower checks it is still the one it sent there.
                 first = max(0, start - 1)
                 pipe.lrange(keys.candles_key(self.job_id, interval), first, start + tails.count - 1)
-            return await pipe.execute(raise_on_error=False)
 
-        replies = await call_redis(read, "reading the job")
+        replies = await self._batch.execute(commands)
         for reply in replies:
             # A cluster pipeline hands back a node's connection failure as a reply, not raised.
             if isinstance(reply, redis.exceptions.RedisError) and not isinstance(reply, redis.exceptions.ResponseError):

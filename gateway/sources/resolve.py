@@ -11,11 +11,12 @@ from gateway.errors import JobNotFound, SourceUnavailable
 from gateway.params import StreamRequest
 from gateway.sources.backtests import BacktestSource
 from gateway.sources.base import COMPLETED, ChunkReader, JobInfo, ReadPlan, Snapshot, Source, TailPlan
+from gateway.sources.batch import PipelineBatch
 from gateway.sources.cache import BacktestCache
 from gateway.sources.fresh import FreshReads
 from gateway.sources.lists import ListReads
 from gateway.sources.lookups import BacktestLookups
-from gateway.sources.redis_jobs import RedisJobSource, job_not_found
+from gateway.sources.redis_jobs import SNAPSHOT_READ, RedisJobSource, job_not_found
 from gateway.sources.warehouse import BacktestRecord, Warehouse
 
 
@@ -36,6 +37,7 @@ class Sources:
         self._warehoused = warehoused
         self._lists = ListReads()
         self._fresh = FreshReads()
+        self._batch = PipelineBatch(client, SNAPSHOT_READ)  # every job's snapshot reads of a loop turn: one pipeline
         self._lookups = BacktestLookups(warehoused.warehouse, warehoused.cache, client) if warehoused else None
 
     async def open_for(self, user: User, request: StreamRequest, plan: ReadPlan) -> tuple[Source, Snapshot]:
@@ -61,11 +63,14 @@ class Sources:
         if self._warehoused is None or self._lookups is None:
             if request.is_backtest:
                 return WarehouseNotConfigured(), None
-            return JobSource(RedisJobSource(self._redis, request.id, self._lists, self._fresh), None), None
+            return JobSource(self._job(request), None), None
         backtests = UserBacktests(self._warehoused.cache, self._lookups, self._lists, user)
         if request.is_backtest:
             return backtests.backtest(request.id), backtests
-        return JobSource(RedisJobSource(self._redis, request.id, self._lists, self._fresh), backtests), backtests
+        return JobSource(self._job(request), backtests), backtests
+
+    def _job(self, request: StreamRequest) -> RedisJobSource:
+        return RedisJobSource(self._redis, request.id, self._lists, self._fresh, self._batch)
 
 
 class UserBacktests:
