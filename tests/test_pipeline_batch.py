@@ -103,3 +103,21 @@ async def test_who_asks_while_every_pipeline_is_out_goes_together_in_the_next(re
     assert list(popped) == [b"release-the-first", b"go"]
     assert (batch.pipelines, batch.commands) == (2, 4)
 
+
+async def test_a_caller_whose_commands_raise_gets_the_error_and_the_others_are_answered(redis_client):
+    await redis_client.set("a", b"1")
+    batch = PipelineBatch(redis_client, "reading the job")
+
+    def broken(pipe):
+        pipe.get("a")  # half added when it fails: none of it may reach the others' replies
+        raise ValueError("no key for this interval")
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            batch.execute(_get("a")), batch.execute(broken), batch.execute(_get("a")), return_exceptions=True
+        ),
+        timeout=30,
+    )
+    assert results[0] == [b"1"] and results[2] == [b"1"]
+    assert isinstance(results[1], ValueError) and "no key for this interval" in str(results[1])
+    assert batch.pipelines == 1
