@@ -61,6 +61,38 @@ async def replica(tmp_path, redis_url, cert_endpoint):
     running.stop()
 
 
+async def test_a_slow_second_request_cut_at_the_header_deadline_is_not_counted_as_a_keep_alive_close(replica):
+    reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+
+    async def trickle() -> None:  # the second request's headers, never ended, until the server closes
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await asyncio.sleep(0.2)
+                writer.write(b"X-A: b\r\n")
+
+    trickler = None
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"}"), 5)).startswith(b"HTTP/1.1 200")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        trickler = asyncio.create_task(trickle())
+        _, answer = await _closed_after(reader, 10)  # the 408 and the server's FIN
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        open_before = await _metric(replica, "gateway_connections_open")
+
+        # Closed after the lingering (LINGER_S), past 0.9 x keepalive_timeout_s since the first answer.
+        async def closed() -> bool:
+            return await _metric(replica, "gateway_connections_open") == open_before - 1
+
+        assert await eventually(closed, 10.0)
+    finally:
+        if trickler is not None:
+            trickler.cancel()
+        writer.close()
+    assert await _metric(replica, "gateway_connections_refused_total", reason="header_timeout") == 1
+    assert await _metric(replica, "gateway_connections_refused_total", reason="keepalive_timeout") == 0
+
+
 @pytest.mark.parametrize("how", ["partial_request_line", "headers_never_end", "trickle", "trickle_read_late"])
 async def test_headers_that_take_too_long_are_cut_at_the_deadline(replica, how):
     connections = [await asyncio.open_connection("127.0.0.1", replica.port) for _ in range(20)]
