@@ -123,6 +123,7 @@ class _Member:
         self.settled = True
         group = self.group
         if group is not None:
+            group.gone += 1
             if self.codec is not None:
                 group.release_coded(self)
             self.stream.adopt(group.mark)
@@ -155,6 +156,7 @@ class _Group:
         # whether the look holds one: its flush times their first (gateway_first_data_chunk_seconds).
         self.before_first_chunk: list[_Member] = []
         self.chunk_pending = False
+        self.gone = 0  # members that settled since the group last let go of them (``let_go_of_the_gone``)
         self.mark = self.model.mark()  # where the last written frame left the model
         self.needs_look = True
         self.due = math.inf  # when a held-back job_status (or a busy read) wants a look
@@ -186,6 +188,18 @@ class _Group:
         self.members[member] = None
         if not member.watch.saw_data_chunk:
             self.before_first_chunk.append(member)
+
+    def let_go_of_the_gone(self) -> None:
+        """Drop the members that left (their tasks cancelled, say) before a look.
+
+        A flush with frames drops them too, but a job that sends nothing new
+        for long (pending, stalled) would otherwise keep every follower that
+        came and went, and count it in each event's metrics.
+        """
+        if self.gone:
+            self.gone = 0
+            self.members = {member: None for member in self.members if not member.settled}
+            self.before_first_chunk = [member for member in self.before_first_chunk if not member.settled]
 
     def flush(self) -> None:
         """Write the look's frames to every member in one pass, without waiting; let go those that cannot take more."""
@@ -417,7 +431,8 @@ class Hub:
         for group in list(self.groups):
             # Only groups that look: a pass for a join costs nothing per member of the others.
             if look_all or group.needs_look or group.due <= now:
-                if any(not member.settled for member in group.members):
+                group.let_go_of_the_gone()
+                if group.members:
                     await self._look(group, reads, now)
                 else:
                     group.over = True  # nobody left to write to: stop reading for them

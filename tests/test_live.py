@@ -574,3 +574,30 @@ async def test_points_appended_while_a_caught_up_followers_snapshot_streams_arri
     assert points == expected_points(stored["minute"] + appended)
     for each in (response, first[0][0]):
         each.close()
+
+
+async def test_followers_that_leave_a_job_with_nothing_new_are_let_go_by_its_hub(make_gateway, writer, token):
+    """A job that sends nothing new for long (pending, stalled) keeps no follower that came and went."""
+    from tests.faults import eventually
+
+    client = await make_gateway(follow={"recheck_interval_s": 0.1}, server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 1})
+    follow = {"intervals": "minute", "follow": "true"}
+    stays = await open_stream(client, JOB, token=token(), **follow)
+    await next_events(event_reader(stays), 3)  # through its interval_complete
+
+    async def in_hub(count: int) -> bool:
+        return sum(group_sizes(client, JOB)) >= count
+
+    for _ in range(5):  # each comes, joins the hub and goes, while the job sends nothing
+        comes = await open_stream(client, JOB, token=token(), **follow)
+        await next_events(event_reader(comes), 3)
+        assert await eventually(lambda: in_hub(2), 10.0)
+        comes.close()
+
+    async def only_the_one_left() -> bool:
+        return group_sizes(client, JOB) == [1]
+
+    assert await eventually(only_the_one_left, 10.0), group_sizes(client, JOB)
+    stays.close()
