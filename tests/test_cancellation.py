@@ -291,7 +291,9 @@ async def test_a_cache_fill_ends_though_redis_py_swallowed_its_cancellation(make
 
 async def test_the_background_tasks_stop_promptly_while_redis_hangs(valkey, direct):
     """A hung Redis (SIGSTOP): the heartbeat, refresher and notes listener blocked in calls stop at once on close."""
-    client = build_redis_client(RedisSettings(url=valkey.url, socket_timeout_s=5.0, retries=2))
+    # A socket timeout far above the bound asserted: on a loaded machine the bound needs room,
+    # and what it tells apart (stopped at once, or only when redis-py's timeout ran out) stays clear.
+    client = build_redis_client(RedisSettings(url=valkey.url, socket_timeout_s=30.0, retries=2))
     slots = StreamSlots(client, max_per_user=4, ttl_s=1, retry_after_s=1)
     notes = JobNotes(client, recheck_interval_s=30.0)
     pid = int((await direct.info("server"))["process_id"])
@@ -307,8 +309,8 @@ async def test_the_background_tasks_stop_promptly_while_redis_hangs(valkey, dire
             slots.release(slot)
             await slots.aclose()  # gives releases 1 s, then cancels them
             took = asyncio.get_running_loop().time() - started
-        # redis-py alone would wait out its socket timeout (5 s) per attempt.
-        assert took < 4.0, took  # the releases are given 1 s before they are cancelled
+        # redis-py alone would wait out its socket timeout (30 s) per attempt.
+        assert took < 10.0, took  # the releases are given 1 s before they are cancelled
         assert _task_named("stream-slot-") is None and _task_named("job-notes-") is None
     finally:
         os.kill(pid, signal.SIGCONT)
