@@ -226,9 +226,14 @@ class _Group:
                 del self.members[member]
                 if delivery is not Delivery.SENT:
                     member.settle(Leave.GONE if delivery is Delivery.GONE else behind)
-            for member in first_chunk:
-                if not (member.left.done() and member.left.result() is Leave.GONE):  # written to it
-                    member.watch.first_chunk_written()
+            if first_chunk:
+                # Not its ``left`` future's result: a member whose task was just cancelled (its client
+                # went away) has that future cancelled before it settles, and ``result()`` would raise
+                # the cancellation in the hub's task, stopping every follower's stream.
+                gone = {member for member, delivery in dropped if delivery is Delivery.GONE}
+                for member in first_chunk:
+                    if member not in gone:  # written to it
+                        member.watch.first_chunk_written()
         if self.over:
             for member in self.members:
                 member.settle(Leave.ENDED)
