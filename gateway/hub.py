@@ -7,8 +7,10 @@ keeps changes in that task alone:
 
     notes, re-check timer, joins --> hub task --> pass: for each group
         group = a model stream (a fork) + the followers at its spot
-        look: read once per pass, build each event once (follow.look)
-        flush: the look's frames, one write per follower (response.write_frames)
+        look: read once per pass, build each event once (follow.look); the looks
+              of every hub woken in one loop turn go as one pipeline (sources/batch.py)
+        flush: the look's frames, chunk-framed once (SharedBody), one write per
+               follower (response.write_shared)
 
 - A *group* holds the followers whose next events are byte for byte the
   same (same request, job and position, ``CandleStream.same_spot``). Its
@@ -36,7 +38,10 @@ keeps changes in that task alone:
   own encoder over when it boards, pings through the group while aboard,
   and takes its encoder back however it leaves (docs/DECISIONS.md,
   "Compressed streams").
-- The hub's task ends when it has no follower left; the next join starts it again.
+- Re-checks without a note fall on ticks shared by every hub of the process
+  (``_next_tick``), so idle jobs' re-checks share one pipeline per tick.
+- The hub's task ends when it has no follower left; the next join starts it
+  again. A shutdown cancels it (``JobNotes.aclose``).
 """
 
 from __future__ import annotations
