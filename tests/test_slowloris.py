@@ -135,11 +135,13 @@ async def test_an_idle_keep_alive_connection_is_closed(replica):
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         first = await asyncio.wait_for(reader.readuntil(b"}"), 5)
         assert first.startswith(b"HTTP/1.1 200")
-        waited, rest = await _closed_after(reader, 10)
+        waited, rest = await _closed_after(reader, 20)
     finally:
         writer.close()
     assert rest == b""
-    assert 2.0 < waited < 5.0, waited  # keepalive_timeout_s = 3 (aiohttp's default was an hour)
+    # keepalive_timeout_s = 3 (aiohttp's default was an hour): the upper bound leaves a loaded
+    # machine room and still tells the setting from the default.
+    assert 2.0 < waited < 15.0, waited
 
     # Counted as the server's side of the connection goes; logged by another process: waited for, not slept on.
     async def counted() -> bool:
