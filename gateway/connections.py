@@ -238,11 +238,11 @@ class GuardedProtocol(asyncio.Protocol):
             return
         if not self._waiting:  # the first bytes of the next request on this connection
             self._tail = b""
+            self._idle_since = None  # not idle: a close from now on is not the keep-alive timeout's
             self._arm()
         seen = self._tail + data
         if _HEADERS_END in seen:
             self._disarm()
-            self._idle_since = None
         else:
             self._tail = seen[-3:]
         if self._mode == "health_only":

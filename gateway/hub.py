@@ -7,8 +7,10 @@ keeps changes in that task alone:
 
     notes, re-check timer, joins --> hub task --> pass: for each group
         group = a model stream (a fork) + the followers at its spot
-        look: read once per pass, build each event once (follow.look)
-        flush: the look's frames, one write per follower (response.write_frames)
+        look: read once per pass, build each event once (follow.look); the looks
+              of every hub woken in one loop turn go as one pipeline (sources/batch.py)
+        flush: the look's frames, chunk-framed once (SharedBody), one write per
+               follower (response.write_shared)
 
 - A *group* holds the followers whose next events are byte for byte the
   same (same request, job and position, ``CandleStream.same_spot``). Its
@@ -36,7 +38,10 @@ keeps changes in that task alone:
   own encoder over when it boards, pings through the group while aboard,
   and takes its encoder back however it leaves (docs/DECISIONS.md,
   "Compressed streams").
-- The hub's task ends when it has no follower left; the next join starts it again.
+- Re-checks without a note fall on ticks shared by every hub of the process
+  (``_next_tick``), so idle jobs' re-checks share one pipeline per tick.
+- The hub's task ends when it has no follower left; the next join starts it
+  again. A shutdown cancels it (``JobNotes.aclose``).
 """
 
 from __future__ import annotations
@@ -123,6 +128,7 @@ class _Member:
         self.settled = True
         group = self.group
         if group is not None:
+            group.gone += 1
             if self.codec is not None:
                 group.release_coded(self)
             self.stream.adopt(group.mark)
@@ -155,6 +161,7 @@ class _Group:
         # whether the look holds one: its flush times their first (gateway_first_data_chunk_seconds).
         self.before_first_chunk: list[_Member] = []
         self.chunk_pending = False
+        self.gone = 0  # members that settled since the group last let go of them (``let_go_of_the_gone``)
         self.mark = self.model.mark()  # where the last written frame left the model
         self.needs_look = True
         self.due = math.inf  # when a held-back job_status (or a busy read) wants a look
@@ -187,6 +194,18 @@ class _Group:
         if not member.watch.saw_data_chunk:
             self.before_first_chunk.append(member)
 
+    def let_go_of_the_gone(self) -> None:
+        """Drop the members that left (their tasks cancelled, say) before a look.
+
+        A flush with frames drops them too, but a job that sends nothing new
+        for long (pending, stalled) would otherwise keep every follower that
+        came and went, and count it in each event's metrics.
+        """
+        if self.gone:
+            self.gone = 0
+            self.members = {member: None for member in self.members if not member.settled}
+            self.before_first_chunk = [member for member in self.before_first_chunk if not member.settled]
+
     def flush(self) -> None:
         """Write the look's frames to every member in one pass, without waiting; let go those that cannot take more."""
         frames, self.pending = self.pending, []
@@ -212,9 +231,14 @@ class _Group:
                 del self.members[member]
                 if delivery is not Delivery.SENT:
                     member.settle(Leave.GONE if delivery is Delivery.GONE else behind)
-            for member in first_chunk:
-                if not (member.left.done() and member.left.result() is Leave.GONE):  # written to it
-                    member.watch.first_chunk_written()
+            if first_chunk:
+                # Not its ``left`` future's result: a member whose task was just cancelled (its client
+                # went away) has that future cancelled before it settles, and ``result()`` would raise
+                # the cancellation in the hub's task, stopping every follower's stream.
+                gone = {member for member, delivery in dropped if delivery is Delivery.GONE}
+                for member in first_chunk:
+                    if member not in gone:  # written to it
+                        member.watch.first_chunk_written()
         if self.over:
             for member in self.members:
                 member.settle(Leave.ENDED)
@@ -417,7 +441,8 @@ class Hub:
         for group in list(self.groups):
             # Only groups that look: a pass for a join costs nothing per member of the others.
             if look_all or group.needs_look or group.due <= now:
-                if any(not member.settled for member in group.members):
+                group.let_go_of_the_gone()
+                if group.members:
                     await self._look(group, reads, now)
                 else:
                     group.over = True  # nobody left to write to: stop reading for them

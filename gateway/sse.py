@@ -182,31 +182,26 @@ class CandleEventResponse(HeadersWithFirstWrite, EventSourceResponse):
 
     def write_coded(self, data: bytes) -> Delivery:
         """Write ``data``, already in the body's content coding, now, in one socket write (the hub's shared bytes)."""
-        transport = self._transport
-        if self._over or self._writer is None or transport is None or transport.is_closing():
-            return Delivery.GONE
-        try:
-            if self._writes:
-                write_body(self._writer, transport, data)
-            else:
-                write_at_once(self._writer, data)  # the first one: aiohttp sends the headers with it
-        except ConnectionResetError:
-            return Delivery.GONE
-        self._writes += 1
-        return Delivery.BEHIND if transport.get_write_buffer_size() > BUFFER_BOUND else Delivery.SENT
+        return self._write(data, None)
 
     def write_shared(self, body: SharedBody) -> Delivery:
         """``write_frames([body.plain], ...)``, its chunk framed once for many followers (the hub's flush)."""
+        if self.encoder is not None:
+            return self.write_coded(self.encoder.encode(body.plain))
+        return self._write(body.plain, body)
+
+    def _write(self, data: bytes, shared: SharedBody | None) -> Delivery:
+        """Write ``data`` (framed once already, in ``shared``, if given) now, in one socket write."""
         transport = self._transport
         if self._over or self._writer is None or transport is None or transport.is_closing():
             return Delivery.GONE
-        if self.encoder is not None:
-            return self.write_coded(self.encoder.encode(body.plain))
         try:
-            if self._writes:
-                write_shared(self._writer, transport, body)
+            if not self._writes:
+                write_at_once(self._writer, data)  # the first one: aiohttp sends the headers with it
+            elif shared is None:
+                write_body(self._writer, transport, data)
             else:
-                write_at_once(self._writer, body.plain)  # the first one: aiohttp sends the headers with it
+                write_shared(self._writer, transport, shared)
         except ConnectionResetError:
             return Delivery.GONE
         self._writes += 1

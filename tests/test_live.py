@@ -574,3 +574,73 @@ async def test_points_appended_while_a_caught_up_followers_snapshot_streams_arri
     assert points == expected_points(stored["minute"] + appended)
     for each in (response, first[0][0]):
         each.close()
+
+
+async def test_followers_that_leave_a_job_with_nothing_new_are_let_go_by_its_hub(make_gateway, writer, token):
+    """A job that sends nothing new for long (pending, stalled) keeps no follower that came and went."""
+    from tests.faults import eventually
+
+    client = await make_gateway(follow={"recheck_interval_s": 0.1}, server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 1})
+    follow = {"intervals": "minute", "follow": "true"}
+    stays = await open_stream(client, JOB, token=token(), **follow)
+    await next_events(event_reader(stays), 3)  # through its interval_complete
+
+    async def in_hub(count: int) -> bool:
+        return sum(group_sizes(client, JOB)) >= count
+
+    for _ in range(5):  # each comes, joins the hub and goes, while the job sends nothing
+        comes = await open_stream(client, JOB, token=token(), **follow)
+        await next_events(event_reader(comes), 3)
+        assert await eventually(lambda: in_hub(2), 10.0)
+        comes.close()
+
+    async def only_the_one_left() -> bool:
+        return group_sizes(client, JOB) == [1]
+
+    assert await eventually(only_the_one_left, 10.0), group_sizes(client, JOB)
+    stays.close()
+
+
+async def test_a_follower_cancelled_as_its_first_data_chunk_is_written_does_not_stop_the_hub(
+    make_gateway, writer, token
+):
+    """Its task cancelled (its client went away) in the loop turn the hub writes the job's first candle.
+
+    The cancellation cancels the future the follower's task awaits at once, but the task
+    settles only on its next step: the hub's flush can see it so. That moment is rare on
+    the wire, so the test makes it certain by cancelling that future just before the
+    flush (the hub's own objects: no client can time a cancellation within a loop turn).
+    """
+    from tests.faults import eventually
+
+    client = await make_gateway(follow={"recheck_interval_s": 30.0}, server={"max_streams_per_user": 0})
+    w = writer(JOB)
+    await seed_job(w, counts={"minute": 0})
+    (stays, next_stays), (goes, _) = await open_followers(client, JOB, token, 2, intervals="minute")
+    hub = client.server.app[NOTES].hub(JOB)
+    assert hub is not None
+
+    async def one_group_of_two() -> bool:
+        return group_sizes(client, JOB) == [2]
+
+    assert await eventually(one_group_of_two, 10.0)
+    (group,) = hub.groups
+    leaving = list(group.members)[1]
+    flush = group.flush
+
+    def flush_as_it_leaves() -> None:
+        if group.chunk_pending and not leaving.left.done():
+            leaving.left.cancel()  # what Task.cancel does to the future its task awaits
+        flush()
+
+    group.flush = flush_as_it_leaves
+    await w.append("minute", make_candles(1))
+    (chunk,) = await next_events(next_stays, 1)
+    assert chunk.event == "data_chunk"
+    await w.append("minute", make_candles(1, first=1))
+    (chunk,) = await next_events(next_stays, 1)  # the hub still writes to the one that stays
+    assert chunk.event == "data_chunk" and chunk.payload["points_sent"] == 2
+    stays.close()
+    goes.close()

@@ -85,8 +85,9 @@ async def test_many_jobs_looked_at_in_one_turn_take_one_round_trip(redis_client:
 async def test_who_asks_while_every_pipeline_is_out_goes_together_in_the_next(redis_client):
     await redis_client.set("a", b"1")
     batch = PipelineBatch(redis_client, "reading the job", max_in_flight=1)
-    # Holds its connection (and the one pipeline allowed out) for 0.5 s.
-    slow = asyncio.ensure_future(batch.execute(lambda pipe: pipe.blpop(["nothing-here"], timeout=0.5)))
+    # Holds its connection (and the one pipeline allowed out) until the test pushes to its list:
+    # not a timer, which a loaded machine could outrun before the others have asked.
+    slow = asyncio.ensure_future(batch.execute(lambda pipe: pipe.blpop(["release-the-first"], timeout=30)))
     for _ in range(3):  # its caller asks, then its send starts on the turn after
         await asyncio.sleep(0)
     assert batch.pipelines == 1
@@ -95,6 +96,28 @@ async def test_who_asks_while_every_pipeline_is_out_goes_together_in_the_next(re
         later.append(asyncio.ensure_future(batch.execute(_get("a"))))
         await asyncio.sleep(0.01)
     assert not slow.done()
+    assert batch.pipelines == 1
+    await redis_client.rpush("release-the-first", b"go")
     assert await asyncio.wait_for(asyncio.gather(*later), timeout=30) == [[b"1"]] * 3
-    assert await slow == [None]
+    (popped,) = await slow
+    assert list(popped) == [b"release-the-first", b"go"]
     assert (batch.pipelines, batch.commands) == (2, 4)
+
+
+async def test_a_caller_whose_commands_raise_gets_the_error_and_the_others_are_answered(redis_client):
+    await redis_client.set("a", b"1")
+    batch = PipelineBatch(redis_client, "reading the job")
+
+    def broken(pipe):
+        pipe.get("a")  # half added when it fails: none of it may reach the others' replies
+        raise ValueError("no key for this interval")
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            batch.execute(_get("a")), batch.execute(broken), batch.execute(_get("a")), return_exceptions=True
+        ),
+        timeout=30,
+    )
+    assert results[0] == [b"1"] and results[2] == [b"1"]
+    assert isinstance(results[1], ValueError) and "no key for this interval" in str(results[1])
+    assert batch.pipelines == 1

@@ -19,6 +19,7 @@ import pytest
 
 from gateway.connections import HEALTH_HEADROOM
 from tests.conftest import PROJECT
+from tests.faults import eventually
 from tests.replicas import Replica, replica_env
 
 HEADER_TIMEOUT_S = 1.0
@@ -60,6 +61,38 @@ async def replica(tmp_path, redis_url, cert_endpoint):
     running.stop()
 
 
+async def test_a_slow_second_request_cut_at_the_header_deadline_is_not_counted_as_a_keep_alive_close(replica):
+    reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+
+    async def trickle() -> None:  # the second request's headers, never ended, until the server closes
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await asyncio.sleep(0.2)
+                writer.write(b"X-A: b\r\n")
+
+    trickler = None
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"}"), 5)).startswith(b"HTTP/1.1 200")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        trickler = asyncio.create_task(trickle())
+        _, answer = await _closed_after(reader, 10)  # the 408 and the server's FIN
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        open_before = await _metric(replica, "gateway_connections_open")
+
+        # Closed after the lingering (LINGER_S), past 0.9 x keepalive_timeout_s since the first answer.
+        async def closed() -> bool:
+            return await _metric(replica, "gateway_connections_open") == open_before - 1
+
+        assert await eventually(closed, 10.0)
+    finally:
+        if trickler is not None:
+            trickler.cancel()
+        writer.close()
+    assert await _metric(replica, "gateway_connections_refused_total", reason="header_timeout") == 1
+    assert await _metric(replica, "gateway_connections_refused_total", reason="keepalive_timeout") == 0
+
+
 @pytest.mark.parametrize("how", ["partial_request_line", "headers_never_end", "trickle", "trickle_read_late"])
 async def test_headers_that_take_too_long_are_cut_at_the_deadline(replica, how):
     connections = [await asyncio.open_connection("127.0.0.1", replica.port) for _ in range(20)]
@@ -89,8 +122,11 @@ async def test_headers_that_take_too_long_are_cut_at_the_deadline(replica, how):
     assert waited < HEADER_TIMEOUT_S + 2.0, waited
     assert all(answer.startswith(b"HTTP/1.1 408") for _, answer in answers), answers[0]
     assert await _metric(replica, "gateway_connections_refused_total", reason="header_timeout") >= 20
-    await asyncio.sleep(0.2)
-    assert "whose request headers took too long" in replica.log()
+
+    async def logged() -> bool:  # another process's log: waited for, not slept on
+        return "whose request headers took too long" in replica.log()
+
+    assert await eventually(logged, 10.0)
 
 
 async def test_an_idle_keep_alive_connection_is_closed(replica):
@@ -99,17 +135,27 @@ async def test_an_idle_keep_alive_connection_is_closed(replica):
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         first = await asyncio.wait_for(reader.readuntil(b"}"), 5)
         assert first.startswith(b"HTTP/1.1 200")
-        waited, rest = await _closed_after(reader, 10)
+        waited, rest = await _closed_after(reader, 20)
     finally:
         writer.close()
     assert rest == b""
-    assert 2.0 < waited < 5.0, waited  # keepalive_timeout_s = 3 (aiohttp's default was an hour)
-    assert await _metric(replica, "gateway_connections_refused_total", reason="keepalive_timeout") == 1
-    await asyncio.sleep(0.2)
-    assert "idle keep-alive connection(s) at server.keepalive_timeout_s" in replica.log()
+    # keepalive_timeout_s = 3 (aiohttp's default was an hour): the upper bound leaves a loaded
+    # machine room and still tells the setting from the default.
+    assert 2.0 < waited < 15.0, waited
+
+    # Counted as the server's side of the connection goes; logged by another process: waited for, not slept on.
+    async def counted() -> bool:
+        return await _metric(replica, "gateway_connections_refused_total", reason="keepalive_timeout") == 1
+
+    async def logged() -> bool:
+        return "idle keep-alive connection(s) at server.keepalive_timeout_s" in replica.log()
+
+    assert await eventually(counted, 10.0)
+    assert await eventually(logged, 10.0)
 
 
 async def test_closes_that_are_not_the_keep_alive_timeout_are_not_counted_as_one(replica):
+    open_before = await _metric(replica, "gateway_connections_open")
     # The client closes its own idle connection.
     reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -121,7 +167,11 @@ async def test_closes_that_are_not_the_keep_alive_timeout_are_not_counted_as_one
     _, answer = await _closed_after(reader, 5)
     writer.close()
     assert answer.startswith(b"HTTP/1.0 200"), answer
-    await asyncio.sleep(0.5)
+
+    async def both_gone() -> bool:  # the server saw both closes: any count they made is in by now
+        return await _metric(replica, "gateway_connections_open") == open_before
+
+    assert await eventually(both_gone, 10.0)
     assert await _metric(replica, "gateway_connections_refused_total", reason="keepalive_timeout") == 0
 
 
@@ -159,10 +209,16 @@ async def test_past_the_connection_cap_the_answer_is_503_and_health_checks_still
         for _, w in held:
             w.close()
         held.clear()
-        await asyncio.sleep(0.5)
+
+        async def freed() -> bool:  # the server saw the closes (when, depends on the machine's load)
+            return await _metric(replica, "gateway_connections_open") <= 2
+
+        async def logged() -> bool:
+            return "refused 1 connection(s): at server.max_connections" in replica.log()
+
+        assert await eventually(freed, 10.0)
         assert await _healthz(replica.port) == 200
-        assert await _metric(replica, "gateway_connections_open") <= 2
-        assert "refused 1 connection(s): at server.max_connections" in replica.log()
+        assert await eventually(logged, 10.0)
     finally:
         for _, w in held:
             w.close()

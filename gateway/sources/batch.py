@@ -11,7 +11,8 @@ pipeline, sends it, and hands each caller its own slice of the replies.
 What each caller sees is what its own pipeline would have given it
 (``execute(raise_on_error=False)``: an error reply in its place), and a
 failure of the round trip itself (``call_redis``'s errors, ``RedisBusy``
-included) reaches every caller of that turn. A caller that is cancelled
+included) reaches every caller of that turn; an error raised while a
+caller's commands are added reaches that caller alone. A caller that is cancelled
 while it waits is dropped; the others are not disturbed. Commands of
 different jobs live in different hash slots: on a cluster, redis-py's
 pipeline sends each node its own.
@@ -84,12 +85,9 @@ class PipelineBatch:
                 self._schedule()  # those who asked while every pipeline was out
 
     async def _round_trip(self, asked: list[tuple[Commands, asyncio.Future[list[Any]]]]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        spans = []
-        for commands, _ in asked:
-            start = len(pipe)
-            commands(pipe)
-            spans.append((start, len(pipe)))
+        pipe, asked, spans = self._build(asked)
+        if not asked:
+            return
         self.pipelines += 1
         self.commands += len(pipe)
         try:
@@ -107,3 +105,28 @@ class PipelineBatch:
         for (_, future), (start, stop) in zip(asked, spans, strict=True):
             if not future.done():
                 future.set_result(replies[start:stop])
+
+    def _build(
+        self, asked: list[tuple[Commands, asyncio.Future[list[Any]]]]
+    ) -> tuple[Pipeline, list[tuple[Commands, asyncio.Future[list[Any]]]], list[tuple[int, int]]]:
+        """One pipeline of every caller's commands, and each caller's span of it.
+
+        A caller whose commands raise gets that error (raised in this task, it
+        would reach nobody and leave every caller of the turn waiting forever);
+        the pipeline is built again without it, so none of its half-added
+        commands reach the others' replies.
+        """
+        while True:
+            pipe = self._client.pipeline(transaction=False)
+            spans: list[tuple[int, int]] = []
+            for commands, future in asked:
+                start = len(pipe)
+                try:
+                    commands(pipe)
+                except Exception as exc:
+                    future.set_exception(exc)
+                    asked = [entry for entry in asked if entry[1] is not future]
+                    break
+                spans.append((start, len(pipe)))
+            else:
+                return pipe, asked, spans

@@ -141,7 +141,7 @@ class CandleValidator:
     ) -> Chunk:
         """``stored`` validated as one ``Chunk`` (with its first and last times); DataError names a bad point.
 
-        ``anchored``: the list may change under its readers (a running job's),
+        ``anchored``: the list may change under its readers (a job's in Redis, which workers write),
         so the chunk keeps its last stored element for the next read's check.
         """
         points = self.to_json_array(stored)
