@@ -341,8 +341,10 @@ class CandleStream:
             interval.sent_digest = element_digest(chunk.last)
         elif chunk.count:
             # Data that never changes (the warehouse's, for a job whose lists expired
-            # since the stream began): the digest of a list read before would be stale.
+            # since the stream began): the anchor and digest of a list read before
+            # would be stale, and a later list read would be checked against them.
             interval.sent_digest = None
+            self._anchors.pop(index, None)
         interval.points_sent += chunk.count
         interval.chunks_sent += 1
 
