@@ -39,6 +39,7 @@ from aiohttp import web
 from bench.compression import compression_section
 from bench.fanout import fanout_section, worker_counts
 from bench.processes import cpu_seconds, rss_kib, server_process
+from bench.seeding import INTERVALS, write_idle_job, write_job
 from gateway.config import BigQuerySettings
 from gateway.devtools.bigquery_emulator import (
     BigQueryEmulator,
@@ -61,7 +62,6 @@ from gateway.workers import JobWriter, candle
 PROJECT = "bench-candles"
 JOB = "bench-job"
 IDLE_JOB = "bench-idle-job"
-INTERVALS = ("day", "minute", "3minute")
 DATA_CHUNK = b"event: data_chunk"
 
 
@@ -110,28 +110,8 @@ async def certificate_endpoint(key: DevSigningKey) -> AsyncIterator[str]:
 
 
 async def seed(client: aioredis.Redis, points: int) -> None:
-    await seed_job(client, JOB, points)
-    start = datetime(2020, 1, 1, tzinfo=UTC)
-    idle = JobWriter(client, IDLE_JOB)
-    await idle.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=["day"], status="running")
-    await idle.append("day", [candle(start, 1.0, 2.0, 0.5, 1.5, 10)])
-
-
-async def seed_job(client: aioredis.Redis, job_id: str, points: int) -> None:
-    """A running job of 3 intervals x ``points`` candles, written as a worker would."""
-    writer = JobWriter(client, job_id)
-    await writer.create(
-        user_id="bench", symbol="LTF", exchange="NSE", intervals=INTERVALS, status="running", current_bar=1
-    )
-    start = datetime(2020, 1, 1, tzinfo=UTC)
-    steps = {"day": timedelta(days=1), "minute": timedelta(minutes=1), "3minute": timedelta(minutes=3)}
-    for interval in INTERVALS:
-        for first in range(0, points, 5000):
-            batch = [
-                candle(start + i * steps[interval], 1000 + i % 97 * 0.25, 1001.5, 998.75, 1000.5, 1000 + i)
-                for i in range(first, min(first + 5000, points))
-            ]
-            await writer.append(interval, batch)
+    await write_job(client, JOB, points)
+    await write_idle_job(client, IDLE_JOB)
 
 
 async def copy_job(client: aioredis.Redis, copy_id: str) -> None:
@@ -420,7 +400,7 @@ async def warehouse_section(
         round_trip = await loop.run_in_executor(None, query_round_trip_ms, emulator, args.bq_points, args.bq_runs)
         job_id = "bench-bq-size-job"
         await client.delete(keys.job_key(job_id), *(keys.candles_key(job_id, i) for i in INTERVALS))
-        await seed_job(client, job_id, args.bq_points)
+        await write_job(client, job_id, args.bq_points)
         token = mint_token(key, PROJECT, "bench", lifetime_s=3600)
         async with contextlib.AsyncExitStack() as stack:
             for tree in trees:

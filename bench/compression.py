@@ -29,7 +29,6 @@ import time
 import tracemalloc
 import zlib
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -39,15 +38,14 @@ from backports.zstd import ZstdDecompressor
 from bench.gzip_variant import GzipVariant, swapped_in
 from bench.gzip_variant import command as variant_command
 from bench.processes import cpu_seconds, rss_kib, server_process
+from bench.seeding import INTERVALS, RandomWalk, write_idle_job, write_job
 from gateway.compression import Codec
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
 from gateway.devtools.ports import free_port
 from gateway.devtools.processes import gateway_serve
-from gateway.workers import JobWriter, candle
 
 JOB = "bench-compress-job"
 IDLE_JOB = "bench-compress-idle"
-INTERVALS = ("day", "minute", "3minute")
 CODINGS = ("identity", "zstd", "gzip")
 LINK_BITS_PER_S = 20_000_000
 ONE_WAY_S = 0.020
@@ -55,30 +53,8 @@ ONE_WAY_S = 0.020
 
 async def seed_random_walk(client: aioredis.Redis, points: int) -> None:
     """3 intervals x ``points`` random-walk candles (seeded: every run streams the same bytes)."""
-    rng = random.Random(22)
-    writer = JobWriter(client, JOB)
-    await writer.create(
-        user_id="bench", symbol="LTF", exchange="NSE", intervals=INTERVALS, status="completed", current_bar=1
-    )
-    start = datetime(2020, 1, 1, tzinfo=UTC)
-    steps = {"day": timedelta(days=1), "minute": timedelta(minutes=1), "3minute": timedelta(minutes=3)}
-    for interval in INTERVALS:
-        price = 1000.0
-        for first in range(0, points, 5000):
-            batch = []
-            for i in range(first, min(first + 5000, points)):
-                open_ = price
-                close = round(open_ + rng.gauss(0, 1.5), 2)
-                high = round(max(open_, close) + abs(rng.gauss(0, 1)), 2)
-                low = round(min(open_, close) - abs(rng.gauss(0, 1)), 2)
-                batch.append(
-                    candle(start + i * steps[interval], round(open_, 2), high, low, close, rng.randint(100, 900_000))
-                )
-                price = close
-            await writer.append(interval, batch)
-    idle = JobWriter(client, IDLE_JOB)
-    await idle.create(user_id="bench", symbol="LTF", exchange="NSE", intervals=["day"], status="running")
-    await idle.append("day", [candle(start, 1.0, 2.0, 0.5, 1.5, 10)])
+    await write_job(client, JOB, points, status="completed", make=RandomWalk(seed=22))
+    await write_idle_job(client, IDLE_JOB)
 
 
 class Decoder:
