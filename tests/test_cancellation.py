@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from gateway.config import RedisSettings
 from gateway.limits import StreamSlots
 from gateway.live import JobNotes
-from gateway.redis_client import build_redis_client, call_redis
+from gateway.redis_client import build_redis_client, call_redis, raise_if_cancelling
 from gateway.resources import NOTES
 from tests.conftest import DATASET, PROJECT
 from tests.faults import eventually
@@ -238,6 +238,7 @@ async def _append_until_cancelled(w: Any) -> None:
     """Three candles every 20 ms: each note makes the hub look, then read two chunks more (in its task)."""
     first = 1
     while True:
+        raise_if_cancelling()  # its own cancel can be swallowed by redis-py too (bpo-42130)
         await w.append("minute", make_candles(3, first=first))
         first += 3
         await asyncio.sleep(0.02)

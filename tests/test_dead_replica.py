@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from gateway.devtools.ports import free_port
+from gateway.redis_client import raise_if_cancelling
 from gateway.workers import JobWriter
 from tests.conftest import PROJECT
 from tests.helpers import make_candles, seed_job, stream_path
@@ -137,6 +138,9 @@ async def _jobs_running(direct: aioredis.Redis) -> AsyncIterator[None]:
     async def append_forever() -> None:
         writers = [JobWriter(direct, _job(index)) for index in range(USERS)]
         for position in range(5, 10_000):
+            # Python 3.11's wait_for inside redis-py can swallow this task's cancel (bpo-42130): the
+            # exit below would then wait for all 10,000 rounds (a CI run timed out here).
+            raise_if_cancelling()
             with contextlib.suppress(redis.exceptions.RedisError):  # Redis restarting: the next round appends
                 for writer in writers:
                     await writer.append("day", make_candles(1, step=timedelta(days=1), first=position))
