@@ -38,7 +38,7 @@ from aiohttp import web
 
 from bench.compression import compression_section
 from bench.fanout import fanout_section, worker_counts
-from bench.processes import cpu_seconds, rss_kib, server_process
+from bench.processes import cpu_seconds, idle_follower_kib, rss_kib, server_process
 from bench.seeding import INTERVALS, write_idle_job, write_job
 from gateway.config import BigQuerySettings
 from gateway.devtools.bigquery_emulator import (
@@ -182,25 +182,6 @@ async def follow_latency(base: str, token: str, client: aioredis.Redis, follower
             response.close()
     assert len(latencies) == followers * appends, f"{len(latencies)} of {followers * appends} chunks arrived"
     return latencies
-
-
-async def idle_followers(base: str, token: str, pid: int, count: int) -> float:
-    """KiB of gateway memory per idle follow stream (each past its snapshot)."""
-    url = f"{base}/api/sse/backtest/{IDLE_JOB}/data/multi?intervals=day&follow=true&token={token}"
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
-        await asyncio.sleep(0.5)
-        before = rss_kib(pid)
-        responses = []
-        for _ in range(count):
-            response = await session.get(url)
-            await response.content.readuntil(b"event: interval_complete")
-            responses.append(response)
-        await asyncio.sleep(1.0)
-        after = rss_kib(pid)
-        for response in responses:
-            response.close()
-    return (after - before) / count
 
 
 def load_backtests(emulator: BigQueryEmulator, count: int, points: int) -> list[str]:
@@ -628,7 +609,11 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                         "{:.2f}",
                     )
                 )
-                per_follower = await idle_followers(base, token, follower_gateway.pid, args.followers)
+                per_follower = await idle_follower_kib(
+                    f"{base}/api/sse/backtest/{IDLE_JOB}/data/multi?intervals=day&follow=true&token={token}",
+                    follower_gateway.pid,
+                    args.followers,
+                )
                 lines.append(row(f"RSS per idle follow stream ({args.followers})", per_follower, None, "KiB"))
             if args.bq_points and args.only is None:
                 lines += await warehouse_section(args, work, env, key, client, redis_url)

@@ -37,7 +37,7 @@ from backports.zstd import ZstdDecompressor
 
 from bench.gzip_variant import GzipVariant, swapped_in
 from bench.gzip_variant import command as variant_command
-from bench.processes import cpu_seconds, rss_kib, server_process
+from bench.processes import cpu_seconds, idle_follower_kib, server_process
 from bench.seeding import INTERVALS, RandomWalk, write_idle_job, write_job
 from gateway.compression import Codec
 from gateway.devtools.dev_auth import DevSigningKey, mint_token
@@ -264,29 +264,10 @@ async def compression_section(
             idle_port = free_port()
             idle_env = {**env, "GATEWAY_SERVER_PORT": str(idle_port)}
             async with server_process(gateway_serve(), idle_env, idle_port, work / f"idle-{coding}.log") as gateway:
-                per = await idle_followers(idle_port, token, gateway.pid, args.compress_idle, coding)
+                url = f"http://127.0.0.1:{idle_port}/api/sse/backtest/{IDLE_JOB}/data/multi?intervals=day&follow=true&token={token}"
+                per = await idle_follower_kib(url, gateway.pid, args.compress_idle, coding)
             lines.append(f"| {coding} | {per:.1f} KiB ({args.compress_idle:,} followers) |")
     return lines
-
-
-async def idle_followers(port: int, token: str, pid: int, count: int, coding: str) -> float:
-    """KiB of gateway memory per idle follow stream in ``coding`` (each past its snapshot, in its hub group)."""
-    url = f"http://127.0.0.1:{port}/api/sse/backtest/{IDLE_JOB}/data/multi?intervals=day&follow=true&token={token}"
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
-        await asyncio.sleep(0.5)
-        before = rss_kib(pid)
-        responses = []
-        for _ in range(count):
-            response = await session.get(url, headers={"Accept-Encoding": coding})
-            assert response.headers.get("Content-Encoding", "identity") == coding
-            await response.content.readuntil(b"event: interval_complete")
-            responses.append(response)
-        await asyncio.sleep(1.0)
-        after = rss_kib(pid)
-        for response in responses:
-            response.close()
-    return (after - before) / count
 
 
 def deflate_alone(plain: bytes, variants: Sequence[GzipVariant], rounds: int) -> list[str]:

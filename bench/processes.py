@@ -7,6 +7,7 @@ that one or several workers are measured alike.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -14,6 +15,8 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+import aiohttp
 
 from gateway.devtools.processes import start_server
 
@@ -63,3 +66,27 @@ def _status_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"no {field} for {pid}")
+
+
+async def idle_follower_kib(url: str, pid: int, count: int, coding: str | None = None) -> float:
+    """KiB of process ``pid``'s memory per idle follow stream of ``url`` (each past its snapshot).
+
+    ``coding``: the streams' ``Accept-Encoding`` (None: aiohttp's default), checked on each answer.
+    """
+    headers = {} if coding is None else {"Accept-Encoding": coding}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        await asyncio.sleep(0.5)
+        before = rss_kib(pid)
+        responses = []
+        for _ in range(count):
+            response = await session.get(url, headers=headers)
+            if coding is not None:
+                assert response.headers.get("Content-Encoding", "identity") == coding
+            await response.content.readuntil(b"event: interval_complete")
+            responses.append(response)
+        await asyncio.sleep(1.0)
+        after = rss_kib(pid)
+        for response in responses:
+            response.close()
+    return (after - before) / count
